@@ -1,0 +1,48 @@
+"""Pure tensor math: spectral functions with a stable backward, SPD metrics and their means.
+
+No ``nn.Module``, no buffers, no ``torch.distributed``. Import as ``from manifoldnorm import functional as mf``.
+"""
+
+from .spd import METRICS, check_metric, distance, expmap, geodesic, logmap, mean
+from .spd_aim import congruence, distance_aim, expmap_aim, geodesic_aim, logmap_aim, mean_aim
+from .spd_pullback import (
+    cholesky_exp,
+    cholesky_log,
+    distance_lcm,
+    distance_lem,
+    geodesic_lcm,
+    geodesic_lem,
+    mean_lcm,
+    mean_lem,
+)
+from .spectral import (
+    sym,
+    sym_expm,
+    sym_expm_ref,
+    sym_funcm,
+    sym_funcm_ref,
+    sym_invm,
+    sym_invsqrtm,
+    sym_invsqrtm_ref,
+    sym_logm,
+    sym_logm_ref,
+    sym_powm,
+    sym_powm_ref,
+    sym_reeig,
+    sym_reeig_ref,
+    sym_sqrtm,
+    sym_sqrtm_invsqrtm,
+    sym_sqrtm_ref,
+)
+from .validation import check_finite, check_spd, check_square, check_symmetric
+
+__all__ = [
+    "METRICS", "check_metric", "distance", "expmap", "geodesic", "logmap", "mean",
+    "congruence", "distance_aim", "expmap_aim", "geodesic_aim", "logmap_aim", "mean_aim",
+    "cholesky_exp", "cholesky_log", "distance_lcm", "distance_lem", "geodesic_lcm", "geodesic_lem",
+    "mean_lcm", "mean_lem",
+    "sym", "sym_expm", "sym_expm_ref", "sym_funcm", "sym_funcm_ref", "sym_invm", "sym_invsqrtm",
+    "sym_invsqrtm_ref", "sym_logm", "sym_logm_ref", "sym_powm", "sym_powm_ref", "sym_reeig", "sym_reeig_ref",
+    "sym_sqrtm", "sym_sqrtm_invsqrtm", "sym_sqrtm_ref",
+    "check_finite", "check_spd", "check_square", "check_symmetric",
+]

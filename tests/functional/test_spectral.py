@@ -1,0 +1,127 @@
+"""Spectral functions: values against torch built-ins, gradcheck (also at repeated eigenvalues), exponent grad."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_spd
+
+from manifoldnorm import functional as mf
+
+F64 = torch.float64
+
+SPECTRAL = {
+    "logm": (mf.sym_logm, mf.sym_logm_ref),
+    "expm": (mf.sym_expm, mf.sym_expm_ref),
+    "sqrtm": (mf.sym_sqrtm, mf.sym_sqrtm_ref),
+    "invsqrtm": (mf.sym_invsqrtm, mf.sym_invsqrtm_ref),
+    "powm": (lambda X: mf.sym_powm(X, 0.37), lambda X: mf.sym_powm_ref(X, 0.37)),
+    "reeig": (lambda X: mf.sym_reeig(X, 0.5), lambda X: mf.sym_reeig_ref(X, 0.5)),
+    "invm": (mf.sym_invm, lambda X: torch.linalg.inv(X)),
+}
+
+
+def test_values_match_independent_implementations(seed: int) -> None:
+    X = random_spd(4, n=6, seed=seed)
+    torch.testing.assert_close(mf.sym_expm(mf.sym_logm(X)), X, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mf.sym_expm(X), torch.linalg.matrix_exp(X), rtol=1e-12, atol=1e-12)
+    S = mf.sym_sqrtm(X)
+    torch.testing.assert_close(S @ S, X, rtol=1e-12, atol=1e-12)
+    S2, Si = mf.sym_sqrtm_invsqrtm(X)
+    torch.testing.assert_close(S2, S, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(Si @ X @ Si, torch.eye(6, dtype=F64).expand(4, 6, 6), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(mf.sym_invm(X), torch.linalg.inv(X), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(mf.sym_powm(X, 3.0), torch.linalg.matrix_power(X, 3), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(mf.sym_powm(X, -1.0), torch.linalg.inv(X), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", sorted(SPECTRAL))
+def test_fast_path_matches_plain_autograd_reference(name: str, seed: int) -> None:
+    fast, ref = SPECTRAL[name]
+    X = random_spd(3, n=5, seed=seed)
+    G = torch.randn(3, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    Xa = X.clone().requires_grad_()
+    Xb = X.clone().requires_grad_()
+    ya, yb = fast(Xa), ref(Xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-11, atol=1e-11)
+    (ya * G).sum().backward()
+    (yb * G).sum().backward()
+    # the reference differentiates only the lower triangle (eigh reads it); compare symmetrised gradients
+    torch.testing.assert_close(mf.sym(Xa.grad), mf.sym(Xb.grad), rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(SPECTRAL))
+@pytest.mark.parametrize("spectrum", ["distinct", "repeated", "scaled_identity"])
+def test_gradcheck(name: str, spectrum: str) -> None:
+    fast, _ = SPECTRAL[name]
+    n = 4
+    if spectrum == "distinct":
+        X = random_spd(2, n=n, seed=3)
+    elif spectrum == "repeated":
+        Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=torch.Generator().manual_seed(1)))
+        X = (Q * torch.tensor([0.7, 2.0, 2.0, 2.0], dtype=F64)) @ Q.T
+        X = torch.stack([X, X])
+    else:
+        X = 2.0 * torch.eye(n, dtype=F64).expand(2, n, n)
+    X = X.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda A: fast(mf.sym(A)), (X,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_exact_gradient_at_scaled_identity_where_eigh_autograd_fails() -> None:
+    n = 5
+    G = torch.randn(n, n, dtype=F64, generator=torch.Generator().manual_seed(0))
+    X = (2.0 * torch.eye(n, dtype=F64)).requires_grad_()
+    (mf.sym_logm(X) * G).sum().backward()
+    # d log X at X = cI in direction H is H / c, so the gradient is sym(G) / c
+    torch.testing.assert_close(X.grad, mf.sym(G) / 2.0, rtol=0, atol=1e-15)
+    Xr = (2.0 * torch.eye(n, dtype=F64)).requires_grad_()
+    (mf.sym_logm_ref(Xr) * G).sum().backward()
+    assert not torch.isfinite(Xr.grad).all()
+
+
+def test_powm_exponent_gradient() -> None:
+    X = random_spd(3, n=4, seed=5)
+    p = torch.tensor(0.6, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda A, q: mf.sym_powm(mf.sym(A), q), (X.clone().requires_grad_(), p))
+    # per-matrix exponents, broadcast over channels
+    Xc = random_spd(3, 2, n=4, seed=6).requires_grad_()
+    pc = torch.tensor([[0.5], [1.5], [-0.3]], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda A, q: mf.sym_powm(mf.sym(A), q), (Xc, pc))
+    # the exponent gradient is non-zero and equals sum_i (U^T G U)_ii lam_i^p log lam_i
+    G = torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    p2 = torch.tensor(0.8, dtype=F64, requires_grad=True)
+    (mf.sym_powm(X[0], p2) * G).sum().backward()
+    lam, U = torch.linalg.eigh(X[0])
+    expected = (torch.diagonal(U.T @ mf.sym(G) @ U) * lam**0.8 * lam.log()).sum()
+    torch.testing.assert_close(p2.grad, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_reeig_clamps_and_passes_gradient_only_above_threshold() -> None:
+    Q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(0)))
+    X = (Q * torch.tensor([1e-6, 0.5, 2.0], dtype=F64)) @ Q.T
+    Y = mf.sym_reeig(X, 1e-4)
+    torch.testing.assert_close(torch.linalg.eigvalsh(Y), torch.tensor([1e-4, 0.5, 2.0], dtype=F64))
+    with pytest.raises(ValueError, match="threshold"):
+        mf.sym_reeig(X, 0.0)
+
+
+def test_half_precision_inputs_run_in_float32() -> None:
+    X = random_spd(2, n=4, seed=0)
+    for dt in (torch.bfloat16, torch.float16):
+        Y = mf.sym_logm(X.to(dt))
+        assert Y.dtype == dt
+        torch.testing.assert_close(Y.double(), mf.sym_logm(X), rtol=2e-2, atol=2e-2)
+
+
+def test_float32_matches_float64() -> None:
+    X = random_spd(8, n=10, seed=1, cond=100.0)
+    torch.testing.assert_close(mf.sym_logm(X.float()).double(), mf.sym_logm(X), rtol=1e-4, atol=1e-5)
+
+
+def test_shape_errors() -> None:
+    with pytest.raises(ValueError, match=r"\(\.\.\., n, n\)"):
+        mf.sym_logm(torch.ones(3, 4, dtype=F64))
+    with pytest.raises(TypeError, match="floating"):
+        mf.sym_logm(torch.eye(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="broadcast"):
+        mf.sym_powm(random_spd(3, n=2), torch.ones(4, dtype=F64))
