@@ -147,7 +147,7 @@ def test_gradcheck_metrics() -> None:
     A = random_spd(2, n=3, seed=0).requires_grad_()
     B = random_spd(2, n=3, seed=1).requires_grad_()
     for metric in mf.METRICS:
-        assert torch.autograd.gradcheck(lambda a, b: mf.distance(mf.sym(a), mf.sym(b), metric), (A, B))
+        assert torch.autograd.gradcheck(lambda a, b, m=metric: mf.distance(mf.sym(a), mf.sym(b), m), (A, B))
         assert torch.autograd.gradcheck(lambda a, m=metric: mf.mean(mf.sym(a), metric=m, dim=0), (A,))
 
 
