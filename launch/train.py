@@ -1,0 +1,53 @@
+"""Train and test a classifier from the Hydra config in ``conf/``.
+
+    python launch/train.py +experiment=spd_eeg
+    python launch/train.py -m norm=liebn_aim,liebn_lem logger=csv
+
+Composes ``conf/train.yaml``, seeds everything, instantiates data module, model, Lightning module, callbacks,
+loggers and trainer, fits, tests the best checkpoint, prints the metrics and returns ``optimized_metric``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import hydra  # noqa: E402
+import lightning.pytorch as pl  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from manifoldnorm.lit import run  # noqa: E402
+
+
+def train(cfg: DictConfig) -> float | None:
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = run.build_datamodule(cfg)
+    module = run.build_module(cfg)
+    loggers = run.build_loggers(cfg)
+    callbacks = run.build_callbacks(cfg, has_logger=bool(loggers))
+    trainer = run.build_trainer(cfg, callbacks, loggers)
+    run.save_config(cfg, loggers, cfg.paths.output_dir)
+
+    metrics = run.fit_and_test(trainer, module, datamodule, ckpt_path=cfg.ckpt_path, test=cfg.test)
+    print(run.format_metrics(metrics), flush=True)
+    print(f"run directory: {cfg.paths.output_dir}", flush=True)
+    key = cfg.get("optimized_metric")
+    value = metrics.get(f"best/{key}", metrics.get(key)) if key else None
+    return None if value is None else float(value)
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return train(cfg)
+    except run.ConfigError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.exit(f"Error: {err}\n(Set the environment variable HYDRA_FULL_ERROR=1 for the full traceback.)")
+
+
+if __name__ == "__main__":
+    main()

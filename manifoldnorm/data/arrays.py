@@ -1,0 +1,242 @@
+"""User arrays as a PyTorch dataset: validation of raw trials / SPD matrices, labels and domains."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .types import domain_ids
+
+__all__ = ["KINDS", "ArrayDataset", "ValidatedArrays", "load_arrays", "validate_arrays"]
+
+KINDS: tuple[str, ...] = ("auto", "raw", "spd")
+"""Accepted values of ``kind``: raw trials (N, C, T), SPD matrices (N, n, n), or inferred."""
+
+
+@dataclass
+class ValidatedArrays:
+    """Output of :func:`validate_arrays`."""
+
+    X: np.ndarray
+    y: np.ndarray
+    domain: np.ndarray
+    kind: str
+    class_names: list[str]
+
+
+def _is_symmetric(X: np.ndarray, rtol: float = 1e-6) -> bool:
+    scale = np.abs(X).max(axis=(-2, -1), keepdims=True) + np.finfo(np.float64).tiny
+    return bool(np.all(np.abs(X - np.swapaxes(X, -1, -2)) <= rtol * scale))
+
+
+def _encode_labels(y: Any, n: int, class_names: list[str] | None) -> tuple[np.ndarray, list[str]]:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be 1-D with one label per trial, got shape {y.shape}")
+    if len(y) != n:
+        raise ValueError(f"X has {n} trials but y has {len(y)} labels")
+    if np.issubdtype(y.dtype, np.str_) or y.dtype == object:
+        y = y.astype(str)
+        if class_names is None:
+            names, codes = np.unique(y, return_inverse=True)
+            return codes.reshape(-1).astype(np.int64), [str(c) for c in names]
+        unknown = sorted(set(y.tolist()) - set(class_names))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not in class_names {class_names}")
+        lookup = {c: i for i, c in enumerate(class_names)}
+        return np.array([lookup[v] for v in y], dtype=np.int64), list(class_names)
+    if np.issubdtype(y.dtype, np.bool_) or not np.issubdtype(y.dtype, np.number):
+        raise TypeError(f"y must hold integer or string class labels, got dtype {y.dtype}")
+    if not np.all(np.isfinite(y)):
+        raise ValueError("y contains NaN or Inf")
+    if not np.all(np.equal(np.mod(y, 1), 0)) or (n and y.min() < 0):
+        raise ValueError("integer labels y must be non-negative whole numbers (0 .. n_classes-1)")
+    y = y.astype(np.int64)
+    n_classes = int(y.max()) + 1 if n else 0
+    if class_names is None:
+        return y, [str(k) for k in range(n_classes)]
+    if len(class_names) < n_classes:
+        raise ValueError(f"class_names has {len(class_names)} entries but labels reach {n_classes - 1}")
+    return y, list(class_names)
+
+
+def _integer_ids(name: str, values: Any, n: int) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match X, got {arr.shape}")
+    if np.issubdtype(arr.dtype, np.str_) or arr.dtype == object:
+        _, arr = np.unique(arr.astype(str), return_inverse=True)
+        return arr.reshape(-1).astype(np.int64)
+    if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must hold finite integer ids")
+    if not np.all(np.equal(np.mod(arr, 1), 0)) or (n and arr.min() < 0):
+        raise ValueError(f"{name} ids must be non-negative integers")
+    return arr.astype(np.int64)
+
+
+def validate_arrays(
+    X: Any,
+    y: Any,
+    domain: Any = None,
+    kind: str = "auto",
+    subject: Any = None,
+    session: Any = None,
+    class_names: list[str] | None = None,
+) -> ValidatedArrays:
+    """Check user arrays and put them in canonical form.
+
+    Parameters
+    ----------
+    X : array_like, shape (N, C, T) or (N, n, n)
+        Raw trials or SPD matrices.
+    y : array_like, shape (N,)
+        Integer labels ``0 .. K-1`` or strings (encoded in sorted order).
+    domain : array_like, shape (N,), optional
+        Domain ids; if omitted, derived from ``subject`` and ``session`` when both are given, else 0.
+    kind : {"auto", "raw", "spd"}
+        ``"spd"`` requires symmetric positive-definite matrices; ``"auto"`` treats square, symmetric
+        trials as SPD (and then checks positive definiteness) and anything else as raw.
+    subject, session : array_like, shape (N,), optional
+        Used for ``domain`` when it is not given.
+    class_names : list of str, optional
+        Names of the classes; string labels are encoded by their position in it.
+
+    Returns
+    -------
+    ValidatedArrays
+        ``X`` float64 for SPD input, float32 for raw input; ``y``/``domain`` int64.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds are {list(KINDS)}")
+    X = np.asarray(X)
+    if X.dtype == object or not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
+        raise TypeError(f"X must be a real numeric array, got dtype {X.dtype}")
+    if X.ndim != 3:
+        raise ValueError(
+            f"X must have shape (N, C, T) for raw trials or (N, n, n) for SPD matrices, got {X.shape}"
+        )
+    if X.shape[0] == 0:
+        raise ValueError("X holds no trials")
+    if not np.all(np.isfinite(X)):
+        bad = int(np.sum(~np.isfinite(X).all(axis=(1, 2))))
+        raise ValueError(f"X contains NaN or Inf values (in {bad} of {X.shape[0]} trials)")
+    n = X.shape[0]
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+    y, class_names = _encode_labels(y, n, class_names)
+    square = X.shape[1] == X.shape[2]
+    if kind == "auto":
+        kind = "spd" if square and _is_symmetric(X.astype(np.float64)) else "raw"
+    if kind == "spd":
+        X = X.astype(np.float64)
+        if not square:
+            raise ValueError(f"SPD input must have shape (N, n, n), got {X.shape}")
+        if not _is_symmetric(X):
+            raise ValueError("X was declared SPD but is not symmetric")
+        X = (X + np.swapaxes(X, -1, -2)) / 2.0
+        min_eig = np.linalg.eigvalsh(X)[:, 0]
+        bad = np.flatnonzero(min_eig <= 0)
+        if bad.size:
+            raise ValueError(
+                f"X was declared SPD but {bad.size} matrices are not positive definite "
+                f"(first: index {bad[0]}, smallest eigenvalue {min_eig[bad[0]]:.3g})"
+            )
+    else:
+        if X.shape[2] < 2:
+            raise ValueError(f"raw trials need at least 2 time samples, got shape {X.shape}")
+        X = X.astype(np.float32)
+    if domain is not None:
+        domain = _integer_ids("domain", domain, n)
+    elif subject is not None and session is not None:
+        domain = domain_ids(_integer_ids("subject", subject, n), _integer_ids("session", session, n))
+    else:
+        domain = np.zeros(n, dtype=np.int64)
+    return ValidatedArrays(X=X, y=y, domain=domain, kind=kind, class_names=class_names)
+
+
+class ArrayDataset(Dataset):
+    """Map-style dataset over validated arrays; items are ``(x, y, domain)`` tensors.
+
+    Parameters
+    ----------
+    X : array_like, shape (N, C, T) or (N, n, n)
+        Raw trials (served as float32) or SPD matrices (served as float64).
+    y : array_like, shape (N,)
+        Class labels (integers or strings).
+    domain : array_like, shape (N,), optional
+        Domain ids (default: from ``subject``/``session`` if both given, else all 0).
+    kind : {"auto", "raw", "spd"}
+        See :func:`validate_arrays`.
+    subject, session : array_like, shape (N,), optional
+        Kept as attributes (used by :func:`manifoldnorm.data.split_indices`).
+    class_names : list of str, optional
+        Class names (string labels are encoded by their position in it).
+    sfreq : float, optional
+        Sampling frequency of raw trials in Hz (kept as an attribute).
+
+    Attributes
+    ----------
+    X, y, domain, subject, session : ndarray
+    kind : str
+    class_names : list of str
+    sfreq : float or None
+    """
+
+    def __init__(self, X: Any, y: Any, domain: Any = None, kind: str = "auto", subject: Any = None,
+                 session: Any = None, class_names: list[str] | None = None,
+                 sfreq: float | None = None) -> None:
+        v = validate_arrays(X, y, domain=domain, kind=kind, subject=subject, session=session,
+                            class_names=class_names)
+        self.X, self.y, self.domain, self.kind = v.X, v.y, v.domain, v.kind
+        n = len(v.y)
+        self.subject = None if subject is None else _integer_ids("subject", subject, n)
+        self.session = None if session is None else _integer_ids("session", session, n)
+        self.class_names = v.class_names
+        if sfreq is not None and not float(sfreq) > 0:
+            raise ValueError(f"sfreq must be positive, got {sfreq}")
+        self.sfreq = None if sfreq is None else float(sfreq)
+        self._X = torch.from_numpy(np.ascontiguousarray(self.X))
+        self._y = torch.from_numpy(self.y)
+        self._d = torch.from_numpy(self.domain)
+
+    def __len__(self) -> int:
+        return int(self._y.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._X[i], self._y[i], self._d[i]
+
+    def __repr__(self) -> str:
+        return (f"ArrayDataset(n={len(self)}, kind={self.kind!r}, shape={tuple(self.X.shape[1:])}, "
+                f"classes={len(self.class_names)}, domains={np.unique(self.domain).size})")
+
+
+def load_arrays(path: str | os.PathLike, kind: str = "auto") -> ArrayDataset:
+    """Load a user ``.npz`` file into an :class:`ArrayDataset`.
+
+    Required keys: ``X`` (N, C, T) or (N, n, n) and ``y`` (N,). Optional: ``domain``, or ``subject``
+    and ``session`` (domain then derived per pair); ``class_names``; ``sfreq`` (Hz, for raw trials).
+    Pickled objects are refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            content = {k: f[k] for k in f.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"could not read {path} as a .npz archive without pickles: {err}") from err
+    missing = [k for k in ("X", "y") if k not in content]
+    if missing:
+        raise ValueError(f"{path} lacks required keys {missing}; found keys {sorted(content)}")
+    class_names = content["class_names"].tolist() if "class_names" in content else None
+    sfreq = float(content["sfreq"]) if "sfreq" in content else None
+    return ArrayDataset(content["X"], content["y"], domain=content.get("domain"), kind=kind,
+                        subject=content.get("subject"), session=content.get("session"),
+                        class_names=class_names, sfreq=sfreq)

@@ -1,0 +1,237 @@
+"""Lightning data module for multi-domain EEG: simulated, MOABB or user arrays, as covariances or raw signals."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from manifoldnorm.data import (
+    ArrayDataset,
+    EEGData,
+    bandpass,
+    covariances,
+    load_arrays,
+    load_moabb,
+    load_simulated,
+    split_indices,
+)
+from manifoldnorm.data.types import domain_ids
+
+__all__ = ["EEGDataModule", "SOURCES", "REPRESENTATIONS"]
+
+SOURCES: tuple[str, ...] = ("simulated", "moabb", "arrays")
+REPRESENTATIONS: tuple[str, ...] = ("cov", "raw")
+
+
+def _choice(value: str, valid: Sequence[str], what: str) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+    return value
+
+
+class EEGDataModule(pl.LightningDataModule):
+    """Seeded train/val/test loaders of ``(x, y, domain)`` for one evaluation protocol.
+
+    Parameters
+    ----------
+    source : {"simulated", "moabb", "arrays"}
+        ``simulated``: :func:`manifoldnorm.data.load_simulated` (cached); ``moabb``:
+        :func:`manifoldnorm.data.load_moabb`; ``arrays``: a user ``.npz`` file (``path``) read by
+        :func:`manifoldnorm.data.load_arrays` (``X`` raw trials ``(N, C, T)`` or SPD matrices ``(N, n, n)``,
+        ``y``, ``domain`` or ``subject`` + ``session``), plus ``sfreq`` when raw trials are band-passed.
+        Precomputed SPD matrices are used as they are.
+    representation : {"cov", "raw"}
+        ``cov``: band-pass filtered (``band``) OAS covariances, float64 ``(N, C, C)`` (SPDNet input);
+        ``raw``: band-pass filtered trials, float32 ``(N, C, T)`` (TSMNet input).
+    protocol : {"within_session", "cross_session", "cross_subject"}
+        See :func:`manifoldnorm.data.split_indices`.
+    batch_size : int
+    seed : int
+        Seed of the split and of the training-set shuffling.
+    num_workers : int
+    band : (fmin, fmax) or None
+        Band-pass edges in Hz; ``None`` skips filtering. For MOABB the band is passed to the loader.
+    val_fraction : float
+        Fraction of the training pool held out for validation.
+    cov_estimator : str
+        Covariance estimator (``"oas"``, ``"lwf"``, ``"scm"``).
+    filter_order : int
+        Butterworth order of the band-pass.
+    path : str, optional
+        The ``.npz`` file of the ``arrays`` source.
+    cache_dir : str, optional
+        Cache directory of the simulated data (default ``$MANIFOLDNORM_CACHE`` or ``~/.cache/manifoldnorm``).
+    source_kwargs : mapping, optional
+        Extra arguments of the loader (e.g. ``n_subjects`` for the simulation, ``dataset`` for MOABB).
+    split_kwargs : mapping, optional
+        Extra arguments of :func:`~manifoldnorm.data.split_indices` (``test_fraction``, ``test_subjects``, ...).
+    drop_last : bool
+        Drop the last incomplete training batch (batch norms dislike tiny batches).
+
+    Attributes
+    ----------
+    n_channels, n_times, num_classes, num_domains : int
+        Available after :meth:`setup`; :meth:`info` returns them as a dict (model configuration).
+    """
+
+    def __init__(
+        self,
+        source: str = "simulated",
+        representation: str = "cov",
+        protocol: str = "cross_session",
+        batch_size: int = 32,
+        seed: int = 0,
+        num_workers: int = 0,
+        band: Sequence[float] | None = (8.0, 30.0),
+        val_fraction: float = 0.2,
+        cov_estimator: str = "oas",
+        filter_order: int = 4,
+        path: str | None = None,
+        cache_dir: str | None = None,
+        source_kwargs: Mapping[str, Any] | None = None,
+        split_kwargs: Mapping[str, Any] | None = None,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.source = _choice(source, SOURCES, "data source")
+        self.representation = _choice(representation, REPRESENTATIONS, "representation")
+        self.protocol = protocol
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if band is not None:
+            band = tuple(float(b) for b in band)
+            if len(band) != 2:
+                raise ValueError(f"band must be (fmin, fmax) or null, got {band}")
+        if source == "arrays" and not path:
+            raise ValueError("source='arrays' needs path=<file.npz>")
+        self.batch_size, self.seed, self.num_workers = batch_size, int(seed), int(num_workers)
+        self.band, self.val_fraction = band, float(val_fraction)
+        self.cov_estimator, self.filter_order = cov_estimator, int(filter_order)
+        self.path, self.cache_dir = path, cache_dir
+        self.source_kwargs = dict(source_kwargs or {})
+        self.split_kwargs = dict(split_kwargs or {})
+        self.drop_last = bool(drop_last)
+        self.datasets: dict[str, ArrayDataset] = {}
+        self.split: Mapping[str, np.ndarray] | None = None
+        self._info: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------- loading
+    def _load_eeg(self) -> EEGData:
+        if self.source == "simulated":
+            return load_simulated(cache_dir=self.cache_dir, **self.source_kwargs)
+        kwargs = dict(self.source_kwargs)
+        if self.band is not None:
+            kwargs.setdefault("fmin", self.band[0])
+            kwargs.setdefault("fmax", self.band[1])
+        return load_moabb(**kwargs)
+
+    def _features(self) -> tuple[np.ndarray, dict[str, np.ndarray], int, int]:
+        """Features, metadata (y, subject, session), number of classes and time samples."""
+        if self.source == "arrays":
+            return self._array_features()
+        data = self._load_eeg()
+        meta = {"y": data.y, "subject": data.subject, "session": data.session}
+        X = data.X
+        if self.band is not None and self.source != "moabb":  # MOABB filters in the loader
+            X = bandpass(X, data.sfreq, self.band[0], self.band[1], order=self.filter_order)
+        return self._represent(X), meta, data.n_classes, data.n_times
+
+    def _represent(self, X: np.ndarray) -> np.ndarray:
+        if self.representation == "cov":
+            return covariances(X, estimator=self.cov_estimator).astype(np.float64)
+        return np.ascontiguousarray(X, dtype=np.float32)
+
+    def _array_features(self) -> tuple[np.ndarray, dict[str, np.ndarray], int, int]:
+        arrays = load_arrays(Path(self.path).expanduser())
+        meta = {"y": arrays.y, "domain": arrays.domain}
+        if arrays.subject is not None and arrays.session is not None:
+            meta.update(subject=arrays.subject, session=arrays.session)
+        num_classes = len(arrays.class_names)
+        if arrays.kind == "spd":
+            if self.representation != "cov":
+                raise ValueError(f"{self.path} holds SPD matrices; only representation='cov' can use them")
+            return arrays.X.astype(np.float64), meta, num_classes, 0
+        X = arrays.X
+        if self.band is not None:
+            with np.load(Path(self.path).expanduser(), allow_pickle=False) as f:
+                sfreq = float(f["sfreq"]) if "sfreq" in f.files else None
+            if sfreq is None:
+                raise ValueError(f"{self.path}: band-pass filtering needs 'sfreq' in the file (or set band=null)")
+            X = bandpass(X, sfreq, self.band[0], self.band[1], order=self.filter_order)
+        return self._represent(X), meta, num_classes, int(X.shape[-1])
+
+    def prepare_data(self) -> None:
+        if self.source == "moabb":  # downloads once (rank 0); setup then reads the local copy
+            self._load_eeg()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        X, meta, num_classes, n_times = self._features()
+        domain = meta["domain"] if "domain" in meta else domain_ids(meta["subject"], meta["session"])
+        self.split = split_indices(meta, protocol=self.protocol, seed=self.seed, val_fraction=self.val_fraction,
+                                   **self.split_kwargs)
+        for name, idx in self.split.items():
+            idx = np.asarray(idx, dtype=np.int64)
+            kind = "spd" if self.representation == "cov" else "raw"
+            self.datasets[name] = ArrayDataset(X[idx], meta["y"][idx], domain[idx], kind=kind)
+        self._info = {
+            "n_channels": int(X.shape[1]),
+            "n_times": int(n_times),
+            "num_classes": int(num_classes),
+            "num_domains": int(domain.max()) + 1 if len(domain) else 0,
+        }
+
+    # ----------------------------------------------------------------- metadata
+    def info(self) -> dict[str, Any]:
+        """``{"n_channels", "n_times", "num_classes", "num_domains"}`` (after :meth:`setup`)."""
+        if self._info is None:
+            raise RuntimeError("EEGDataModule.info() is available after setup()")
+        return dict(self._info)
+
+    @property
+    def n_channels(self) -> int:
+        return self.info()["n_channels"]
+
+    @property
+    def n_times(self) -> int:
+        return self.info()["n_times"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.info()["num_classes"]
+
+    @property
+    def num_domains(self) -> int:
+        return self.info()["num_domains"]
+
+    # ----------------------------------------------------------------- loaders
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        if name not in self.datasets:
+            raise RuntimeError(f"EEGDataModule: call setup() before requesting the {name} loader")
+        ds = self.datasets[name]
+        generator = torch.Generator().manual_seed(self.seed) if train else None
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=train,
+            generator=generator,
+            drop_last=train and self.drop_last and len(ds) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

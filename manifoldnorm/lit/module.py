@@ -1,0 +1,154 @@
+"""Lightning module for (domain-aware) classification: cross-entropy, accuracy and balanced accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from manifoldnorm.nn import refit_domain_norms, refittable_norms
+from manifoldnorm.optim import create_optimizer
+
+__all__ = ["ClassificationModule"]
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+_INTERVALS = ("epoch", "step")
+
+
+def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+            "bacc": MulticlassAccuracy(num_classes=num_classes, average="macro"),
+        },
+        prefix=prefix,
+    )
+
+
+class ClassificationModule(pl.LightningModule):
+    """Train/evaluate ``model(x, domain=domain) -> logits`` on ``(x, y, domain)`` batches.
+
+    Logs per epoch ``{train,val,test}/loss``, ``/acc`` (micro accuracy) and ``/bacc`` (balanced accuracy: the
+    mean per-class recall, torchmetrics ``average="macro"``).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Called as ``model(x, domain=domain)``; returns logits ``(N, num_classes)``.
+    num_classes : int
+    optimizer : callable, optional
+        ``optimizer(model) -> torch.optim.Optimizer`` (e.g. a ``functools.partial`` of
+        :func:`manifoldnorm.optim.create_optimizer`); default: ``create_optimizer`` with its defaults.
+    scheduler : callable, optional
+        ``scheduler(optimizer) -> LRScheduler`` (e.g. a partial of ``torch.optim.lr_scheduler.CosineAnnealingLR``).
+    scheduler_interval : {"epoch", "step"}
+        When the scheduler steps.
+    scheduler_monitor : str
+        Metric handed to schedulers that need one (``ReduceLROnPlateau``).
+    refit_on_test : bool or None
+        Test-time adaptation before testing (Kobler et al., NeurIPS 2022, Sec. 3.3): re-estimate norm statistics
+        on the unlabeled test data with :func:`manifoldnorm.nn.refit_domain_norms`. ``None`` (default): refit the
+        domain-aware norms, one target domain at a time, if the model has any; ``True``: refit every refittable
+        norm on all test data at once (error if there is none); ``False``: never.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "epoch",
+        scheduler_monitor: str = "val/loss",
+        refit_on_test: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if scheduler_interval not in _INTERVALS:
+            raise ValueError(f"unknown scheduler_interval {scheduler_interval!r}; valid: {', '.join(_INTERVALS)}")
+        if refit_on_test is True and not refittable_norms(model):
+            raise ValueError("refit_on_test=True but the model has no refittable norm layer "
+                             "(e.g. norm=spddsmbn or spdmbn); use refit_on_test=null to refit only when possible")
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.train_metrics = _metrics(num_classes, "train/")
+        self.val_metrics = _metrics(num_classes, "val/")
+        self.test_metrics = _metrics(num_classes, "test/")
+
+    def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
+        return self.model(x, domain=domain)
+
+    def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str, metrics: MetricCollection) -> Tensor:
+        x, y, domain = batch
+        logits = self.model(x, domain=domain)
+        loss = F.cross_entropy(logits, y)
+        metrics.update(logits.detach(), y)
+        n = int(y.shape[0])
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n, prog_bar=stage != "test")
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=n, prog_bar=stage == "val")
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train", self.train_metrics)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x, domain = batch[0], batch[-1]
+        return self.model(x, domain=domain).argmax(-1)
+
+    # ----------------------------------------------------------------- test-time adaptation
+    def on_test_start(self) -> None:
+        mode = self.hparams.refit_on_test
+        if mode is False:
+            return
+        domain_only = mode is None
+        if not refittable_norms(self.model, domain_aware_only=domain_only):
+            return
+        loaders = self.trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        xs, ds = [], []
+        for loader in loaders:
+            for x, _, domain in loader:  # labels are not used
+                xs.append(x)
+                ds.append(domain)
+        x_all = torch.cat(xs).to(self.device)
+        d_all = torch.cat(ds).to(self.device)
+        if domain_only:
+            for dom in torch.unique(d_all).tolist():
+                mask = d_all == dom
+                refit_domain_norms(self.model, x_all[mask], d_all[mask], domain_aware_only=True)
+        else:
+            refit_domain_norms(self.model, x_all, d_all)
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        factory = self.optimizer_factory or create_optimizer
+        optimizer = factory(self.model)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.hparams.scheduler_interval,
+                "monitor": self.hparams.scheduler_monitor,
+            },
+        }

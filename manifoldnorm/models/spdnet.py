@@ -1,0 +1,82 @@
+"""SPDNet with a Riemannian batch-norm slot in every stage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from manifoldnorm import functional as mf
+from manifoldnorm.nn import LogEig
+from manifoldnorm.nn.registry import NormSpec
+
+from ._stages import SPDStage, check_dims, no_autocast
+
+__all__ = ["SPDNet"]
+
+
+class SPDNet(nn.Module):
+    r"""SPD matrix classifier: ``[BiMap -> norm -> ReEig] * len(dims) -> LogEig -> Linear``.
+
+    Huang & Van Gool, "A Riemannian Network for SPD Matrix Learning", AAAI 2017, with the batch-norm slot of
+    SPDNetBN (Brooks et al., NeurIPS 2019) and LieBN (Chen et al., ICLR 2024) after each BiMap.
+
+    Parameters
+    ----------
+    in_dim : int
+        Size ``n`` of the input matrices ``(N, n, n)``.
+    dims : sequence of int
+        Output sizes of the BiMap layers (non-increasing, each ``<=`` the previous size).
+    num_classes : int
+    norm_layer : str, class or functools.partial
+        Any norm accepting SPD inputs from :func:`manifoldnorm.nn.list_norms` (``'none'`` for plain SPDNet).
+    norm_kwargs : dict, optional
+        Extra arguments of every norm layer (e.g. ``{'momentum': 0.05}``, ``{'num_domains': 8}``).
+    reeig_threshold : float
+        ReEig eigenvalue floor.
+    validate : bool
+        Check that the input is a batch of SPD matrices (one Cholesky per matrix).
+
+    Notes
+    -----
+    ``forward(x, domain=None)``: ``x`` ``(N, n, n)`` SPD in any float dtype; the SPD part runs in float64 with
+    autocast disabled, the classifier in its own dtype (float32 by default), so the logits ``(N, num_classes)``
+    are float32. ``domain`` (``(N,)`` LongTensor) is passed to every norm layer.
+    """
+
+    def __init__(self, in_dim: int, dims: Sequence[int], num_classes: int, norm_layer: NormSpec = "liebn_aim",
+                 norm_kwargs: dict[str, Any] | None = None, reeig_threshold: float = 1e-4,
+                 validate: bool = True) -> None:
+        super().__init__()
+        (in_dim,) = check_dims((in_dim,), "SPDNet in_dim")
+        dims = check_dims(dims, "SPDNet")
+        (num_classes,) = check_dims((num_classes,), "SPDNet num_classes")
+        self.in_dim, self.dims, self.validate = in_dim, dims, bool(validate)
+        sizes = (in_dim, *dims)
+        self.stages = nn.ModuleList(
+            SPDStage(a, b, norm_layer, norm_kwargs, reeig_threshold, norm_first=True)
+            for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+        )
+        self.logeig = LogEig()
+        d = sizes[-1]
+        self.classifier = nn.Linear(d * (d + 1) // 2, num_classes)
+
+    def features(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
+        """Tangent-space features ``(N, d(d+1)/2)`` (float64) before the classifier."""
+        if x.dim() != 3 or x.shape[-1] != self.in_dim or x.shape[-2] != self.in_dim:
+            raise ValueError(f"SPDNet: expected input of shape (N, {self.in_dim}, {self.in_dim}), "
+                             f"got {tuple(x.shape)}")
+        with no_autocast(x.device):
+            h = x.to(torch.float64)
+            if self.validate:
+                with torch.no_grad():
+                    mf.check_spd(h.detach(), name="SPDNet input")
+            for stage in self.stages:
+                h = stage(h, domain=domain)
+            return self.logeig(h)
+
+    def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
+        f = self.features(x, domain)
+        return self.classifier(f.to(self.classifier.weight.dtype))

@@ -1,0 +1,29 @@
+"""Stateful building blocks for SPD networks: SPDNet layers, Riemannian batch norms, the norm registry.
+
+No Lightning or Hydra imports here: every layer works in a plain PyTorch loop.
+"""
+
+from .adapt import refit_domain_norms, refit_mode, refittable_norms
+from .liebn import LieBatchNorm
+from .momentum_bn import DomainSPDBatchNorm, RefittableNorm, SPDMomentumBatchNorm
+from .registry import (
+    KINDS,
+    EuclideanBatchNorm,
+    IdentityNorm,
+    NormInfo,
+    create_norm_layer,
+    get_norm_info,
+    get_norm_layer,
+    list_norms,
+    register_norm,
+)
+from .spd_layers import BiMap, CovPool, LogEig, ReEig, stiefel_init_, vech
+from .spdbn import SPDBatchNorm
+
+__all__ = [
+    "BiMap", "ReEig", "LogEig", "CovPool", "vech", "stiefel_init_",
+    "LieBatchNorm", "SPDBatchNorm", "SPDMomentumBatchNorm", "DomainSPDBatchNorm", "RefittableNorm",
+    "IdentityNorm", "EuclideanBatchNorm",
+    "KINDS", "NormInfo", "register_norm", "get_norm_layer", "get_norm_info", "create_norm_layer", "list_norms",
+    "refit_domain_norms", "refit_mode", "refittable_norms",
+]

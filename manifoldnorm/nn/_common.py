@@ -1,0 +1,103 @@
+"""Shared plumbing of the SPD normalization layers: input layout, validation, parameters, dtypes."""
+
+from __future__ import annotations
+
+import geoopt
+import torch
+from torch import Tensor, nn
+
+from manifoldnorm import functional as mf
+
+__all__ = [
+    "spd_identity_parameter",
+    "to_channels",
+    "from_channels",
+    "check_momentum",
+    "check_positive_int",
+    "compute_dtype",
+    "as_domain_ids",
+]
+
+
+def check_positive_int(value: int, name: str, owner: str) -> int:
+    """Return ``value`` if it is a positive ``int``; raise a TypeError/ValueError naming ``owner`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+    return value
+
+
+def check_momentum(value: float, name: str, owner: str) -> float:
+    """Return ``float(value)`` if it lies in ``[0, 1]``; raise a ValueError naming ``owner`` otherwise."""
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{owner}: {name} must lie in [0, 1], got {value}")
+    return value
+
+
+def spd_identity_parameter(channels: int, n: int, dtype: torch.dtype | None, device=None) -> nn.Parameter:
+    """A ``(channels, n, n)`` stack of identities as a ``geoopt.ManifoldParameter`` on the SPD manifold."""
+    eye = torch.eye(n, dtype=dtype or torch.float64, device=device).expand(channels, n, n).clone()
+    return geoopt.ManifoldParameter(eye, manifold=geoopt.SymmetricPositiveDefinite())
+
+
+def compute_dtype(x: Tensor, ref: Tensor) -> torch.dtype:
+    """Promoted floating dtype of the input and the layer's parameters (float32 x float64 -> float64)."""
+    return torch.promote_types(x.dtype, ref.dtype)
+
+
+def to_channels(x: Tensor, n: int, channels: int, owner: str, validate: bool) -> Tensor:
+    """Check ``x`` and view it as ``(N, C, n, n)``.
+
+    Shape, dtype and finiteness are always checked (cheap); with ``validate=True`` symmetry and positive
+    definiteness are checked as well (:func:`manifoldnorm.functional.check_spd`: one Cholesky per matrix).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() not in (3, 4) or x.shape[-1] != n or x.shape[-2] != n:
+        raise ValueError(
+            f"{owner}: expected input of shape (N, {n}, {n}) or (N, C, {n}, {n}), got {tuple(x.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{owner}: got an empty batch")
+    x4 = x.unsqueeze(1) if x.dim() == 3 else x
+    if x4.shape[1] != channels:
+        raise ValueError(
+            f"{owner}: the layer was built for channels={channels} but the input has {x4.shape[1]} channel(s) "
+            f"(shape {tuple(x.shape)}); inputs of shape (N, n, n) count as one channel"
+        )
+    with torch.no_grad():
+        if validate:
+            mf.check_spd(x4.detach(), name=f"{owner} input")
+        else:
+            mf.check_finite(x4.detach(), name=f"{owner} input")
+    return x4
+
+
+def from_channels(y4: Tensor, like: Tensor) -> Tensor:
+    """Undo :func:`to_channels`: drop the channel dimension again if the input had none."""
+    return y4.squeeze(1) if like.dim() == 3 else y4
+
+
+def as_domain_ids(domain: Tensor | int | None, batch: int, device: torch.device, owner: str) -> Tensor:
+    """Validate domain ids: ``None`` -> all zeros; an int -> constant; a tensor -> int64 of shape ``(N,)``."""
+    if domain is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    if isinstance(domain, int) and not isinstance(domain, bool):
+        d = torch.full((batch,), domain, dtype=torch.long, device=device)
+    elif isinstance(domain, Tensor):
+        if domain.is_floating_point() or domain.is_complex() or domain.dtype == torch.bool:
+            raise TypeError(f"{owner}: domain ids must be an integer tensor, got dtype {domain.dtype}")
+        d = domain.to(device=device, dtype=torch.long)
+        if d.dim() == 0:
+            d = d.expand(batch)
+        if d.shape != (batch,):
+            raise ValueError(f"{owner}: domain must have shape ({batch},) to match the batch, got {tuple(d.shape)}")
+    else:
+        raise TypeError(f"{owner}: domain must be None, an int or a LongTensor, got {type(domain).__name__}")
+    if bool((d < 0).any()):
+        raise ValueError(f"{owner}: domain ids must be non-negative, got min {int(d.min())}")
+    return d

@@ -1,0 +1,164 @@
+r"""Lie group structures on SPD matrices used by :class:`~manifoldnorm.nn.LieBatchNorm`.
+
+Chen, Song, Liu & Sebe, "A Lie Group Approach to Riemannian Batch Normalization", ICLR 2024, Sec. 5 and
+Tab. 2. Each metric is the pull-back of a simple geometry through a deformation :math:`\phi`; every operation
+below acts in the codomain of :math:`\phi`:
+
+=========  =======================  ==================  ========================================================
+metric     :math:`\phi(X)`          group operation     :math:`d^2(Z, E)` in the codomain
+=========  =======================  ==================  ========================================================
+AIM        :math:`X^\theta`         :math:`L_P Q L_P^\top`  :math:`\theta^{-2}[\alpha\|\log Z\|_F^2+\beta\log^2\det Z]`
+LEM        :math:`\log X`           :math:`P + Q`       :math:`\alpha\|Z\|_F^2 + \beta\,\mathrm{tr}(Z)^2`
+LCM        :math:`\psi(X^\theta)`   :math:`P + Q`       :math:`\theta^{-2}\|Z\|_F^2`
+=========  =======================  ==================  ========================================================
+
+(:math:`L_P = \mathrm{chol}(P)`; :math:`\psi` is :func:`manifoldnorm.functional.cholesky_log`.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from manifoldnorm import functional as mf
+
+__all__ = ["SPDLieGroup", "make_group"]
+
+
+def _per_channel(c: Tensor) -> Tensor:
+    """Broadcast a ``(C,)`` or ``(N, C)`` factor over ``(N, C, n, n)`` stacks."""
+    return c.unsqueeze(-1).unsqueeze(-1)
+
+
+class SPDLieGroup:
+    """Codomain operations of one deformed metric (no state; ``theta``, ``alpha``, ``beta`` fixed)."""
+
+    name = ""
+
+    def __init__(self, theta: float, alpha: float, beta: float) -> None:
+        self.theta, self.alpha, self.beta = float(theta), float(alpha), float(beta)
+
+    # deformation ------------------------------------------------------------------------------------------
+    def _pow(self, X: Tensor, p: float) -> Tensor:
+        return X if p == 1.0 else mf.sym_powm(X, p)
+
+    def deform(self, X: Tensor) -> Tensor:  # phi
+        raise NotImplementedError
+
+    def undeform(self, Z: Tensor) -> Tensor:  # phi^{-1}
+        raise NotImplementedError
+
+    # statistics ----------------------------------------------------------------------------------------------
+    def mean(self, Z: Tensor, karcher_steps: int) -> Tensor:
+        """Fréchet mean over dim 0 of a ``(N, C, ...)`` stack (arithmetic for the flat metrics)."""
+        return Z.mean(dim=0)
+
+    def sqdist_identity(self, Z: Tensor) -> Tensor:
+        """Squared distance of each codomain element to the identity, ``(..., n, n)`` -> ``(...)``."""
+        raise NotImplementedError
+
+    def geodesic(self, R: Tensor, M: Tensor, t: float) -> Tensor:
+        """Point ``t`` on the geodesic from ``R`` to ``M`` (codomain); a straight line for the flat metrics."""
+        return R + t * (M - R)
+
+    # group action --------------------------------------------------------------------------------------------
+    def center(self, Z: Tensor, M: Tensor) -> Tensor:
+        """Left translation by the inverse of ``M``: :math:`M^{-1} \\odot Z`."""
+        return Z - M
+
+    def translate(self, B: Tensor, Z: Tensor) -> Tensor:
+        """Left translation by ``B``: :math:`B \\odot Z`."""
+        return Z + B
+
+    def scale(self, Z: Tensor, c: Tensor) -> Tensor:
+        """:math:`\\mathrm{Exp}_E(c\\,\\mathrm{Log}_E Z)` with one factor per channel (``(C,)`` or ``(N, C)``)."""
+        return _per_channel(c) * Z
+
+
+def _expm(Z: Tensor) -> Tensor:
+    r""":math:`\exp Z = e^{-a}\exp(Z + aI)` with a constant shift :math:`a \ge 0` putting the spectrum in
+    :math:`[1, \infty)` (Gershgorin bound).
+
+    Same value and same gradient as ``mf.sym_expm(Z)``; the shift keeps the divided differences of the backward
+    away from eigenvalues clustered at 0, where a relative tie tolerance misses ties of ``exp`` (outputs close to
+    the identity, e.g. a batch of identical matrices).
+    """
+    with torch.no_grad():
+        d = torch.diagonal(Z, dim1=-2, dim2=-1)
+        radius = Z.abs().sum(-1) - d.abs()
+        a = (1.0 - (d - radius).amin(-1)).clamp_min(0.0).unsqueeze(-1).unsqueeze(-1)
+    eye = torch.eye(Z.shape[-1], dtype=Z.dtype, device=Z.device)
+    return torch.exp(-a) * mf.sym_expm(Z + a * eye)
+
+
+class _AIM(SPDLieGroup):
+    name = "aim"
+
+    def deform(self, X: Tensor) -> Tensor:
+        return self._pow(X, self.theta)
+
+    def undeform(self, Z: Tensor) -> Tensor:
+        return self._pow(Z, 1.0 / self.theta)
+
+    def mean(self, Z: Tensor, karcher_steps: int) -> Tensor:
+        return mf.mean_aim(Z, dim=0, karcher_steps=karcher_steps, tol=0.0)
+
+    def sqdist_identity(self, Z: Tensor) -> Tensor:
+        # eigenvalues only: the eigvalsh backward U diag(g) U^T has no divided differences
+        log_lam = torch.log(torch.linalg.eigvalsh(Z))
+        d2 = self.alpha * log_lam.square().sum(-1)
+        if self.beta != 0.0:
+            d2 = d2 + self.beta * log_lam.sum(-1).square()
+        return d2 / self.theta**2
+
+    def geodesic(self, R: Tensor, M: Tensor, t: float) -> Tensor:
+        return mf.geodesic_aim(R, M, t)
+
+    def center(self, Z: Tensor, M: Tensor) -> Tensor:
+        L = torch.linalg.cholesky(M)
+        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+        L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+        return mf.congruence(L_inv, Z)
+
+    def translate(self, B: Tensor, Z: Tensor) -> Tensor:
+        return mf.congruence(torch.linalg.cholesky(B), Z)
+
+    def scale(self, Z: Tensor, c: Tensor) -> Tensor:
+        return mf.sym_powm(Z, c)
+
+
+class _LEM(SPDLieGroup):
+    name = "lem"
+
+    def deform(self, X: Tensor) -> Tensor:
+        return mf.sym_logm(X)
+
+    def undeform(self, Z: Tensor) -> Tensor:
+        return _expm(Z)
+
+    def sqdist_identity(self, Z: Tensor) -> Tensor:
+        d2 = self.alpha * Z.square().sum((-1, -2))
+        if self.beta != 0.0:
+            d2 = d2 + self.beta * torch.diagonal(Z, dim1=-2, dim2=-1).sum(-1).square()
+        return d2
+
+
+class _LCM(SPDLieGroup):
+    name = "lcm"
+
+    def deform(self, X: Tensor) -> Tensor:
+        return mf.cholesky_log(self._pow(X, self.theta))
+
+    def undeform(self, Z: Tensor) -> Tensor:
+        return self._pow(mf.sym(mf.cholesky_exp(Z)), 1.0 / self.theta)
+
+    def sqdist_identity(self, Z: Tensor) -> Tensor:
+        return Z.square().sum((-1, -2)) / self.theta**2
+
+
+_GROUPS: dict[str, type[SPDLieGroup]] = {"aim": _AIM, "lem": _LEM, "lcm": _LCM}
+
+
+def make_group(metric: str, theta: float, alpha: float, beta: float) -> SPDLieGroup:
+    """Instantiate the codomain operations of ``metric`` (validated by the caller)."""
+    return _GROUPS[metric](theta, alpha, beta)

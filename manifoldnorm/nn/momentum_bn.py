@@ -1,0 +1,319 @@
+r"""SPD momentum batch normalization with dispersion, single- and domain-specific (Kobler et al. 2022)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from manifoldnorm import functional as mf
+
+from ._common import (
+    as_domain_ids,
+    check_momentum,
+    check_positive_int,
+    compute_dtype,
+    from_channels,
+    spd_identity_parameter,
+    to_channels,
+)
+
+__all__ = ["SPDMomentumBatchNorm", "DomainSPDBatchNorm", "RefittableNorm"]
+
+_STATS = ("running_mean", "running_var", "running_mean_test", "running_var_test")
+
+
+def _aim_sqdist(P_invsqrt: Tensor, X: Tensor) -> Tensor:
+    r""":math:`d^2_{\mathrm{AIM}}(X, P) = \|\log(P^{-1/2} X P^{-1/2})\|_F^2` from eigenvalues only, ``(...)``."""
+    lam = torch.linalg.eigvalsh(mf.congruence(P_invsqrt, X))
+    return torch.log(lam).square().sum(-1)
+
+
+class RefittableNorm(nn.Module):
+    """Base of the norm layers whose statistics can be re-estimated on unlabeled data (test-time adaptation).
+
+    While ``self.refitting`` is true, ``forward`` replaces the (per-domain) running statistics by the exact
+    Fréchet mean and dispersion of the batch and normalizes with them; see
+    :func:`manifoldnorm.nn.refit_domain_norms`.
+    """
+
+    refitting: bool = False
+    domain_aware: bool = False
+
+
+class SPDMomentumBatchNorm(RefittableNorm):
+    r"""SPD batch normalization with momentum statistics and a learnable dispersion (SPDMBN).
+
+    Kobler, Hirayama, Zhao & Kawanabe, "SPD domain-specific batch normalization to crack interpretable
+    unsupervised domain adaptation in EEG", NeurIPS 2022, Sec. 3 (Eqs. 4-8). A training step with momentum
+    :math:`\eta` on :math:`\{X_i\}_{i=1}^N`:
+
+    .. math::
+
+        G &= \mathrm{FM}_{\mathrm{AIM}}\{X_i\},\qquad R_\eta = \gamma_{R\to G}(\eta),\qquad
+        r_\eta = (1-\eta)\,r + \eta\,\tfrac1N\textstyle\sum_i d^2(X_i, R_\eta),\\
+        Y_i &= B^{1/2}\big(R_\eta^{-1/2} X_i R_\eta^{-1/2}\big)^{s/\sqrt{r_\eta+\epsilon}} B^{1/2},
+
+    then :math:`R \leftarrow R_\eta`, :math:`r \leftarrow r_\eta`, and the test statistics follow the batch with
+    momentum :math:`\eta_{\mathrm{test}}`: :math:`R_t \leftarrow \gamma_{R_t\to G}(\eta_{\mathrm{test}})`,
+    :math:`r_t \leftarrow (1-\eta_{\mathrm{test}})r_t + \eta_{\mathrm{test}}\frac1N\sum_i d^2(X_i, R_t)`.
+    Evaluation uses :math:`(R_t, r_t)`. :math:`B` (``weight``, SPD, init :math:`I`) and :math:`s` (``shift``,
+    init 1) are learnable; :math:`\eta = 1` gives plain batch statistics.
+
+    Parameters
+    ----------
+    n : int
+        Matrix size; input ``(N, n, n)`` or ``(N, C, n, n)``, statistics per channel over ``N``.
+    momentum : float
+        Training momentum :math:`\eta \in [0, 1]` (scheduled from 1 towards ``bs/bs0`` in the paper; change it
+        with :meth:`set_momentum`).
+    test_momentum : float
+        :math:`\eta_{\mathrm{test}} \in [0, 1]` of the evaluation statistics.
+    karcher_steps : int
+        Karcher-flow iterations for the batch mean during training (1 in the reference code).
+    eps : float
+        :math:`\epsilon` of the scaling factor.
+    refit_karcher_steps : int
+        Maximum Karcher iterations when refitting statistics (early stop at float precision).
+    channels, detach_mean, validate, dtype, device
+        As in :class:`~manifoldnorm.nn.LieBatchNorm`.
+
+    Notes
+    -----
+    If :math:`r_\eta` falls below ``eps`` (one matrix, or identical matrices, with :math:`\eta = 1`), the running
+    variance is used for scaling and left unchanged, which keeps gradients bounded.
+
+    Deviations
+    ----------
+    * Dispersions are exact AIM squared distances (eigenvalues of :math:`R^{-1/2}X_iR^{-1/2}`); the reference
+      approximates them in the tangent space at the last Karcher base point.
+    * The batch mean is detached by default; the reference detaches the Karcher base point but keeps the
+      gradient through the final tangent mean. ``detach_mean=False`` gives the full unrolled gradient.
+    * ``shift`` is one scalar per channel (the reference: one scalar per layer, i.e. ``channels=1``).
+    * Statistics are registered buffers (plain tensors, so ``.to(dtype)`` works); refitting uses the Karcher
+      flow of :func:`manifoldnorm.functional.mean_aim` with unit step instead of the adaptive step size.
+    """
+
+    def __init__(self, n: int, momentum: float = 1.0, test_momentum: float = 0.1, karcher_steps: int = 1,
+                 eps: float = 1e-5, channels: int = 1, refit_karcher_steps: int = 50, detach_mean: bool = True,
+                 validate: bool = True, dtype: torch.dtype = torch.float64, device=None) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.n = check_positive_int(n, "n", owner)
+        self.channels = check_positive_int(channels, "channels", owner)
+        self.momentum = check_momentum(momentum, "momentum", owner)
+        self.test_momentum = check_momentum(test_momentum, "test_momentum", owner)
+        self.karcher_steps = check_positive_int(karcher_steps, "karcher_steps", owner)
+        self.refit_karcher_steps = check_positive_int(refit_karcher_steps, "refit_karcher_steps", owner)
+        if not float(eps) > 0.0:
+            raise ValueError(f"{owner}: eps must be > 0, got {eps}")
+        self.eps, self.detach_mean, self.validate = float(eps), bool(detach_mean), bool(validate)
+        self.refitting = False
+        self.weight = spd_identity_parameter(self.channels, self.n, dtype, device)
+        self.shift = nn.Parameter(torch.ones(self.channels, dtype=dtype, device=device))
+        for name, value in zip(_STATS, self._fresh_stats(self._stats_lead(), dtype, device), strict=True):
+            self.register_buffer(name, value)
+
+    # statistics storage (overridden by the domain-specific layer) --------------------------------------------
+    def _stats_lead(self) -> tuple[int, ...]:
+        return ()
+
+    def _fresh_stats(self, lead: tuple[int, ...], dtype, device) -> tuple[Tensor, ...]:
+        eye = torch.eye(self.n, dtype=dtype, device=device).expand(*lead, self.channels, self.n, self.n).clone()
+        one = torch.ones(*lead, self.channels, dtype=dtype, device=device)
+        return eye, one, eye.clone(), one.clone()
+
+    def _get_stats(self, d: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, name).to(dtype) for name in _STATS)
+
+    @torch.no_grad()
+    def _set_stats(self, d: int, stats: tuple[Tensor, ...]) -> None:
+        for name, value in zip(_STATS, stats, strict=True):
+            getattr(self, name).copy_(value)
+
+    def reset_running_stats(self) -> None:
+        """All running statistics back to (identity, 1)."""
+        ref = self.running_mean
+        with torch.no_grad():
+            for name, value in zip(_STATS, self._fresh_stats(tuple(ref.shape[:-3]), ref.dtype, ref.device),
+                                   strict=True):
+                getattr(self, name).copy_(value)
+
+    def set_momentum(self, momentum: float | None = None, test_momentum: float | None = None) -> None:
+        """Change :math:`\\eta` and/or :math:`\\eta_{\\mathrm{test}}` (for momentum schedules)."""
+        owner = type(self).__name__
+        if momentum is not None:
+            self.momentum = check_momentum(momentum, "momentum", owner)
+        if test_momentum is not None:
+            self.test_momentum = check_momentum(test_momentum, "test_momentum", owner)
+
+    # math ------------------------------------------------------------------------------------------------------
+    def _scale_and_bias(self, Z: Tensor, var: Tensor, dtype: torch.dtype) -> Tensor:
+        c = self.shift.to(dtype) / torch.sqrt(var + self.eps)
+        return mf.congruence(mf.sym_sqrtm(self.weight.to(dtype)), mf.sym_powm(Z, c))
+
+    def _train_group(self, x4: Tensor, stats: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Normalize one group of samples with momentum statistics; return outputs and updated statistics."""
+        R, r, Rt, rt = stats
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_mean):
+            src = x4.detach() if self.detach_mean else x4
+            G = mf.mean_aim(src, dim=0, karcher_steps=self.karcher_steps, tol=0.0)
+        eta = self.momentum
+        R_eta = G if eta == 1.0 else mf.geodesic_aim(R, G, eta)
+        Z = mf.congruence(mf.sym_invsqrtm(R_eta), x4)
+        v_b = torch.log(torch.linalg.eigvalsh(Z)).square().sum(-1).mean(dim=0)
+        r_eta = (1.0 - eta) * r + eta * v_b
+        degenerate = r_eta.detach() < self.eps
+        if x4.shape[0] == 1 and eta == 1.0:
+            degenerate = torch.ones_like(degenerate)
+        var = torch.where(degenerate, r, r_eta)
+        y = self._scale_and_bias(Z, var, x4.dtype)
+        with torch.no_grad():
+            G = G.detach()
+            Rt_new = mf.geodesic_aim(Rt, G, self.test_momentum)
+            vt = _aim_sqdist(mf.sym_invsqrtm(Rt_new), x4.detach()).mean(dim=0)
+            t = self.test_momentum
+            rt_new = torch.where(degenerate, rt, (1.0 - t) * rt + t * vt)
+            new = (R_eta.detach(), torch.where(degenerate, r, r_eta.detach()), Rt_new, rt_new)
+        return y, new
+
+    @torch.no_grad()
+    def _refit_group(self, x4: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact Fréchet mean and dispersion of one group (full Karcher flow)."""
+        G = mf.mean_aim(x4, dim=0, karcher_steps=self.refit_karcher_steps)
+        v = _aim_sqdist(mf.sym_invsqrtm(G), x4).mean(dim=0)
+        return G, v
+
+    def _eval(self, x4: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        return self._scale_and_bias(mf.congruence(mf.sym_invsqrtm(mean), x4), var, x4.dtype)
+
+    def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
+        """Normalize ``x`` (``domain`` is accepted and ignored: one set of statistics)."""
+        x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate)
+        dtype = compute_dtype(x4, self.weight)
+        x4 = x4.to(dtype)
+        if self.refitting:
+            G, v = self._refit_group(x4)
+            self._set_stats(0, (G, v, G, v))
+            return from_channels(self._eval(x4, G, v), x)
+        if self.training:
+            y, new = self._train_group(x4, self._get_stats(0, dtype))
+            self._set_stats(0, new)
+            return from_channels(y, x)
+        _, _, Rt, rt = self._get_stats(0, dtype)
+        return from_channels(self._eval(x4, Rt, rt), x)
+
+    def extra_repr(self) -> str:
+        return (f"{self.n}, momentum={self.momentum:g}, test_momentum={self.test_momentum:g}, "
+                f"karcher_steps={self.karcher_steps}, eps={self.eps:g}, channels={self.channels}")
+
+
+class DomainSPDBatchNorm(SPDMomentumBatchNorm):
+    r"""SPD domain-specific momentum batch normalization (SPDDSMBN).
+
+    Kobler et al., NeurIPS 2022, Sec. 3.3: :class:`SPDMomentumBatchNorm` with one set of running statistics
+    :math:`(R^{(d)}, r^{(d)}, R_t^{(d)}, r_t^{(d)})` per domain :math:`d` and a shared bias :math:`B` and
+    dispersion :math:`s`. In training, each domain present in the batch is normalized with its own batch
+    statistics; in evaluation each sample uses the test statistics of its domain. For unsupervised domain
+    adaptation, re-estimate the statistics of a new domain on its unlabeled data with
+    :func:`manifoldnorm.nn.refit_domain_norms` (Kobler's "refit" mode).
+
+    Parameters
+    ----------
+    n : int
+        Matrix size.
+    num_domains : int
+        Initial number of domain slots. Buffers have a leading ``num_domains`` dimension
+        (``running_mean``: ``(D, C, n, n)``, ``running_var``: ``(D, C)``, and the ``*_test`` twins). A domain
+        id ``>= D`` grows the buffers (new slots start at (identity, 1)); ``load_state_dict`` adopts the stored
+        size. Fix ``num_domains`` up front under DistributedDataParallel, which requires constant buffer shapes.
+    momentum, test_momentum, karcher_steps, eps, channels, refit_karcher_steps, detach_mean, validate
+        As :class:`SPDMomentumBatchNorm`.
+
+    Notes
+    -----
+    ``forward(x, domain)``: ``domain`` is a LongTensor ``(N,)`` of ids (or an int); ``None`` means domain 0.
+    Training loops over the distinct domains in the batch (not over samples); evaluation is fully batched.
+
+    Deviations
+    ----------
+    As :class:`SPDMomentumBatchNorm`; statistics live in stacked buffers instead of one module per domain.
+    """
+
+    domain_aware = True
+
+    def __init__(self, n: int, num_domains: int = 1, momentum: float = 1.0, test_momentum: float = 0.1,
+                 karcher_steps: int = 1, eps: float = 1e-5, channels: int = 1, refit_karcher_steps: int = 50,
+                 detach_mean: bool = True, validate: bool = True, dtype: torch.dtype = torch.float64,
+                 device=None) -> None:
+        self._num_domains_init = check_positive_int(num_domains, "num_domains", "DomainSPDBatchNorm")
+        super().__init__(n, momentum=momentum, test_momentum=test_momentum, karcher_steps=karcher_steps, eps=eps,
+                         channels=channels, refit_karcher_steps=refit_karcher_steps, detach_mean=detach_mean,
+                         validate=validate, dtype=dtype, device=device)
+
+    @property
+    def num_domains(self) -> int:
+        """Current number of domain slots."""
+        return int(self.running_mean.shape[0])
+
+    def _stats_lead(self) -> tuple[int, ...]:
+        return (self._num_domains_init,)
+
+    def _get_stats(self, d: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, name)[d].to(dtype) for name in _STATS)
+
+    @torch.no_grad()
+    def _set_stats(self, d: int, stats: tuple[Tensor, ...]) -> None:
+        for name, value in zip(_STATS, stats, strict=True):
+            getattr(self, name)[d].copy_(value)
+
+    def _grow(self, size: int) -> None:
+        current = self.num_domains
+        if size <= current:
+            return
+        ref = self.running_mean
+        extra = self._fresh_stats((size - current,), ref.dtype, ref.device)
+        for name, value in zip(_STATS, extra, strict=True):
+            setattr(self, name, torch.cat([getattr(self, name), value], dim=0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        key = prefix + "running_mean"
+        if key in state_dict:
+            stored = int(state_dict[key].shape[0])
+            if stored != self.num_domains:
+                ref = self.running_mean
+                for name, value in zip(_STATS, self._fresh_stats((stored,), ref.dtype, ref.device), strict=True):
+                    setattr(self, name, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor, domain: Tensor | int | None = None) -> Tensor:
+        """Normalize ``x`` with the statistics of each sample's domain; ``domain``: ``(N,)`` ids."""
+        owner = type(self).__name__
+        x4 = to_channels(x, self.n, self.channels, owner, self.validate)
+        dtype = compute_dtype(x4, self.weight)
+        x4 = x4.to(dtype)
+        d = as_domain_ids(domain, x4.shape[0], x4.device, owner)
+        self._grow(int(d.max()) + 1)
+        if not (self.training or self.refitting):
+            Si = mf.sym_invsqrtm(self.running_mean_test.to(dtype))[d]
+            var = self.running_var_test.to(dtype)[d]
+            return from_channels(self._scale_and_bias(mf.congruence(Si, x4), var, dtype), x)
+        outs, order = [], []
+        for dom in torch.unique(d).tolist():
+            idx = torch.nonzero(d == dom, as_tuple=False).squeeze(1)
+            xs = x4.index_select(0, idx)
+            if self.refitting:
+                G, v = self._refit_group(xs)
+                self._set_stats(dom, (G, v, G, v))
+                ys = self._eval(xs, G, v)
+            else:
+                ys, new = self._train_group(xs, self._get_stats(dom, dtype))
+                self._set_stats(dom, new)
+            outs.append(ys)
+            order.append(idx)
+        y = torch.cat(outs, dim=0)
+        inverse = torch.empty_like(d)
+        inverse[torch.cat(order)] = torch.arange(d.shape[0], device=d.device)
+        return from_channels(y.index_select(0, inverse), x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_domains={self.num_domains}"

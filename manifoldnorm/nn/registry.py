@@ -1,0 +1,224 @@
+"""Norm-layer registry: names -> factories with metadata, one construction path for every model slot.
+
+A norm slot accepts a registered name (``"liebn_aim"``), a class, or a ``functools.partial`` (e.g. a Hydra
+``_partial_: true`` node). Every factory is called as ``factory(num_features, **kwargs)`` and the resulting
+module has ``forward(x, domain=None)``.
+
+>>> layer = create_norm_layer("liebn_lem", 8, momentum=0.05)
+>>> sorted(list_norms(kind="lie"))
+['liebn_aim', 'liebn_lcm', 'liebn_lem']
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from .liebn import LieBatchNorm
+from .momentum_bn import DomainSPDBatchNorm, SPDMomentumBatchNorm
+from .spdbn import SPDBatchNorm
+
+__all__ = [
+    "KINDS",
+    "NormInfo",
+    "register_norm",
+    "get_norm_layer",
+    "get_norm_info",
+    "create_norm_layer",
+    "list_norms",
+    "IdentityNorm",
+    "EuclideanBatchNorm",
+]
+
+KINDS: tuple[str, ...] = ("spd", "lie", "euclidean")
+NormSpec = str | type | Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class NormInfo:
+    """Metadata of a registered norm layer.
+
+    Attributes
+    ----------
+    name : str
+        Registry key (lower case).
+    factory : callable
+        ``factory(num_features, **kwargs) -> nn.Module``.
+    kind : str
+        Family: ``"spd"`` (Riemannian BN on SPD matrices), ``"lie"`` (Lie group BN), ``"euclidean"``.
+    inputs : tuple of str
+        Spaces the layer accepts: ``"spd"`` for ``(N, [C,] n, n)`` SPD stacks, ``"euclidean"`` for vectors.
+    domain_aware : bool
+        Whether ``forward(x, domain)`` uses the domain ids.
+    """
+
+    name: str
+    factory: Callable[..., nn.Module]
+    kind: str
+    inputs: tuple[str, ...]
+    domain_aware: bool
+
+
+_REGISTRY: dict[str, NormInfo] = {}
+
+
+def _unwrap(factory: Any) -> Any:
+    while isinstance(factory, functools.partial):
+        factory = factory.func
+    return factory
+
+
+def register_norm(name: str, kind: str, *, inputs: tuple[str, ...] | None = None,
+                  domain_aware: bool | None = None) -> Callable[[Any], Any]:
+    """Decorator registering a norm class or factory under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        Lower-case key; re-registering an existing key raises a ValueError.
+    kind : {'spd', 'lie', 'euclidean'}
+    inputs : tuple of str, optional
+        Accepted input spaces; default ``("spd",)`` for ``spd``/``lie`` kinds, ``("euclidean",)`` otherwise.
+    domain_aware : bool, optional
+        Default: the factory class's ``domain_aware`` attribute (False if absent).
+    """
+    if not isinstance(name, str) or not name or name != name.lower():
+        raise ValueError(f"norm names must be non-empty lower-case strings, got {name!r}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+
+    def decorator(factory: Any) -> Any:
+        if name in _REGISTRY:
+            raise ValueError(f"a norm named {name!r} is already registered ({_REGISTRY[name].factory!r})")
+        aware = bool(getattr(_unwrap(factory), "domain_aware", False)) if domain_aware is None else domain_aware
+        ins = inputs if inputs is not None else (("euclidean",) if kind == "euclidean" else ("spd",))
+        _REGISTRY[name] = NormInfo(name, factory, kind, tuple(ins), aware)
+        return factory
+
+    return decorator
+
+
+def list_norms(kind: str | None = None) -> list[str]:
+    """Registered norm names (sorted), optionally only those of one ``kind``."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    return sorted(k for k, info in _REGISTRY.items() if kind is None or info.kind == kind)
+
+
+def _unknown_name(name: str) -> ValueError:
+    return ValueError(f"unknown norm layer {name!r}; valid names: {', '.join(list_norms())}")
+
+
+def get_norm_layer(spec: NormSpec) -> Callable[..., nn.Module]:
+    """Resolve a name, class or partial to a factory ``factory(num_features, **kwargs)``."""
+    if isinstance(spec, str):
+        info = _REGISTRY.get(spec.lower())
+        if info is None:
+            raise _unknown_name(spec)
+        return info.factory
+    if callable(spec):
+        return spec
+    raise TypeError(f"a norm layer is given by a registered name, a class or a functools.partial; "
+                    f"got {type(spec).__name__}")
+
+
+def get_norm_info(spec: NormSpec) -> NormInfo | None:
+    """Metadata for a name (ValueError if unknown) or for a registered class/partial (``None`` if unregistered)."""
+    if isinstance(spec, str):
+        info = _REGISTRY.get(spec.lower())
+        if info is None:
+            raise _unknown_name(spec)
+        return info
+    target = _unwrap(spec)
+    for info in _REGISTRY.values():
+        if _unwrap(info.factory) is target:
+            return info
+    return None
+
+
+def _describe(spec: NormSpec, factory: Any) -> str:
+    base = _unwrap(factory)
+    cls_name = getattr(base, "__name__", repr(base))
+    return f"norm layer {spec!r} ({cls_name})" if isinstance(spec, str) else f"norm layer {cls_name}"
+
+
+def _check_kwargs(spec: NormSpec, factory: Any, kwargs: dict[str, Any]) -> None:
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    params = list(sig.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    first = positional[0].name if positional else None
+    fixed = set(factory.keywords) if isinstance(spec, str) and isinstance(factory, functools.partial) else set()
+    accepted = [p.name for p in params
+                if p.name != first and p.name not in fixed and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    clash = sorted(fixed & set(kwargs))
+    if clash:
+        raise TypeError(f"{_describe(spec, factory)} fixes {', '.join(clash)}; pick another registered name or "
+                        f"pass the class itself")
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"{_describe(spec, factory)} got unexpected argument(s) {', '.join(unknown)}; "
+                        f"accepted arguments: {', '.join(accepted) or '(none)'}")
+
+
+def create_norm_layer(spec: NormSpec, num_features: int, *, expect: str | None = None,
+                      **kwargs: Any) -> nn.Module:
+    """Build a norm layer for ``num_features`` (matrix size ``n`` for SPD norms, width for Euclidean ones).
+
+    Parameters
+    ----------
+    spec : str, class or functools.partial
+        Registered name (see :func:`list_norms`), or a factory called as ``spec(num_features, **kwargs)``.
+    num_features : int
+    expect : {'spd', 'euclidean'}, optional
+        The slot's input space; a registered layer that does not accept it raises a ValueError.
+    **kwargs
+        Layer arguments; unknown names raise a TypeError listing the accepted ones.
+    """
+    factory = get_norm_layer(spec)
+    if expect is not None:
+        info = get_norm_info(spec)
+        if info is not None and expect not in info.inputs:
+            raise ValueError(f"{_describe(spec, factory)} takes {'/'.join(info.inputs)} inputs and cannot fill "
+                             f"a {expect} slot; suitable names: "
+                             f"{', '.join(k for k in list_norms() if expect in _REGISTRY[k].inputs)}")
+    _check_kwargs(spec, factory, kwargs)
+    return factory(num_features, **kwargs)
+
+
+class IdentityNorm(nn.Module):
+    """No normalization: returns its input; accepts (and ignores) ``num_features`` and ``domain``."""
+
+    def __init__(self, num_features: int | None = None) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
+        return x
+
+
+class EuclideanBatchNorm(nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` with the norm-slot signature ``forward(x, domain=None)`` (domain ignored)."""
+
+    def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        return super().forward(x)
+
+
+register_norm("liebn_aim", "lie")(functools.partial(LieBatchNorm, metric="aim"))
+register_norm("liebn_lem", "lie")(functools.partial(LieBatchNorm, metric="lem"))
+register_norm("liebn_lcm", "lie")(functools.partial(LieBatchNorm, metric="lcm"))
+register_norm("spdbn", "spd")(SPDBatchNorm)
+register_norm("spdmbn", "spd")(SPDMomentumBatchNorm)
+register_norm("spddsmbn", "spd")(DomainSPDBatchNorm)
+register_norm("none", "euclidean", inputs=("spd", "euclidean"))(IdentityNorm)
+register_norm("batchnorm", "euclidean")(EuclideanBatchNorm)

@@ -1,0 +1,97 @@
+r"""Riemannian batch centering of SPD matrices (SPDNetBN, Brooks et al. 2019)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from manifoldnorm import functional as mf
+
+from ._common import (
+    check_momentum,
+    check_positive_int,
+    compute_dtype,
+    from_channels,
+    spd_identity_parameter,
+    to_channels,
+)
+
+__all__ = ["SPDBatchNorm"]
+
+
+class SPDBatchNorm(nn.Module):
+    r"""Riemannian batch normalization of SPD matrices by Karcher-mean centering and an SPD bias.
+
+    Brooks, Schwander, Barbaresco, Schneider & Cord, "Riemannian batch normalization for SPD neural networks",
+    NeurIPS 2019, Alg. 1:
+
+    .. math::
+
+        G = \mathrm{FM}_{\mathrm{AIM}}\{X_i\},\qquad
+        Y_i = B^{1/2}\, G^{-1/2} X_i\, G^{-1/2}\, B^{1/2},\qquad
+        R \leftarrow R^{1/2}\big(R^{-1/2} G R^{-1/2}\big)^{\text{momentum}} R^{1/2},
+
+    i.e. parallel transport of the batch from :math:`G` to :math:`I` and from :math:`I` to the learnable SPD
+    bias :math:`B` (``weight``, init :math:`I`). Evaluation uses the running mean :math:`R` in place of
+    :math:`G`. There is no variance normalisation.
+
+    Parameters
+    ----------
+    n : int
+        Matrix size; input ``(N, n, n)`` or ``(N, C, n, n)`` with one mean per channel over ``N``.
+    momentum : float
+        Running-mean momentum in [0, 1] (0.1 in the paper).
+    karcher_steps : int
+        Karcher-flow iterations from the arithmetic mean (1 in the paper).
+    channels : int
+        Number of channels ``C`` (``weight`` and ``running_mean`` are ``(C, n, n)``).
+    detach_mean : bool
+        Treat :math:`G` as a constant for autograd (default, as the paper computes it under ``no_grad``).
+    validate : bool
+        Check symmetry / positive definiteness of the input (one Cholesky per matrix).
+
+    Deviations
+    ----------
+    * Statistics are per channel; the reference pools all ``N*C`` matrices into one mean.
+    * ``running_mean`` is a registered buffer (the reference keeps a plain attribute, lost by ``state_dict``).
+    * ``detach_mean=False`` additionally differentiates through the Karcher iterations.
+    """
+
+    def __init__(self, n: int, momentum: float = 0.1, karcher_steps: int = 1, channels: int = 1,
+                 detach_mean: bool = True, validate: bool = True, dtype: torch.dtype = torch.float64,
+                 device=None) -> None:
+        super().__init__()
+        owner = "SPDBatchNorm"
+        self.n = check_positive_int(n, "n", owner)
+        self.channels = check_positive_int(channels, "channels", owner)
+        self.momentum = check_momentum(momentum, "momentum", owner)
+        self.karcher_steps = check_positive_int(karcher_steps, "karcher_steps", owner)
+        self.detach_mean, self.validate = bool(detach_mean), bool(validate)
+        self.weight = spd_identity_parameter(self.channels, self.n, dtype, device)
+        self.register_buffer("running_mean", torch.eye(self.n, dtype=dtype, device=device)
+                             .expand(self.channels, self.n, self.n).clone())
+
+    def reset_running_stats(self) -> None:
+        """Running mean back to the identity."""
+        with torch.no_grad():
+            self.running_mean.copy_(torch.eye(self.n, dtype=self.running_mean.dtype).expand_as(self.running_mean))
+
+    def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
+        """Center and bias ``x`` (``domain`` is accepted and ignored)."""
+        x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate)
+        dtype = compute_dtype(x4, self.weight)
+        x4 = x4.to(dtype)
+        if self.training:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_mean):
+                src = x4.detach() if self.detach_mean else x4
+                G = mf.mean_aim(src, dim=0, karcher_steps=self.karcher_steps, tol=0.0)
+            with torch.no_grad():
+                R = self.running_mean.to(dtype)
+                self.running_mean.copy_(mf.geodesic_aim(R, G.detach(), self.momentum))
+        else:
+            G = self.running_mean.to(dtype)
+        W = mf.sym_sqrtm(self.weight.to(dtype)) @ mf.sym_invsqrtm(G)
+        return from_channels(mf.congruence(W, x4), x)
+
+    def extra_repr(self) -> str:
+        return f"{self.n}, momentum={self.momentum:g}, karcher_steps={self.karcher_steps}, channels={self.channels}"

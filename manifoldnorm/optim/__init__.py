@@ -1,0 +1,36 @@
+"""Optimizers for models with manifold-valued parameters.
+
+:func:`create_optimizer` splits a model's parameters by ordered rules: ``geoopt.ManifoldParameter`` s
+(Stiefel BiMap weights, SPD biases) go to a Riemannian optimizer, everything else to a Euclidean one, and
+one :class:`CompositeOptimizer` drives both.
+"""
+
+from manifoldnorm.optim.compose import (
+    DEFAULT_MANIFOLD,
+    DEFAULT_REST,
+    CompositeOptimizer,
+    Rule,
+    create_optimizer,
+    is_manifold_parameter,
+)
+from manifoldnorm.optim.registry import (
+    OptimizerInfo,
+    build_optimizer,
+    get_optimizer,
+    list_optimizers,
+    register_optimizer,
+)
+
+__all__ = [
+    "DEFAULT_MANIFOLD",
+    "DEFAULT_REST",
+    "CompositeOptimizer",
+    "OptimizerInfo",
+    "Rule",
+    "build_optimizer",
+    "create_optimizer",
+    "get_optimizer",
+    "is_manifold_parameter",
+    "list_optimizers",
+    "register_optimizer",
+]

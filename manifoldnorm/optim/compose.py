@@ -1,0 +1,286 @@
+"""One optimizer object over several sub-optimizers: Riemannian for manifold parameters, Euclidean for the rest.
+
+Parameters are assigned by ordered rules (first match wins, every trainable parameter is claimed), and the
+sub-optimizers are hidden behind a single :class:`torch.optim.Optimizer`, so LR schedulers, Lightning's
+automatic optimisation, gradient clipping and checkpointing see one optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import geoopt
+import torch
+from geoopt.optim.mixin import OptimMixin
+from torch import Tensor, nn
+
+from manifoldnorm.optim.registry import build_optimizer, get_optimizer, list_optimizers
+
+__all__ = [
+    "Rule",
+    "CompositeOptimizer",
+    "create_optimizer",
+    "is_manifold_parameter",
+    "DEFAULT_MANIFOLD",
+    "DEFAULT_REST",
+]
+
+DEFAULT_MANIFOLD: Mapping[str, Any] = MappingProxyType({"name": "riemannian_adam"})
+DEFAULT_REST: Mapping[str, Any] = MappingProxyType({"name": "adamw"})
+
+
+def is_manifold_parameter(name: str, param: Tensor) -> bool:
+    """True for a ``geoopt`` manifold tensor whose manifold is not Euclidean (Stiefel, SPD, ...)."""
+    return isinstance(param, geoopt.ManifoldTensor) and not isinstance(param.manifold, geoopt.Euclidean)
+
+
+def _always(name: str, param: Tensor) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Send the parameters matched by ``match(name, param)`` to the sub-optimizer called ``optimizer``."""
+
+    optimizer: str
+    match: Callable[[str, Tensor], bool]
+
+
+class _StateView(MutableMapping):
+    """Live ``param -> state`` view over the sub-optimizers' ``state`` dicts (writes go to the owner)."""
+
+    def __init__(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
+        self._optimizers = optimizers
+
+    def _owner(self, param: Tensor) -> torch.optim.Optimizer:
+        for opt in self._optimizers.values():
+            if param in opt.state or any(p is param for g in opt.param_groups for p in g["params"]):
+                return opt
+        raise KeyError("tensor is not optimized by this composite optimizer")
+
+    def __getitem__(self, param: Tensor) -> Any:
+        for opt in self._optimizers.values():
+            if param in opt.state:
+                return opt.state[param]
+        raise KeyError("no optimizer state for this tensor")
+
+    def __setitem__(self, param: Tensor, value: Any) -> None:
+        self._owner(param).state[param] = value
+
+    def __delitem__(self, param: Tensor) -> None:
+        del self._owner(param).state[param]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for opt in self._optimizers.values():
+            yield from opt.state
+
+    def __len__(self) -> int:
+        return sum(len(opt.state) for opt in self._optimizers.values())
+
+
+class CompositeOptimizer(torch.optim.Optimizer):
+    """Several optimizers behind one ``torch.optim.Optimizer`` interface.
+
+    ``param_groups`` is the concatenation of the sub-optimizers' group dicts (the same dict objects, so an
+    LR scheduler that sets ``group["lr"]`` changes the sub-optimizer), ``state`` is a live view of their
+    states, ``step``/``zero_grad`` delegate, and ``state_dict`` nests the sub-optimizers' state dicts by name.
+
+    Parameters
+    ----------
+    optimizers : mapping of str to torch.optim.Optimizer
+        Named sub-optimizers over disjoint parameter sets.
+    rules : sequence of Rule, optional
+        Ordered routing rules used by :meth:`add_param_group` (first match wins).
+
+    Raises
+    ------
+    ValueError
+        If a manifold parameter (see :func:`is_manifold_parameter`) is held by an optimizer that is not a
+        geoopt Riemannian optimizer, or if a parameter appears in two sub-optimizers.
+    """
+
+    def __init__(self, optimizers: Mapping[str, torch.optim.Optimizer], rules: Sequence[Rule] = ()) -> None:
+        if not optimizers:
+            raise ValueError("CompositeOptimizer needs at least one sub-optimizer")
+        for name, opt in optimizers.items():
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"sub-optimizer {name!r} is a {type(opt).__name__}, not a torch.optim.Optimizer")
+            _check_geometry(name, opt.param_groups, opt)
+        self.optimizers: dict[str, torch.optim.Optimizer] = dict(optimizers)
+        self.rules: tuple[Rule, ...] = tuple(rules)
+        params = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("a parameter is held by more than one sub-optimizer")
+        self._building = True
+        super().__init__(params, defaults={})  # hooks, step patching; groups and state are replaced below
+        self._building = False
+        self._sync_groups()
+        self.state = _StateView(self.optimizers)
+
+    def _sync_groups(self) -> None:
+        self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={type(opt).__name__}" for name, opt in self.optimizers.items())
+        return f"{type(self).__name__}({inner})"
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Evaluate ``closure`` once (with gradients enabled), then step every sub-optimizer."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers.values():
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()}}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        inner = state_dict.get("optimizers") if isinstance(state_dict, Mapping) else None
+        if not isinstance(inner, Mapping) or set(inner) != set(self.optimizers):
+            got = sorted(inner) if isinstance(inner, Mapping) else type(state_dict).__name__
+            raise ValueError(
+                f"state dict does not match this composite optimizer: expected sub-optimizers "
+                f"{sorted(self.optimizers)}, got {got}"
+            )
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(inner[name])
+            _restore_int_steps(opt, inner[name])
+        self._sync_groups()  # load_state_dict replaces the sub-optimizers' group dicts
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the sub-optimizer chosen by ``param_group.pop("optimizer")`` or by the rules."""
+        if getattr(self, "_building", True):
+            super().add_param_group(param_group)
+            return
+        group = dict(param_group)
+        params = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+        group["params"] = params
+        target = group.pop("optimizer", None)
+        if target is None:
+            targets = {_route(self.rules, "", p) for p in params}
+            if len(targets) != 1:
+                raise ValueError(f"the new group's parameters match different sub-optimizers: {sorted(targets)}")
+            target = targets.pop()
+        if target not in self.optimizers:
+            raise ValueError(f"unknown sub-optimizer {target!r}; this optimizer has {sorted(self.optimizers)}")
+        _check_geometry(target, [group], self.optimizers[target])
+        self.optimizers[target].add_param_group(group)
+        self._sync_groups()
+
+
+def _restore_int_steps(opt: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """Undo ``torch.optim.Adam.__setstate__`` turning an integer ``state["step"]`` into a float32 tensor.
+
+    geoopt's Riemannian Adam keeps ``step`` as a Python int and computes its bias corrections from it; after
+    a plain ``load_state_dict`` they would be computed in float32, so a resumed run would drift from the
+    uninterrupted one (by ~1e-8 per step in float64 parameters).
+    """
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    for idx, p in zip(ids, params, strict=True):
+        entry = saved["state"].get(idx)
+        if entry and type(entry.get("step")) is int and p in opt.state:
+            opt.state[p]["step"] = entry["step"]
+
+
+def _route(rules: Sequence[Rule], name: str, param: Tensor) -> str:
+    for rule in rules:
+        if rule.match(name, param):
+            return rule.optimizer
+    raise ValueError(f"no optimizer rule claims parameter {name or tuple(param.shape)!r}")
+
+
+def _check_geometry(
+    opt_name: str, groups: Iterable[Mapping[str, Any]], opt: Any, names: Mapping[int, str] | None = None
+) -> None:
+    if isinstance(opt, OptimMixin) or (isinstance(opt, type) and issubclass(opt, OptimMixin)):
+        return
+    for group in groups:
+        params = [group["params"]] if isinstance(group["params"], Tensor) else group["params"]
+        for p in params:
+            if is_manifold_parameter("", p):
+                label = (names or {}).get(id(p), f"of shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"parameter {label} is a geoopt.ManifoldParameter on {type(p.manifold).__name__} but would "
+                    f"be updated by the Euclidean optimizer {opt_name!r}, which leaves the manifold; route "
+                    f"manifold parameters to a Riemannian optimizer "
+                    f"({', '.join(list_optimizers('riemannian'))})"
+                )
+
+
+def _spec(spec: Mapping[str, Any], role: str) -> tuple[str, dict[str, Any]]:
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"{role}: expected a mapping with a 'name' key, got {type(spec).__name__}")
+    kwargs = dict(spec)
+    name = kwargs.pop("name", None)
+    if name is None:
+        raise ValueError(f"{role}: missing 'name'; valid optimizers: {', '.join(list_optimizers())}")
+    get_optimizer(name)  # unknown names fail here even when no parameter is routed to this optimizer
+    return name, kwargs
+
+
+def create_optimizer(
+    model: nn.Module | Iterable[tuple[str, Tensor]],
+    manifold: Mapping[str, Any] | None = DEFAULT_MANIFOLD,
+    rest: Mapping[str, Any] = DEFAULT_REST,
+) -> CompositeOptimizer:
+    """Build a :class:`CompositeOptimizer` for ``model``: manifold parameters and the rest, each its own optimizer.
+
+    Parameters
+    ----------
+    model : nn.Module or iterable of (name, parameter)
+        Only parameters with ``requires_grad`` are optimized.
+    manifold : mapping or None
+        ``{"name": <registry key>, **kwargs}`` for the parameters that are ``geoopt.ManifoldParameter`` on a
+        non-Euclidean manifold (BiMap Stiefel weights, SPD biases); default Riemannian Adam. ``None`` sends
+        them to ``rest``, which then must be Riemannian.
+    rest : mapping
+        ``{"name": <registry key>, **kwargs}`` for every other parameter; default AdamW.
+
+    Returns
+    -------
+    CompositeOptimizer
+        Sub-optimizers named ``"manifold"`` and ``"rest"``; one whose parameter set is empty is omitted.
+
+    Raises
+    ------
+    ValueError
+        Unknown optimizer name or keyword (the message lists the valid ones), a manifold parameter routed
+        to a Euclidean optimizer, or no trainable parameters.
+    """
+    named = list(model.named_parameters() if isinstance(model, nn.Module) else model)
+    named = [(n, p) for n, p in named if p.requires_grad]
+    if not named:
+        raise ValueError("create_optimizer: the model has no trainable parameters")
+    specs: dict[str, tuple[str, dict[str, Any]]] = {}
+    rules: list[Rule] = []
+    if manifold is not None:
+        specs["manifold"] = _spec(manifold, "manifold")
+        rules.append(Rule("manifold", is_manifold_parameter))
+    specs["rest"] = _spec(rest, "rest")
+    rules.append(Rule("rest", _always))
+
+    claimed: dict[str, list[Tensor]] = {key: [] for key in specs}
+    for n, p in named:
+        claimed[_route(rules, n, p)].append(p)
+    names = {id(p): repr(n) for n, p in named}
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    for key, (opt_name, kwargs) in specs.items():
+        if not claimed[key]:
+            continue
+        _check_geometry(opt_name, [{"params": claimed[key]}], get_optimizer(opt_name).cls, names)
+        optimizers[key] = build_optimizer(opt_name, claimed[key], **kwargs)
+    return CompositeOptimizer(optimizers, rules)

@@ -1,0 +1,120 @@
+"""Registry of the optimizers a composite can be built from: name -> class, kind, keyword arguments."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import geoopt
+import torch
+from torch import Tensor
+
+__all__ = ["OptimizerInfo", "register_optimizer", "get_optimizer", "list_optimizers", "build_optimizer"]
+
+KINDS = ("euclidean", "riemannian")
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """One registered optimizer.
+
+    Parameters
+    ----------
+    name : str
+        Lower-case registry key.
+    cls : type
+        A ``torch.optim.Optimizer`` subclass, called as ``cls(params, **kwargs)``.
+    kind : {"euclidean", "riemannian"}
+        ``"riemannian"`` optimizers update ``geoopt.ManifoldParameter`` on their manifold (and plain tensors as
+        Euclidean); ``"euclidean"`` ones must never receive a manifold parameter.
+    keywords : tuple of str, optional
+        The keyword arguments the optimizer honours; by default those of the constructor's signature.
+    """
+
+    name: str
+    cls: type
+    kind: str
+    keywords: tuple[str, ...] | None = None
+
+    def keyword_names(self) -> list[str]:
+        """Keyword arguments accepted by the constructor besides ``params``."""
+        if self.keywords is not None:
+            return sorted(self.keywords)
+        names: list[str] = []
+        for klass in self.cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass in (object, torch.optim.Optimizer):
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.name not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                    if p.name not in names:
+                        names.append(p.name)
+        return sorted(names)
+
+
+_REGISTRY: dict[str, OptimizerInfo] = {}
+
+
+def register_optimizer(
+    name: str, cls: type, kind: str, keywords: tuple[str, ...] | None = None
+) -> OptimizerInfo:
+    """Register ``cls`` under the lower-case key ``name``; returns the stored :class:`OptimizerInfo`."""
+    if name != name.lower():
+        raise ValueError(f"optimizer names are lower case, got {name!r}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown optimizer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    if name in _REGISTRY:
+        raise ValueError(f"optimizer {name!r} is already registered")
+    info = OptimizerInfo(name=name, cls=cls, kind=kind, keywords=keywords)
+    _REGISTRY[name] = info
+    return info
+
+
+def list_optimizers(kind: str | None = None) -> list[str]:
+    """Sorted registry keys, optionally only those of one ``kind`` (``"euclidean"`` or ``"riemannian"``)."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown optimizer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    return sorted(n for n, info in _REGISTRY.items() if kind is None or info.kind == kind)
+
+
+def get_optimizer(name: str) -> OptimizerInfo:
+    """Look up a registered optimizer; an unknown name raises a ValueError listing the valid ones."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(list_optimizers())}")
+    return _REGISTRY[name]
+
+
+def build_optimizer(name: str, params: Iterable[Tensor] | Iterable[dict], **kwargs: Any) -> torch.optim.Optimizer:
+    """Instantiate the registered optimizer ``name`` on ``params``.
+
+    Unknown keyword arguments raise a ValueError listing the accepted ones (instead of the constructor's
+    ``TypeError``), so a typo in a config names the valid keys.
+    """
+    info = get_optimizer(name)
+    valid = info.keyword_names()
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"optimizer {name!r} got unknown argument(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
+        )
+    return info.cls(params, **_plain(kwargs))
+
+
+def _plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Lists from a config (e.g. ``betas``) become tuples, as the torch optimizers expect."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+register_optimizer("adamw", torch.optim.AdamW, "euclidean")
+register_optimizer("adam", torch.optim.Adam, "euclidean")
+register_optimizer("sgd", torch.optim.SGD, "euclidean")
+# geoopt's Riemannian Adam reads only these group keys in its step (no fused/foreach/decoupled decay).
+register_optimizer(
+    "riemannian_adam",
+    geoopt.optim.RiemannianAdam,
+    "riemannian",
+    keywords=("lr", "betas", "eps", "weight_decay", "amsgrad", "stabilize"),
+)
+register_optimizer("riemannian_sgd", geoopt.optim.RiemannianSGD, "riemannian")

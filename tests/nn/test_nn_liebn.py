@@ -1,0 +1,202 @@
+"""LieBatchNorm: Fréchet mean / dispersion of the outputs, running statistics, gradients, argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import concentrated_spd, random_spd
+from tests.nn.nn_helpers import F64, call_with, input_grad_norm, powm, ref_mean, ref_sqdist
+
+from manifoldnorm import functional as mf
+from manifoldnorm.nn import LieBatchNorm
+
+# (metric, theta, alpha, beta): standard metrics and deformed ones
+CASES = [
+    ("aim", 1.0, 1.0, 0.0),
+    ("aim", 0.5, 2.0, -0.1),
+    ("lem", 1.0, 1.0, 0.0),
+    ("lem", 1.0, 0.5, 0.3),
+    ("lcm", 1.0, 1.0, 0.0),
+    ("lcm", 1.5, 1.0, 0.0),
+]
+
+
+def _layer(metric, theta, alpha, beta, n, seed, **kw):
+    bn = LieBatchNorm(n, metric=metric, theta=theta, alpha=alpha, beta=beta, **kw)
+    with torch.no_grad():
+        bn.weight.copy_(random_spd(1, n=n, seed=seed + 50, cond=5.0))
+        bn.shift.fill_(0.6 + 0.2 * seed)
+    return bn
+
+
+@pytest.mark.parametrize("metric,theta,alpha,beta", CASES)
+def test_output_mean_is_bias_and_dispersion_is_shift(metric, theta, alpha, beta, seed):
+    n, N = 4, 12
+    X = concentrated_spd(N, n, sigma=0.4, seed=seed)
+    steps = 25 if metric == "aim" else 1
+    bn = _layer(metric, theta, alpha, beta, n, seed, karcher_steps=steps)
+    Y = bn(X)
+    W, s = bn.weight.detach()[0], float(bn.shift.detach())
+    # Fréchet mean of the outputs under the deformed metric equals the SPD bias
+    tol = 1e-9 if metric == "aim" else 1e-11
+    torch.testing.assert_close(ref_mean(metric, Y.detach(), theta), W, atol=tol, rtol=tol)
+    # dispersion of the outputs around the bias equals s^2 v^2 / (v^2 + eps)
+    M = ref_mean(metric, X, theta)
+    v2 = ref_sqdist(metric, M, X, theta, alpha, beta).mean()
+    disp = ref_sqdist(metric, W, Y.detach(), theta, alpha, beta).mean()
+    torch.testing.assert_close(disp, s**2 * v2 / (v2 + bn.eps), atol=1e-9, rtol=1e-9)
+    assert float(v2) > 0.1  # the batch is not degenerate
+
+
+@pytest.mark.parametrize("metric,theta,alpha,beta", CASES)
+def test_running_stats_follow_geodesic_and_ema(metric, theta, alpha, beta):
+    n, N = 3, 10
+    X = concentrated_spd(N, n, sigma=0.3, seed=3)
+    bn = _layer(metric, theta, alpha, beta, n, 0, karcher_steps=25, momentum=0.25)
+    R0 = random_spd(1, n=n, seed=9)
+    with torch.no_grad():
+        bn.running_mean.copy_(R0)
+        bn.running_var.fill_(2.0)
+    bn(X)
+    M = ref_mean(metric, X, theta)
+    # geodesic of the deformed metric = phi^{-1} of the geodesic of phi(.)
+    if metric == "aim":
+        expect = powm(mf.geodesic_aim(powm(R0[0], theta), powm(M, theta), 0.25), 1 / theta)
+    elif metric == "lem":
+        expect = mf.geodesic_lem(R0[0], M, 0.25)
+    else:
+        expect = powm(mf.geodesic_lcm(powm(R0[0], theta), powm(M, theta), 0.25), 1 / theta)
+    torch.testing.assert_close(bn.running_mean[0], expect, atol=1e-9, rtol=1e-9)
+    v2 = ref_sqdist(metric, M, X, theta, alpha, beta).mean()
+    torch.testing.assert_close(bn.running_var[0], 0.75 * 2.0 + 0.25 * v2, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("metric", ["aim", "lem", "lcm"])
+def test_eval_uses_running_stats(metric, seed):
+    n, N = 4, 8
+    X = concentrated_spd(N, n, sigma=0.3, seed=seed)
+    bn = _layer(metric, 1.0, 1.0, 0.0, n, seed, momentum=1.0, karcher_steps=3)
+    Y_train = bn(X).detach()
+    bn.eval()
+    Y_eval = bn(X)
+    torch.testing.assert_close(Y_eval, Y_train, atol=1e-10, rtol=1e-10)
+    # evaluation is per sample: no dependence on the rest of the batch
+    torch.testing.assert_close(bn(X[2:3]), Y_eval[2:3], atol=1e-12, rtol=1e-12)
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    bn(random_spd(5, n=n, seed=seed + 7))
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+
+
+@pytest.mark.parametrize("metric", ["aim", "lem", "lcm"])
+def test_shift_and_weight_get_gradients(metric):
+    X = concentrated_spd(8, 4, sigma=0.5, seed=1)
+    bn = _layer(metric, 1.0, 1.0, 0.0, 4, 0)
+    Y = bn(X)
+    (Y * random_spd(8, n=4, seed=2)).sum().backward()
+    assert bn.shift.grad is not None and float(bn.shift.grad.abs().sum()) > 1e-6
+    assert bn.weight.grad is not None and float(bn.weight.grad.abs().sum()) > 1e-6
+
+
+def _sym_inputs(X):
+    return X.clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("metric,theta,alpha,beta", CASES)
+@pytest.mark.parametrize("mode", ["eval", "train_full_grad"])
+def test_gradcheck(metric, theta, alpha, beta, mode):
+    n, N = 3, 4
+    X0 = concentrated_spd(N, n, sigma=0.4, seed=5)
+    bn = _layer(metric, theta, alpha, beta, n, 1, detach_mean=(mode == "eval"), karcher_steps=2)
+    if mode == "eval":
+        with torch.no_grad():
+            bn.running_mean.copy_(random_spd(1, n=n, seed=11))
+            bn.running_var.fill_(0.7)
+        bn.eval()
+    A = _sym_inputs(X0)
+    W = bn.weight.detach().clone().requires_grad_(True)
+    s = bn.shift.detach().clone().requires_grad_(True)
+
+    def f(A, W, s):
+        return call_with(bn, mf.sym(A), {"weight": mf.sym(W), "shift": s})
+
+    assert torch.autograd.gradcheck(f, (A, W, s), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_detached_gradient_equals_gradient_at_frozen_stats():
+    """With the mean detached, the training gradient is the gradient at frozen batch statistics."""
+    X = concentrated_spd(6, 3, sigma=0.4, seed=2)
+    bn = _layer("aim", 1.0, 1.0, 0.0, 3, 0, momentum=1.0, karcher_steps=5)
+    g_train, _ = input_grad_norm(bn, X)
+    bn.eval()  # running stats now equal the batch stats; the variance is no longer a function of X
+    g_eval, _ = input_grad_norm(bn, X)
+    assert g_train != pytest.approx(g_eval)  # the variance still carries a gradient in training
+    assert 0.2 < g_train / g_eval < 5.0
+
+
+@pytest.mark.parametrize("metric", ["aim", "lem", "lcm"])
+def test_batch_of_one_and_identical_inputs_have_bounded_gradients(metric):
+    n = 4
+    X = concentrated_spd(8, n, sigma=0.4, seed=4)
+    g_batch, _ = input_grad_norm(_layer(metric, 1.0, 1.0, 0.0, n, 0), X)
+    bn1 = _layer(metric, 1.0, 1.0, 0.0, n, 0)
+    g_one, Y1 = input_grad_norm(bn1, X[:1])
+    # 1/sqrt(eps) ~ 316 would be the blow-up; a single matrix must behave like a row of a normal batch
+    assert g_one < 3.0 * g_batch
+    torch.testing.assert_close(Y1[0], bn1.weight.detach()[0], atol=1e-8, rtol=1e-8)
+    assert torch.equal(bn1.running_var, torch.ones(1, dtype=F64))  # not updated from a degenerate batch
+    bn_same = _layer(metric, 1.0, 1.0, 0.0, n, 0)
+    g_same, Ysame = input_grad_norm(bn_same, X[:1].expand(5, n, n))
+    assert torch.isfinite(Ysame).all() and g_same < 3.0 * g_batch
+
+
+def test_channels_are_normalized_independently():
+    n, N, C = 3, 6, 2
+    X = torch.stack([concentrated_spd(N, n, seed=1), concentrated_spd(N, n, sigma=0.6, seed=2)], dim=1)
+    bn = LieBatchNorm(n, metric="lem", channels=C)
+    with torch.no_grad():
+        bn.shift.copy_(torch.tensor([0.5, 2.0]))
+    Y = bn(X)
+    for c in range(C):
+        single = LieBatchNorm(n, metric="lem")
+        with torch.no_grad():
+            single.shift.fill_(float(bn.shift[c]))
+        torch.testing.assert_close(Y[:, c], single(X[:, c]), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(bn.running_mean[c], single.running_mean[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"metric": "bw"}, "valid names: aim, lem, lcm"),
+        ({"theta": 0.0}, "theta"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": 1.0, "beta": -0.5}, "beta"),
+        ({"metric": "lem", "theta": 0.5}, "theta has no effect"),
+        ({"metric": "lcm", "beta": 0.1}, "LCM"),
+        ({"momentum": 1.5}, "momentum"),
+        ({"eps": 0.0}, "eps"),
+    ],
+)
+def test_argument_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LieBatchNorm(4, **kwargs)
+
+
+def test_beta_bound_uses_n():
+    LieBatchNorm(4, alpha=1.0, beta=-0.24)  # -alpha/n = -0.25 < beta: fine
+    with pytest.raises(ValueError, match="-alpha/n"):
+        LieBatchNorm(4, alpha=1.0, beta=-0.25)
+
+
+def test_lem_gradient_is_exact_for_identical_inputs_at_identity_bias():
+    """Outputs at the identity (expm argument ~ 1e-16 noise) still get the exact gradient c * Dlog_X[.]^*."""
+    n = 4
+    X = random_spd(n=n, seed=3)
+    bn = LieBatchNorm(n, metric="lem")  # bias I: the outputs equal I up to round-off
+    A = X.expand(5, n, n).clone().requires_grad_(True)
+    G = mf.sym(torch.randn(5, n, n, generator=torch.Generator().manual_seed(0), dtype=F64))
+    (bn(A) * G).sum().backward()
+    B = X.expand(5, n, n).clone().requires_grad_(True)
+    c = 1.0 / (1.0 + bn.eps) ** 0.5  # running variance 1 is used for a degenerate batch
+    (c * mf.sym_logm(B) * G).sum().backward()
+    torch.testing.assert_close(A.grad, B.grad, atol=1e-10, rtol=1e-10)

@@ -1,0 +1,191 @@
+"""SPDMomentumBatchNorm / DomainSPDBatchNorm (Kobler et al. 2022): statistics, domains, refit, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import concentrated_spd, random_spd
+
+from manifoldnorm import functional as mf
+from manifoldnorm.nn import DomainSPDBatchNorm, SPDMomentumBatchNorm, refit_domain_norms
+from tests.nn.nn_helpers import F64, call_with, input_grad_norm, powm
+
+
+def _sqd(P, X):
+    return mf.distance_aim(P, X).square()
+
+
+def _set_params(bn, n, seed):
+    with torch.no_grad():
+        bn.weight.copy_(random_spd(1, n=n, seed=seed + 40, cond=5.0))
+        bn.shift.fill_(0.5 + 0.3 * seed)
+    return bn
+
+
+def _manual(X, R, r, B, s, eps):
+    """B^{1/2} (R^{-1/2} X R^{-1/2})^{s / sqrt(r + eps)} B^{1/2} from plain eigendecompositions."""
+    Ri, Bh = powm(R, -0.5), powm(B, 0.5)
+    return Bh @ powm(Ri @ X @ Ri, s / (r + eps) ** 0.5) @ Bh
+
+
+def test_output_mean_is_bias_and_dispersion_is_shift(seed):
+    n, N = 4, 12
+    X = concentrated_spd(N, n, sigma=0.4, seed=seed)
+    bn = _set_params(SPDMomentumBatchNorm(n, karcher_steps=25), n, seed)
+    Y = bn(X).detach()
+    B, s = bn.weight.detach()[0], float(bn.shift.detach())
+    torch.testing.assert_close(mf.mean_aim(Y, karcher_steps=200, tol=1e-14), B, atol=1e-9, rtol=1e-9)
+    G = mf.mean_aim(X, karcher_steps=200, tol=1e-14)
+    v = _sqd(G, X).mean()
+    torch.testing.assert_close(_sqd(B, Y).mean(), s**2 * v / (v + bn.eps), atol=1e-9, rtol=1e-9)
+
+
+def test_momentum_statistics_and_test_statistics(seed):
+    n, N, eta, eta_t = 3, 8, 0.4, 0.2
+    X = concentrated_spd(N, n, sigma=0.3, seed=seed)
+    bn = _set_params(SPDMomentumBatchNorm(n, momentum=eta, test_momentum=eta_t, karcher_steps=25), n, seed)
+    R0, Rt0 = random_spd(1, n=n, seed=seed + 1), random_spd(1, n=n, seed=seed + 2)
+    with torch.no_grad():
+        bn.running_mean.copy_(R0)
+        bn.running_var.fill_(1.5)
+        bn.running_mean_test.copy_(Rt0)
+        bn.running_var_test.fill_(0.8)
+    Y = bn(X).detach()
+    G = mf.mean_aim(X, karcher_steps=200, tol=1e-14)
+    R_eta = mf.geodesic_aim(R0[0], G, eta)
+    r_eta = (1 - eta) * 1.5 + eta * _sqd(R_eta, X).mean()
+    torch.testing.assert_close(Y, _manual(X, R_eta, r_eta, bn.weight.detach()[0], float(bn.shift.detach()),
+                                          bn.eps), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(bn.running_mean[0], R_eta, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(bn.running_var[0], r_eta, atol=1e-9, rtol=1e-9)
+    Rt = mf.geodesic_aim(Rt0[0], G, eta_t)
+    torch.testing.assert_close(bn.running_mean_test[0], Rt, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(bn.running_var_test[0], (1 - eta_t) * 0.8 + eta_t * _sqd(Rt, X).mean(),
+                               atol=1e-9, rtol=1e-9)
+    # evaluation uses the test statistics
+    bn.eval()
+    expect = _manual(X, bn.running_mean_test[0], bn.running_var_test[0], bn.weight.detach()[0],
+                     float(bn.shift.detach()), bn.eps)
+    torch.testing.assert_close(bn(X), expect, atol=1e-9, rtol=1e-9)
+
+
+def test_shift_gradient_and_gradcheck():
+    n = 3
+    X = concentrated_spd(4, n, sigma=0.4, seed=2)
+    bn = _set_params(SPDMomentumBatchNorm(n, momentum=0.7, detach_mean=False, karcher_steps=2), n, 0)
+    (bn(X) * random_spd(4, n=n, seed=3)).sum().backward()
+    assert float(bn.shift.grad.abs().sum()) > 1e-6
+    A = X.clone().requires_grad_(True)
+    W = bn.weight.detach().clone().requires_grad_(True)
+    s = bn.shift.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda A, W, s: call_with(bn, mf.sym(A), {"weight": mf.sym(W), "shift": s}),
+                                    (A, W, s), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [SPDMomentumBatchNorm, DomainSPDBatchNorm])
+def test_batch_of_one_and_identical_inputs(cls):
+    n = 4
+    X = concentrated_spd(8, n, sigma=0.4, seed=5)
+    g_batch, _ = input_grad_norm(cls(n), X)
+    bn = cls(n)
+    g_one, Y = input_grad_norm(bn, X[:1])
+    assert torch.isfinite(Y).all() and g_one < 3.0 * g_batch
+    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    g_same, Y = input_grad_norm(cls(n), X[:1].expand(6, n, n))
+    assert torch.isfinite(Y).all() and g_same < 3.0 * g_batch
+
+
+def _two_domains(n, seed):
+    Xa = concentrated_spd(6, n, sigma=0.3, seed=seed)
+    Xb = concentrated_spd(5, n, sigma=0.5, seed=seed + 10)
+    perm = torch.randperm(11, generator=torch.Generator().manual_seed(seed))
+    X = torch.cat([Xa, Xb])[perm]
+    d = torch.tensor([0] * 6 + [2] * 5)[perm]
+    return X, d
+
+
+def test_domain_bn_uses_per_domain_statistics(seed):
+    n = 3
+    X, d = _two_domains(n, seed)
+    bn = _set_params(DomainSPDBatchNorm(n, num_domains=3, karcher_steps=3, test_momentum=0.5), n, seed)
+    Y = bn(X, domain=d)
+    for dom in (0, 2):
+        ref = _set_params(SPDMomentumBatchNorm(n, karcher_steps=3, test_momentum=0.5), n, seed)
+        torch.testing.assert_close(Y[d == dom], ref(X[d == dom]), atol=1e-12, rtol=1e-12)
+        for name in ("running_mean", "running_var", "running_mean_test", "running_var_test"):
+            torch.testing.assert_close(getattr(bn, name)[dom], getattr(ref, name))
+    # the absent domain keeps its initial statistics
+    assert torch.equal(bn.running_mean[1], torch.eye(n, dtype=F64).unsqueeze(0))
+    assert float(bn.running_var_test[1]) == 1.0
+    # evaluation: each sample is normalized with its own domain's test statistics (batched, no loop)
+    bn.eval()
+    Ye = bn(X, domain=d)
+    for dom in (0, 2):
+        m = d == dom
+        expect = _manual(X[m], bn.running_mean_test[dom, 0], bn.running_var_test[dom, 0], bn.weight.detach()[0],
+                         float(bn.shift.detach()), bn.eps)
+        torch.testing.assert_close(Ye[m], expect, atol=1e-9, rtol=1e-9)
+
+
+def test_domain_growth_and_state_dict_round_trip():
+    n = 3
+    X, d = _two_domains(n, 0)
+    bn = DomainSPDBatchNorm(n)  # one slot; domain 2 grows the buffers
+    bn(X, domain=d)
+    assert bn.num_domains == 3 and bn.running_mean.shape == (3, 1, n, n)
+    fresh = DomainSPDBatchNorm(n)
+    fresh.load_state_dict(bn.state_dict())
+    assert fresh.num_domains == 3
+    bn.eval()
+    fresh.eval()
+    torch.testing.assert_close(fresh(X, domain=d), bn(X, domain=d))
+
+
+def test_domain_argument_validation():
+    bn = DomainSPDBatchNorm(3)
+    X = random_spd(4, n=3)
+    with pytest.raises(ValueError, match="non-negative"):
+        bn(X, domain=torch.tensor([0, -1, 0, 0]))
+    with pytest.raises(ValueError, match="shape"):
+        bn(X, domain=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="integer"):
+        bn(X, domain=torch.zeros(4))
+    with pytest.raises(ValueError, match="num_domains"):
+        DomainSPDBatchNorm(3, num_domains=0)
+
+
+def test_refit_on_unlabeled_target_domain(seed):
+    n = 3
+    bn = _set_params(DomainSPDBatchNorm(n, num_domains=2), n, seed)
+    for _ in range(3):
+        X, _ = _two_domains(n, seed)
+        bn(X, domain=torch.zeros(11, dtype=torch.long))
+    target = concentrated_spd(20, n, sigma=0.4, seed=seed + 99)
+    source_stats = bn.running_mean_test[0].clone()
+
+    class Net(torch.nn.Module):  # refit works on any module tree containing the layer
+        def __init__(self):
+            super().__init__()
+            self.bn = bn
+
+        def forward(self, x, domain=None):
+            return self.bn(x, domain=domain)
+
+    net = Net().train()
+    out = refit_domain_norms(net, target, torch.full((20,), 5, dtype=torch.long))
+    assert net.training and not bn.refitting  # modes restored
+    assert bn.num_domains == 6
+    G = mf.mean_aim(target, karcher_steps=200, tol=1e-14)
+    torch.testing.assert_close(bn.running_mean_test[5, 0], G, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(bn.running_var_test[5, 0], _sqd(G, target).mean(), atol=1e-9, rtol=1e-9)
+    assert torch.equal(bn.running_mean_test[0], source_stats)  # other domains untouched
+    # after refitting, the target outputs are centred at the bias with dispersion s^2 v / (v + eps)
+    B = bn.weight.detach()[0]
+    torch.testing.assert_close(mf.mean_aim(out, karcher_steps=200, tol=1e-14), B, atol=1e-8, rtol=1e-8)
+    bn.eval()
+    torch.testing.assert_close(bn(target, domain=5), out)
+
+
+def test_refit_requires_a_refittable_layer():
+    with pytest.raises(ValueError, match="no refittable norm"):
+        refit_domain_norms(torch.nn.Identity(), torch.eye(2).expand(3, 2, 2), None)
