@@ -12,7 +12,11 @@ backpropagation for deep networks with structured layers", ICCV 2015, Eq. 11 in 
     \mathcal{L}_{ij} = \begin{cases} \dfrac{f(\lambda_i)-f(\lambda_j)}{\lambda_i-\lambda_j} & \lambda_i \ne \lambda_j\\
     f'(\lambda_i) & \lambda_i = \lambda_j \end{cases}
 
-with :math:`G = \partial L/\partial F`. Where two eigenvalues are closer than a relative tolerance
+with :math:`G = \partial L/\partial F`. For log, exp, powers, square roots and the inverse the divided
+differences are evaluated in closed forms free of cancellation (e.g. :math:`e^{b}\,\mathrm{expm1}(a-b)/(a-b)`,
+:math:`\mathrm{log1p}(h)/(hb)` with :math:`h=(a-b)/b`, :math:`1/(\sqrt a+\sqrt b)`), exact also at ties and near
+zero. For a user function (:func:`sym_funcm`) and the clamp of :func:`sym_reeig`, where two eigenvalues are closer
+than a relative tolerance
 ``rtol = eps(dtype)**(1/3)`` the divided difference is replaced by :math:`f'` at their midpoint (a
 second-order-accurate approximation that balances cancellation against truncation error), so the gradient is
 exact at repeated eigenvalues (e.g. at :math:`X = 2I`, where ``torch.linalg.eigh``'s own backward divides by
@@ -70,6 +74,8 @@ class _Spec:
     f: PowFn
     df: PowFn
     dfdp: PowFn | None = None
+    #: stable divided difference ``(f(a) - f(b)) / (a - b)`` (equal to ``f'(a)`` at ``a == b``), if known
+    dd: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,13 +89,15 @@ def _reconstruct(U: Tensor, vals: Tensor) -> Tensor:
 def _loewner(lam: Tensor, flam: Tensor, spec: _Spec, p: Tensor) -> Tensor:
     """Loewner matrix of divided differences with the midpoint-derivative rule on (near) ties."""
     li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
+    pp = p.unsqueeze(-1).unsqueeze(-1) if p.dim() > 0 else p
+    if spec.dd is not None:
+        return spec.dd(li, lj, pp)
     diff = li - lj
     rtol = torch.finfo(lam.dtype).eps ** (1.0 / 3.0)
     scale = torch.maximum(li.abs(), lj.abs()).clamp_min(torch.finfo(lam.dtype).tiny)
     tie = diff.abs() <= rtol * scale
     safe_diff = torch.where(tie, torch.ones_like(diff), diff)
     divided = (flam.unsqueeze(-1) - flam.unsqueeze(-2)) / safe_diff
-    pp = p.unsqueeze(-1).unsqueeze(-1) if p.dim() > 0 else p
     mid = spec.df(0.5 * (li + lj), pp)
     return torch.where(tie, mid, divided)
 
@@ -162,15 +170,44 @@ def _apply(X: Tensor, specs: Sequence[_Spec], p: Tensor | float | None = None) -
 
 # ---- eigenvalue functions -------------------------------------------------------------------------------------
 
-_LOG = _Spec(lambda l, p: torch.log(l), lambda l, p: 1.0 / l)
-_EXP = _Spec(lambda l, p: torch.exp(l), lambda l, p: torch.exp(l))
-_SQRT = _Spec(lambda l, p: torch.sqrt(l), lambda l, p: 0.5 / torch.sqrt(l))
-_INVSQRT = _Spec(lambda l, p: torch.rsqrt(l), lambda l, p: -0.5 * torch.rsqrt(l) / l)
-_INV = _Spec(lambda l, p: 1.0 / l, lambda l, p: -1.0 / (l * l))
+def _ratio(num: Tensor, h: Tensor, limit: Tensor | float) -> Tensor:
+    """``num / h`` with the value ``limit`` where ``h == 0`` (num is then 0 too)."""
+    zero = h == 0
+    return torch.where(zero, limit, num / torch.where(zero, torch.ones_like(h), h))
+
+
+def _dd_log(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
+    h = (a - b) / b  # (log a - log b)/(a - b) = log1p(h) / (h b)
+    return _ratio(torch.log1p(h), h, 1.0) / b
+
+
+def _dd_exp(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    h = hi - lo  # (e^hi - e^lo)/(hi - lo) = e^lo expm1(h) / h
+    return torch.exp(lo) * _ratio(torch.expm1(h), h, 1.0)
+
+
+def _dd_pow(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
+    h = (a - b) / b  # (a^p - b^p)/(a - b) = b^(p-1) expm1(p log1p(h)) / h
+    return torch.pow(b, p - 1.0) * _ratio(torch.expm1(p * torch.log1p(h)), h, p)
+
+
+_LOG = _Spec(lambda l, p: torch.log(l), lambda l, p: 1.0 / l, dd=_dd_log)
+_EXP = _Spec(lambda l, p: torch.exp(l), lambda l, p: torch.exp(l), dd=_dd_exp)
+_SQRT = _Spec(
+    lambda l, p: torch.sqrt(l), lambda l, p: 0.5 / torch.sqrt(l),
+    dd=lambda a, b, p: 1.0 / (torch.sqrt(a) + torch.sqrt(b)),
+)
+_INVSQRT = _Spec(
+    lambda l, p: torch.rsqrt(l), lambda l, p: -0.5 * torch.rsqrt(l) / l,
+    dd=lambda a, b, p: -1.0 / (torch.sqrt(a * b) * (torch.sqrt(a) + torch.sqrt(b))),
+)
+_INV = _Spec(lambda l, p: 1.0 / l, lambda l, p: -1.0 / (l * l), dd=lambda a, b, p: -1.0 / (a * b))
 _POW = _Spec(
     lambda l, p: torch.pow(l, p),
     lambda l, p: p * torch.pow(l, p - 1.0),
     lambda l, p: torch.pow(l, p) * torch.log(l),
+    dd=_dd_pow,
 )
 
 

@@ -125,3 +125,34 @@ def test_shape_errors() -> None:
         mf.sym_logm(torch.eye(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="broadcast"):
         mf.sym_powm(random_spd(3, n=2), torch.ones(4, dtype=F64))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-16, 1e-14, 1e-12, 1e-9, 1.0])
+def test_expm_gradient_exact_near_zero_spectrum(scale: float) -> None:
+    """Clustered eigenvalues near 0 (e.g. a log-domain bias at I): no cancellation in the divided differences."""
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(6, 6, dtype=F64, generator=g)
+    S = S + S.T
+    G = torch.randn(6, 6, dtype=F64, generator=g)
+    Z = (scale * S).requires_grad_()
+    (mf.sym_expm(Z) * G).sum().backward()
+    Zr = (scale * S).requires_grad_()
+    (torch.linalg.matrix_exp(mf.sym(Zr)) * G).sum().backward()
+    err = torch.linalg.norm(mf.sym(Z.grad) - mf.sym(Zr.grad)) / torch.linalg.norm(mf.sym(Zr.grad))
+    assert float(err) < 1e-13
+
+
+@pytest.mark.parametrize("name", ["logm", "sqrtm", "invsqrtm", "powm", "invm"])
+@pytest.mark.parametrize("scale", [1e-14, 1e-10, 1e-6])
+def test_gradient_near_identity_matches_finite_differences(name: str, scale: float) -> None:
+    fast, _ = SPECTRAL[name]
+    g = torch.Generator().manual_seed(1)
+    S = torch.randn(5, 5, dtype=F64, generator=g)
+    H = torch.randn(5, 5, dtype=F64, generator=g)
+    S, H = S + S.T, H + H.T
+    G = torch.randn(5, 5, dtype=F64, generator=g)
+    X = (torch.eye(5, dtype=F64) + scale * S).requires_grad_()
+    (fast(X) * G).sum().backward()
+    h = 1e-5
+    fd = ((fast(X.detach() + h * H) - fast(X.detach() - h * H)) * G).sum() / (2 * h)
+    torch.testing.assert_close((X.grad * H).sum(), fd, rtol=1e-8, atol=1e-9)
