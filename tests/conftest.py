@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# the tests use tiny matrices: one thread is faster and immune to a loaded machine
+torch.set_num_threads(1)
+
 
 def random_spd(
     *shape: int, n: int, dtype: torch.dtype = torch.float64, cond: float = 10.0, seed: int = 0

@@ -151,6 +151,7 @@ def load_moabb(
         raise ValueError(f"need tmin < tmax, got tmin={tmin}, tmax={tmax}")
     with _quiet():
         paradigm = MotorImagery(
+            n_classes=len(events) if events is not None else None,
             fmin=fmin, fmax=fmax, tmin=tmin, tmax=tmax, resample=resample,
             events=list(events) if events is not None else None,
             channels=list(channels) if channels is not None else None,

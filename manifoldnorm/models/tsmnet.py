@@ -20,7 +20,7 @@ class TSMNet(nn.Module):
     r"""Tangent space mapping network for raw EEG ``(N, C, T)``.
 
     Kobler, Hirayama, Zhao & Kawanabe, "SPD domain-specific batch normalization to crack interpretable
-    unsupervised domain adaptation in EEG", NeurIPS 2022, Sec. 3.4:
+    unsupervised domain adaptation in EEG", NeurIPS 2022:
 
     ``Conv2d(1 -> F_t, (1, K), 'same', reflect)`` -> ``Conv2d(F_t -> F_s, (C, 1))`` -> covariance ``(F_s, F_s)``
     -> ``[BiMap -> ReEig -> norm]`` per entry of ``spd_dims`` -> ``LogEig`` -> ``Linear``.

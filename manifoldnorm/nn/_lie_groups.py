@@ -1,16 +1,15 @@
 r"""Lie group structures on SPD matrices used by :class:`~manifoldnorm.nn.LieBatchNorm`.
 
-Chen, Song, Liu & Sebe, "A Lie Group Approach to Riemannian Batch Normalization", ICLR 2024, Sec. 5 and
-Tab. 2. Each metric is the pull-back of a simple geometry through a deformation :math:`\phi`; every operation
-below acts in the codomain of :math:`\phi`:
+Chen, Song, Liu & Sebe, "A Lie Group Approach to Riemannian Batch Normalization", ICLR 2024, Sec. 5.1-5.2.
+Each metric is the pull-back of a simple geometry through a deformation :math:`\phi`; every operation below acts
+in the codomain of :math:`\phi`:
 
-=========  =======================  ==================  ========================================================
-metric     :math:`\phi(X)`          group operation     :math:`d^2(Z, E)` in the codomain
-=========  =======================  ==================  ========================================================
-AIM        :math:`X^\theta`         :math:`L_P Q L_P^\top`  :math:`\theta^{-2}[\alpha\|\log Z\|_F^2+\beta\log^2\det Z]`
-LEM        :math:`\log X`           :math:`P + Q`       :math:`\alpha\|Z\|_F^2 + \beta\,\mathrm{tr}(Z)^2`
-LCM        :math:`\psi(X^\theta)`   :math:`P + Q`       :math:`\theta^{-2}\|Z\|_F^2`
-=========  =======================  ==================  ========================================================
+* AIM: :math:`\phi(X) = X^\theta`, group operation :math:`P \odot Q = L_P Q L_P^\top`,
+  :math:`d^2(Z, E) = \theta^{-2}[\alpha\|\log Z\|_F^2 + \beta \log^2\det Z]`, Karcher mean, AIM geodesic.
+* LEM: :math:`\phi(X) = \log X`, :math:`P \odot Q = P + Q`,
+  :math:`d^2(Z, E) = \alpha\|Z\|_F^2 + \beta\,\mathrm{tr}(Z)^2`, arithmetic mean, straight lines.
+* LCM: :math:`\phi(X) = \psi(X^\theta)`, :math:`P \odot Q = P + Q`, :math:`d^2(Z, E) = \theta^{-2}\|Z\|_F^2`,
+  arithmetic mean, straight lines.
 
 (:math:`L_P = \mathrm{chol}(P)`; :math:`\psi` is :func:`manifoldnorm.functional.cholesky_log`.)
 """
@@ -75,22 +74,6 @@ class SPDLieGroup:
         return _per_channel(c) * Z
 
 
-def _expm(Z: Tensor) -> Tensor:
-    r""":math:`\exp Z = e^{-a}\exp(Z + aI)` with a constant shift :math:`a \ge 0` putting the spectrum in
-    :math:`[1, \infty)` (Gershgorin bound).
-
-    Same value and same gradient as ``mf.sym_expm(Z)``; the shift keeps the divided differences of the backward
-    away from eigenvalues clustered at 0, where a relative tie tolerance misses ties of ``exp`` (outputs close to
-    the identity, e.g. a batch of identical matrices).
-    """
-    with torch.no_grad():
-        d = torch.diagonal(Z, dim1=-2, dim2=-1)
-        radius = Z.abs().sum(-1) - d.abs()
-        a = (1.0 - (d - radius).amin(-1)).clamp_min(0.0).unsqueeze(-1).unsqueeze(-1)
-    eye = torch.eye(Z.shape[-1], dtype=Z.dtype, device=Z.device)
-    return torch.exp(-a) * mf.sym_expm(Z + a * eye)
-
-
 class _AIM(SPDLieGroup):
     name = "aim"
 
@@ -134,7 +117,7 @@ class _LEM(SPDLieGroup):
         return mf.sym_logm(X)
 
     def undeform(self, Z: Tensor) -> Tensor:
-        return _expm(Z)
+        return mf.sym_expm(Z)
 
     def sqdist_identity(self, Z: Tensor) -> Tensor:
         d2 = self.alpha * Z.square().sum((-1, -2))

@@ -47,7 +47,7 @@ def refit_domain_norms(model: nn.Module, x: Tensor, domain: Tensor | int | None,
                        domain_aware_only: bool = False, strict: bool = True, **forward_kwargs: Any) -> Tensor:
     """Refit the running statistics of the refittable norms of ``model`` on unlabeled data ``x``.
 
-    Kobler et al., NeurIPS 2022, Sec. 3.3 (unsupervised domain adaptation by refitting the domain-specific
+    Kobler et al., NeurIPS 2022 (unsupervised domain adaptation by refitting the domain-specific
     statistics on the target domain). One forward pass ``model(x, domain=domain)`` in :func:`refit_mode`: each
     :class:`~manifoldnorm.nn.DomainSPDBatchNorm` re-estimates the statistics of every domain id in ``domain``
     from the inputs it receives (layers further down see inputs already normalized with the refitted

@@ -25,10 +25,10 @@ __all__ = ["LieBatchNorm"]
 class LieBatchNorm(nn.Module):
     r"""Lie group batch normalization of SPD matrices under the (θ,α,β)-AIM, (α,β)-LEM or θ-LCM metric.
 
-    Chen, Song, Liu & Sebe, "A Lie Group Approach to Riemannian Batch Normalization", ICLR 2024, Alg. 1 with the
-    SPD instances of Tab. 2. With :math:`\phi` the metric's deformation, :math:`\odot` its group operation and
-    :math:`E` the identity (all in the codomain of :math:`\phi`, see :mod:`manifoldnorm.nn._lie_groups`), a
-    training step on a batch :math:`\{X_i\}_{i=1}^N` is
+    Chen, Song, Liu & Sebe, "A Lie Group Approach to Riemannian Batch Normalization", ICLR 2024, Alg. 1 as
+    instantiated on SPD manifolds in Sec. 5.2 (scaling: Eq. 14). With :math:`\phi` the metric's deformation,
+    :math:`\odot` its group operation and :math:`E` the identity (all in the codomain of :math:`\phi`, see
+    :mod:`manifoldnorm.nn._lie_groups`), a training step on a batch :math:`\{X_i\}_{i=1}^N` is
 
     .. math::
 
@@ -37,9 +37,10 @@ class LieBatchNorm(nn.Module):
                \mathrm{Log}_E(M^{-1}\odot\phi(X_i))\big)\Big),
 
     with the learnable SPD bias :math:`B` (``weight``, init :math:`I`) and dispersion :math:`s` (``shift``, init
-    1). The outputs have Fréchet mean :math:`B` and dispersion :math:`s^2 v^2/(v^2+\epsilon)` (Prop. 4.2). Running
-    statistics: :math:`R \leftarrow \gamma_{R \to M}(\text{momentum})` along the metric's geodesic,
-    :math:`r \leftarrow (1-\text{momentum})\,r + \text{momentum}\,v^2`; evaluation uses :math:`(R, r)`.
+    1). The outputs have Fréchet mean :math:`B` and dispersion :math:`s^2 v^2/(v^2+\epsilon)` (the paper's
+    guarantee on the statistics). Running statistics: :math:`R \leftarrow \gamma_{R \to M}(\text{momentum})`
+    along the metric's geodesic, :math:`r \leftarrow (1-\text{momentum})\,r + \text{momentum}\,v^2`;
+    evaluation uses :math:`(R, r)`.
 
     Parameters
     ----------

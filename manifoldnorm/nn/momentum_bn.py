@@ -44,7 +44,7 @@ class SPDMomentumBatchNorm(RefittableNorm):
     r"""SPD batch normalization with momentum statistics and a learnable dispersion (SPDMBN).
 
     Kobler, Hirayama, Zhao & Kawanabe, "SPD domain-specific batch normalization to crack interpretable
-    unsupervised domain adaptation in EEG", NeurIPS 2022, Sec. 3 (Eqs. 4-8). A training step with momentum
+    unsupervised domain adaptation in EEG", NeurIPS 2022 (SPD momentum batch norm). A training step with momentum
     :math:`\eta` on :math:`\{X_i\}_{i=1}^N`:
 
     .. math::
@@ -210,7 +210,7 @@ class SPDMomentumBatchNorm(RefittableNorm):
 class DomainSPDBatchNorm(SPDMomentumBatchNorm):
     r"""SPD domain-specific momentum batch normalization (SPDDSMBN).
 
-    Kobler et al., NeurIPS 2022, Sec. 3.3: :class:`SPDMomentumBatchNorm` with one set of running statistics
+    Kobler et al., NeurIPS 2022 (SPDDSMBN): :class:`SPDMomentumBatchNorm` with one set of running statistics
     :math:`(R^{(d)}, r^{(d)}, R_t^{(d)}, r_t^{(d)})` per domain :math:`d` and a shared bias :math:`B` and
     dispersion :math:`s`. In training, each domain present in the batch is normalized with its own batch
     statistics; in evaluation each sample uses the test statistics of its domain. For unsupervised domain

@@ -36,7 +36,7 @@ def stiefel_init_(weight: Tensor) -> Tensor:
 class BiMap(nn.Module):
     r"""Bilinear map :math:`Y = W^\top X W` with :math:`W` on the Stiefel manifold.
 
-    Huang & Van Gool, "A Riemannian Network for SPD Matrix Learning", AAAI 2017, Eq. 5. With
+    Huang & Van Gool, "A Riemannian Network for SPD Matrix Learning", AAAI 2017 (BiMap layer). With
     :math:`W^\top W = I_p` and :math:`X` SPD, :math:`Y` is SPD of size ``p = out_dim``.
 
     Parameters
@@ -105,7 +105,7 @@ class BiMap(nn.Module):
 class ReEig(nn.Module):
     r"""Eigenvalue rectification :math:`Y = U \max(\Lambda, \epsilon I) U^\top`.
 
-    Huang & Van Gool, AAAI 2017, Eq. 6; ``(..., n, n)`` -> ``(..., n, n)``. The backward is the
+    Huang & Van Gool, AAAI 2017 (ReEig layer); ``(..., n, n)`` -> ``(..., n, n)``. The backward is the
     Daleckii–Krein formula of :func:`manifoldnorm.functional.sym_reeig` (exact at repeated eigenvalues).
 
     Deviations
@@ -150,7 +150,7 @@ def vech(S: Tensor) -> Tensor:
 class LogEig(nn.Module):
     r"""Matrix logarithm followed by isometric half-vectorisation.
 
-    Huang & Van Gool, AAAI 2017, Eq. 8 (:math:`\log X = U\log(\Lambda)U^\top`), then :func:`vech`:
+    Huang & Van Gool, AAAI 2017, LogEig layer (:math:`\log X = U\log(\Lambda)U^\top`), then :func:`vech`:
     ``(..., n, n)`` -> ``(..., n(n+1)/2)`` with :math:`\|\mathrm{LogEig}(X)\|_2 = \|\log X\|_F`, i.e. the AIM
     (and LEM) distance of :math:`X` to the identity.
 

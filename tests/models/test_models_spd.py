@@ -164,3 +164,21 @@ def test_bimap_in_models_is_the_stiefel_layer():
     model = TSMNet(5, 2, spatial_filters=6, spd_dims=(4, 3), norm_layer="none")
     assert [type(s.bimap) for s in model.stages] == [BiMap, BiMap]
     assert [s.bimap.weight.shape for s in model.stages] == [(6, 4), (4, 3)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("norm", ["liebn_aim", "spddsmbn"])
+def test_models_run_on_cuda(norm):
+    torch.manual_seed(0)
+    x, y, d = _eeg_data()
+    model = TSMNet(5, 2, temporal_filters=2, spatial_filters=6, temporal_kernel=9, spd_dims=(4,),
+                   norm_layer=norm).cuda()
+    x, y, d = x.cuda(), y.cuda(), d.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(x, domain=d)
+    F.cross_entropy(logits.float(), y).backward()
+    assert all(b.is_cuda for b in model.buffers())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    cpu = TSMNet(5, 2, temporal_filters=2, spatial_filters=6, temporal_kernel=9, spd_dims=(4,), norm_layer=norm)
+    cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import concentrated_spd, random_spd
-from tests.nn.nn_helpers import F64, call_with, input_grad_norm, powm, ref_mean, ref_sqdist
 
 from manifoldnorm import functional as mf
 from manifoldnorm.nn import LieBatchNorm
+from tests.nn.nn_helpers import F64, call_with, input_grad_norm, powm, ref_mean, ref_sqdist
 
 # (metric, theta, alpha, beta): standard metrics and deformed ones
 CASES = [

@@ -189,3 +189,20 @@ def test_refit_on_unlabeled_target_domain(seed):
 def test_refit_requires_a_refittable_layer():
     with pytest.raises(ValueError, match="no refittable norm"):
         refit_domain_norms(torch.nn.Identity(), torch.eye(2).expand(3, 2, 2), None)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_domain_bn_gradcheck(mode):
+    n = 3
+    X = concentrated_spd(4, n, sigma=0.4, seed=6)
+    d = torch.tensor([1, 0, 1, 0])
+    bn = _set_params(DomainSPDBatchNorm(n, num_domains=2, momentum=0.8, detach_mean=False), n, 1)
+    if mode == "eval":
+        bn(X, domain=d)
+        bn.eval()
+    A = X.clone().requires_grad_(True)
+    W = bn.weight.detach().clone().requires_grad_(True)
+    s = bn.shift.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda A, W, s: call_with(bn, mf.sym(A), {"weight": mf.sym(W), "shift": s}, domain=d),
+        (A, W, s), eps=1e-6, atol=1e-6, rtol=1e-5)
