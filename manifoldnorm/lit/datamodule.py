@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from manifoldnorm.data import (
     ArrayDataset,
@@ -23,7 +23,7 @@ from manifoldnorm.data import (
 )
 from manifoldnorm.data.types import domain_ids
 
-__all__ = ["EEGDataModule", "SOURCES", "REPRESENTATIONS"]
+__all__ = ["EEGDataModule", "EpochSeededSampler", "SOURCES", "REPRESENTATIONS"]
 
 SOURCES: tuple[str, ...] = ("simulated", "moabb", "arrays")
 REPRESENTATIONS: tuple[str, ...] = ("cov", "raw")
@@ -33,6 +33,27 @@ def _choice(value: str, valid: Sequence[str], what: str) -> str:
     if value not in valid:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
     return value
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Random permutation drawn from ``seed`` and the epoch number (Lightning calls :meth:`set_epoch`).
+
+    The order of epoch ``e`` does not depend on how many epochs ran in this process, so a run resumed from a
+    checkpoint sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class EEGDataModule(pl.LightningDataModule):
@@ -53,7 +74,7 @@ class EEGDataModule(pl.LightningDataModule):
         See :func:`manifoldnorm.data.split_indices`.
     batch_size : int
     seed : int
-        Seed of the split and of the training-set shuffling.
+        Seed of the split and of the training-set shuffling (:class:`EpochSeededSampler`).
     num_workers : int
     band : (fmin, fmax) or None
         Band-pass edges in Hz; ``None`` skips filtering. For MOABB the band is passed to the loader.
@@ -216,12 +237,10 @@ class EEGDataModule(pl.LightningDataModule):
         if name not in self.datasets:
             raise RuntimeError(f"EEGDataModule: call setup() before requesting the {name} loader")
         ds = self.datasets[name]
-        generator = torch.Generator().manual_seed(self.seed) if train else None
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=train,
-            generator=generator,
+            sampler=EpochSeededSampler(len(ds), self.seed) if train else None,
             drop_last=train and self.drop_last and len(ds) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

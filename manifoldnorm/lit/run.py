@@ -135,7 +135,10 @@ def save_config(cfg: DictConfig, loggers: list[Logger], output_dir: str | Path) 
 
 
 def _checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
-    return trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
+    """The first checkpoint callback that monitors a metric (the "best" one), else the first one."""
+    ckpts = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    monitored = [cb for cb in ckpts if cb.monitor]
+    return (monitored or ckpts or [None])[0]
 
 
 def fit_and_test(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import pickle
+import subprocess
+import sys
 
 import geoopt
 import pytest
@@ -198,3 +200,9 @@ def test_zero_grad_closure_add_param_group_and_copy() -> None:
 
     dup = copy.deepcopy(opt)
     assert len(dup.param_groups) == 4 and dup.param_groups[0] is dup.optimizers["manifold"].param_groups[0]
+
+
+def test_optim_does_not_import_lightning_or_hydra() -> None:
+    code = ("import sys, manifoldnorm.optim; bad = [m for m in ('lightning', 'hydra', 'pytorch_lightning') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

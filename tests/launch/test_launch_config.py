@@ -1,0 +1,145 @@
+"""Hydra composition of conf/: the experiment, the run directory, and every option of every group."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from manifoldnorm.lit import run
+from manifoldnorm.models import SPDNet, TSMNet
+from manifoldnorm.optim import CompositeOptimizer
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+TINY_DATA = ["data.source_kwargs.n_subjects=2", "data.source_kwargs.trials_per_class=4", "data.batch_size=8"]
+INFO = {"n_channels": 22, "n_times": 384, "num_classes": 4, "num_domains": 4}
+
+
+def options(group: str) -> set[str]:
+    return {p.stem for p in (CONF / group).glob("*.yaml")}
+
+
+@pytest.fixture
+def cfg_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MANIFOLDNORM_CACHE", str(tmp_path / "cache"))
+
+    def make(*overrides: str, info: bool = True, hydra: bool = False) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides],
+                          return_hydra_config=hydra)
+        if info:
+            with open_dict(cfg):
+                cfg.data_info = INFO
+        return cfg
+
+    return make
+
+
+def test_experiment_spd_eeg_only_overrides(cfg_of) -> None:
+    base, exp = cfg_of(), cfg_of("+experiment=spd_eeg")
+    assert base.task_name == "train" and exp.task_name == "spd_eeg"
+    assert exp.model._target_ == "manifoldnorm.models.SPDNet"
+    assert exp.norm._target_ == "manifoldnorm.nn.LieBatchNorm" and exp.norm.metric == "aim"
+    assert exp.data.source == "simulated" and exp.data.representation == "cov"
+    assert exp.data.protocol == "cross_session" and exp.trainer.accelerator == "cpu"
+    assert exp.module.scheduler._target_.endswith("CosineAnnealingLR") and base.module.scheduler is None
+    # groups the experiment does not touch keep their defaults
+    for group in ("callbacks", "logger", "paths"):
+        assert OmegaConf.to_container(exp[group]) == OmegaConf.to_container(base[group])
+    model = instantiate(exp.model)
+    assert isinstance(model, SPDNet) and type(model.stages[0].norm).__name__ == "LieBatchNorm"
+
+
+def test_run_dir_keyed_on_slurm_job_id(cfg_of, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    cfg = cfg_of("+experiment=spd_eeg", hydra=True)
+    assert re.fullmatch(r"outputs/spd_eeg/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", cfg.hydra.run.dir)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    cfg = cfg_of("+experiment=spd_eeg", hydra=True)
+    assert cfg.hydra.run.dir == "outputs/spd_eeg/4242"
+    assert cfg.hydra.sweep.dir == "outputs/spd_eeg/multirun/4242"
+
+
+def test_every_data_option_instantiates(cfg_of, tmp_path: Path) -> None:
+    assert options("data") == {"eeg_sim", "eeg_moabb", "arrays"}
+    dm = run.build_datamodule(cfg := cfg_of("data=eeg_sim", *TINY_DATA, info=False))
+    assert cfg.data_info.n_channels == 22 and cfg.data_info.num_domains == 4
+    assert instantiate(cfg_of("data=eeg_moabb").data).source == "moabb"  # no download without setup
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", X=rng.standard_normal((16, 3, 128)), y=np.tile([0, 1], 8),
+             subject=np.zeros(16), session=np.repeat([0, 1], 8), sfreq=128.0)
+    dm = run.build_datamodule(cfg := cfg_of("data=arrays", f"data.path={tmp_path / 'd.npz'}", info=False))
+    assert dm.info()["n_channels"] == 3 and cfg.data_info.num_classes == 2
+
+
+@pytest.mark.parametrize("model", sorted(options("model")))
+def test_every_model_norm_pair_instantiates_and_runs(cfg_of, model: str) -> None:
+    assert options("norm") == {"liebn_aim", "liebn_lem", "liebn_lcm", "spdbn", "spdmbn", "spddsmbn", "none"}
+    g = torch.Generator().manual_seed(0)
+    for norm in sorted(options("norm")):
+        cfg = cfg_of(f"model={model}", f"norm={norm}", "model.dims=[4]" if model == "spdnet" else "model.spd_dims=[4]")
+        if model == "tsmnet":
+            assert cfg.data.representation == "raw"
+            x = torch.randn(6, 22, 64, generator=g)
+        else:
+            a = torch.randn(6, 22, 30, generator=g, dtype=torch.float64)
+            x = a @ a.mT / 30
+        module = run.build_module(cfg)
+        assert isinstance(module.model, SPDNet if model == "spdnet" else TSMNet)
+        out = module(x, domain=torch.tensor([0, 0, 1, 1, 2, 2]))
+        assert out.shape == (6, 4) and torch.isfinite(out).all(), (model, norm)
+
+
+def test_every_optimizer_and_scheduler_option(cfg_of) -> None:
+    assert options("optimizer") == {"riemannian_adam", "adamw"}
+    module = run.build_module(cfg_of("optimizer=riemannian_adam", "model.dims=[4]"))
+    opt = module.configure_optimizers()
+    assert isinstance(opt, CompositeOptimizer) and set(opt.optimizers) == {"manifold", "rest"}
+    # adamw: fine for a Euclidean model, rejected for SPDNet's Stiefel weights
+    factory = instantiate(cfg_of("optimizer=adamw").optimizer)
+    assert list(factory(torch.nn.Linear(3, 2)).optimizers) == ["rest"]
+    with pytest.raises(run.ConfigError, match="Euclidean optimizer 'adamw'.*riemannian_adam"):
+        run.build_module(cfg_of("optimizer=adamw", "model.dims=[4]"))
+    for sched in sorted(options("scheduler")):
+        module = run.build_module(cfg_of(f"scheduler={sched}", "model.dims=[4]"))
+        conf = module.configure_optimizers()
+        assert isinstance(conf["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.LRScheduler)
+        assert conf["lr_scheduler"]["scheduler"].optimizer is conf["optimizer"]
+
+
+def test_every_trainer_logger_callbacks_option(cfg_of, tmp_path: Path) -> None:
+    assert options("trainer") == {"default", "cpu"} and options("logger") == {"wandb", "csv", "none"}
+    loggers = {name: run.build_loggers(cfg_of(f"logger={name}")) for name in sorted(options("logger"))}
+    assert loggers["none"] == [] and isinstance(loggers["csv"][0], CSVLogger)
+    wandb = loggers["wandb"][0]
+    assert isinstance(wandb, WandbLogger) and wandb._wandb_init["mode"] == "offline"
+    assert Path(wandb.save_dir) == tmp_path
+    for name in sorted(options("trainer")):
+        trainer = run.build_trainer(cfg_of(f"trainer={name}"), [], [])
+        assert trainer.max_epochs == 30
+    assert options("callbacks") == {"default", "early_stopping"}
+    cbs = run.build_callbacks(cfg_of("callbacks=early_stopping"), has_logger=True)
+    kinds = [type(cb) for cb in cbs]
+    assert kinds.count(ModelCheckpoint) == 2 and EarlyStopping in kinds
+    assert LearningRateMonitor not in kinds  # no scheduler configured
+    cbs = run.build_callbacks(cfg_of("scheduler=cosine"), has_logger=True)
+    assert LearningRateMonitor in [type(cb) for cb in cbs]
+    assert LearningRateMonitor not in [type(cb) for cb in run.build_callbacks(cfg_of("scheduler=cosine"), False)]
+
+
+def test_resolved_config_is_saved_and_logged(cfg_of, tmp_path: Path) -> None:
+    cfg = cfg_of("logger=csv", "+experiment=spd_eeg")
+    loggers = run.build_loggers(cfg)
+    resolved = run.save_config(cfg, loggers, tmp_path)
+    saved = OmegaConf.load(tmp_path / "config_resolved.yaml")
+    assert saved.data_info.n_channels == 22 and saved.model.in_dim == 22
+    assert saved.model.norm_layer.metric == "aim" and resolved["task_name"] == "spd_eeg"
+    assert loggers[0].experiment.hparams["model"]["dims"] == [16]

@@ -1,0 +1,99 @@
+"""launch/train.py end to end in subprocesses: sweep, checkpoints, saved config, resume, W&B offline, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "trainer=cpu", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
+    "trainer.enable_model_summary=false", "data.source_kwargs.n_subjects=2", "data.source_kwargs.trials_per_class=8",
+    "data.batch_size=16", "model.dims=[6]",
+]
+
+
+def train(*overrides: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "WANDB_", "SLURM_"))}
+    env["MANIFOLDNORM_CACHE"] = str(cache)
+    return subprocess.run([sys.executable, "launch/train.py", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("sweep")
+    proc = train("-m", "norm=liebn_aim,liebn_lem", "logger=csv", *TINY, f"hydra.sweep.dir={out}", cache=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, out
+
+
+def test_sweep_prints_metrics_saves_checkpoints_and_config(sweep) -> None:
+    proc, out = sweep
+    assert proc.stdout.count("test/bacc") == 2 and proc.stdout.count("best/val/bacc") == 2
+    for job, metric in (("0", "aim"), ("1", "lem")):
+        run_dir = out / job
+        ckpts = run_dir / "checkpoints"
+        assert (ckpts / "last.ckpt").is_file() and len(list(ckpts.glob("best-epoch*.ckpt"))) == 1
+        assert torch.load(ckpts / "last.ckpt", weights_only=False)["epoch"] == 1  # end of the 2nd epoch
+        assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / ".hydra" / "overrides.yaml").is_file()
+        resolved = OmegaConf.load(run_dir / "config_resolved.yaml")
+        assert resolved.norm.metric == metric and resolved.model.norm_layer.metric == metric
+        assert resolved.data_info.n_channels == 22 and resolved.model.in_dim == 22
+        metrics = (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
+        assert "test/bacc" in metrics.splitlines()[0] and "val/bacc" in metrics.splitlines()[0]
+        hparams = OmegaConf.load(run_dir / "csv" / "version_0" / "hparams.yaml")
+        assert hparams.data_info.num_classes == 4 and hparams.norm.metric == metric
+
+
+def test_resume_from_last_checkpoint(sweep, cache: Path, tmp_path: Path) -> None:
+    _, out = sweep
+    last = out / "0" / "checkpoints" / "last.ckpt"
+    proc = train("logger=csv", *TINY, "trainer.max_epochs=3", f"ckpt_path={last}", f"hydra.run.dir={tmp_path}",
+                 cache=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {last}" in proc.stdout + proc.stderr
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+    rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    train_epochs = {r.split(",")[0] for r in rows[1:] if r.split(",")[header.index("train/loss")]}
+    assert train_epochs == {"2"}  # only the third epoch was trained
+    assert "test/bacc" in proc.stdout
+
+
+def test_wandb_offline_run(cache: Path, tmp_path: Path) -> None:
+    proc = train("logger=wandb", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}", cache=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test/bacc" in proc.stdout
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    (record,) = runs[0].glob("run-*.wandb")
+    blob = record.read_bytes()
+    assert b"data_info" in blob and b"test/bacc" in blob  # resolved config and test metrics were logged
+
+
+def test_unknown_group_option_lists_valid_options(cache: Path, tmp_path: Path) -> None:
+    proc = train("norm=nonexistent", f"hydra.run.dir={tmp_path}", cache=cache)
+    assert proc.returncode != 0
+    assert "Could not find 'norm/nonexistent'" in proc.stderr
+    assert "Available options in 'norm'" in proc.stderr
+    assert all(name in proc.stderr for name in ("liebn_aim", "liebn_lcm", "spddsmbn", "none"))
+    assert "Traceback" not in proc.stderr
+
+
+def test_invalid_value_reports_our_error(cache: Path, tmp_path: Path) -> None:
+    proc = train("norm.metric=foo", "logger=none", f"hydra.run.dir={tmp_path}", *TINY, cache=cache)
+    assert proc.returncode != 0
+    assert "unknown metric 'foo'; valid names: aim, lem, lcm" in proc.stderr
+    assert "Traceback" not in proc.stderr and "InstantiationException" not in proc.stderr

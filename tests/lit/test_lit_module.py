@@ -1,0 +1,116 @@
+"""ClassificationModule under a real Lightning Trainer: metrics, test-time refit, schedulers, exact resume."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+from manifoldnorm.lit import ClassificationModule
+from manifoldnorm.models import SPDNet
+from manifoldnorm.nn import DomainSPDBatchNorm, refit_domain_norms
+from manifoldnorm.optim import create_optimizer
+
+OPT = functools.partial(create_optimizer, manifold={"name": "riemannian_adam", "lr": 1e-2},
+                        rest={"name": "adamw", "lr": 1e-2})
+
+
+def _trainer(tmp_path: Path, epochs: int, **kw) -> pl.Trainer:
+    kw.setdefault("enable_checkpointing", False)
+    return pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, accelerator="cpu", devices=1, num_sanity_val_steps=0, **kw)
+
+
+def _module(norm: str = "liebn_aim", seed: int = 0, **kw) -> ClassificationModule:
+    torch.manual_seed(seed)
+    return ClassificationModule(SPDNet(22, [6], 4, norm_layer=norm), num_classes=4, optimizer=OPT, **kw)
+
+
+def test_fit_logs_metrics_and_test_metrics_match_sklearn(make_dm, tmp_path: Path) -> None:
+    dm = make_dm(protocol="within_session")
+    module = _module()
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(module, datamodule=dm)
+    for stage in ("train", "val"):
+        for name in ("loss", "acc", "bacc"):
+            assert torch.isfinite(trainer.callback_metrics[f"{stage}/{name}"])
+    (results,) = trainer.test(module, datamodule=dm, verbose=False)
+
+    ds = dm.datasets["test"]
+    module.eval()
+    with torch.no_grad():
+        pred = module(torch.as_tensor(ds.X), domain=torch.as_tensor(ds.domain)).argmax(-1).numpy()
+    assert results["test/acc"] == pytest.approx(accuracy_score(ds.y, pred), abs=1e-6)
+    assert results["test/bacc"] == pytest.approx(balanced_accuracy_score(ds.y, pred), abs=1e-6)
+
+
+def _domain_stats(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.running_mean_test.clone() for m in model.modules() if isinstance(m, DomainSPDBatchNorm)]
+
+
+@pytest.mark.parametrize("refit", [None, False])
+def test_test_time_refit_of_domain_norms(make_dm, tmp_path: Path, refit: bool | None) -> None:
+    dm = make_dm(protocol="cross_session")  # test domains (second sessions) are never seen in training
+    module = _module("spddsmbn", refit_on_test=refit)
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(module, datamodule=dm)
+    before = copy.deepcopy(module.model)
+    trainer.test(module, datamodule=dm, verbose=False)
+    test_domains = np.unique(dm.datasets["test"].domain).tolist()
+    after = _domain_stats(module.model)
+    if refit is False:
+        for b, a in zip(_domain_stats(before), after, strict=True):
+            assert torch.equal(b[: len(a)], a[: len(b)])
+        return
+    # the same statistics as refitting by hand, one target domain at a time
+    ds = dm.datasets["test"]
+    for dom in test_domains:
+        mask = ds.domain == dom
+        refit_domain_norms(before, torch.as_tensor(ds.X[mask]), torch.as_tensor(ds.domain[mask]),
+                           domain_aware_only=True)
+    expected = _domain_stats(before)
+    eye = torch.eye(6, dtype=torch.float64)
+    for e, a in zip(expected, after, strict=True):
+        torch.testing.assert_close(a, e)
+        assert all(not torch.allclose(a[d, 0], eye) for d in test_domains)
+
+
+def test_refit_true_without_refittable_norm_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no refittable norm"):
+        _module("liebn_aim", refit_on_test=True)
+    with pytest.raises(ValueError, match="scheduler_interval"):
+        _module(scheduler_interval="batch")
+
+
+def test_scheduler_steps_both_sub_optimizers(make_dm, tmp_path: Path) -> None:
+    dm = make_dm()
+    sched = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    module = _module(scheduler=sched)
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(module, datamodule=dm)
+    opt = trainer.optimizers[0]
+    assert opt.optimizers["manifold"].param_groups[0]["lr"] == pytest.approx(0.25e-2)
+    assert opt.optimizers["rest"].param_groups[0]["lr"] == pytest.approx(0.25e-2)
+
+
+def test_resume_from_checkpoint_is_bit_identical(make_dm, tmp_path: Path) -> None:
+    full = _module(seed=1)
+    _trainer(tmp_path / "full", 3).fit(full, datamodule=make_dm())
+
+    part = _module(seed=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path / "part", 2, enable_checkpointing=True, callbacks=[ckpt]).fit(part, datamodule=make_dm())
+    resumed = _module(seed=2)  # different initial weights: everything must come from the checkpoint
+    _trainer(tmp_path / "resumed", 3, enable_checkpointing=True).fit(
+        resumed, datamodule=make_dm(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(part.model.classifier.weight, full.model.classifier.weight)
