@@ -1,6 +1,7 @@
 """Reference accuracies of a Riemannian baseline on the simulated motor-imagery data.
 
     python launch/baseline.py [--out outputs/baseline.json] [--seed 0] [--data-seed 0]
+    python launch/baseline.py --experiment spd_eeg   # the data, band and split of an experiment config
 
 8-30 Hz band-pass, OAS covariances, pyRiemann ``TangentSpace`` (affine-invariant mean) +
 ``LogisticRegression``; balanced accuracy on the test trials of the splits of
@@ -26,6 +27,8 @@ from threadpoolctl import threadpool_limits
 
 from manifoldnorm.data import bandpass, covariances, load_simulated, recenter, split_indices
 
+ROOT = Path(__file__).resolve().parents[1]
+
 SIM_KWARGS = {"n_subjects": 5, "n_sessions": 2, "trials_per_class": 40, "sfreq": 128.0}
 SETTINGS = (  # name, protocol, re-centre
     ("within_session", "within_session", False),
@@ -44,21 +47,42 @@ def ts_lr_accuracy(covs: np.ndarray, y: np.ndarray, split: dict) -> float:
     return float(balanced_accuracy_score(y[split["test"]], pred))
 
 
+def experiment_settings(name: str) -> dict:
+    """Data set, band, split seed and validation fraction of ``conf/`` + ``+experiment=<name>``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"+experiment={name}"])
+    data = cfg.data
+    if data.source != "simulated":
+        raise SystemExit(f"experiment {name!r} does not use the simulated data (source={data.source})")
+    sim = OmegaConf.to_container(data.source_kwargs, resolve=True)
+    return {"sim": {k: v for k, v in sim.items() if k != "seed"}, "data_seed": sim.get("seed", 0),
+            "seed": int(cfg.seed), "band": tuple(data.band), "val_fraction": float(data.val_fraction)}
+
+
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/baseline.json", help="JSON file to write")
     parser.add_argument("--seed", type=int, default=0, help="split seed (the training config's `seed`)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the simulated data set")
     parser.add_argument("--cache-dir", default=None, help="simulation cache (default $MANIFOLDNORM_CACHE)")
+    parser.add_argument("--experiment", default=None,
+                        help="take data set, band, split seed and val fraction from conf/experiment/<name>.yaml")
     args = parser.parse_args()
 
+    settings = {"sim": SIM_KWARGS, "data_seed": args.data_seed, "seed": args.seed, "band": (8.0, 30.0),
+                "val_fraction": 0.2}
+    if args.experiment:
+        settings = experiment_settings(args.experiment)
     start = time.perf_counter()
-    data = load_simulated(cache_dir=args.cache_dir, seed=args.data_seed, **SIM_KWARGS)
-    covs = covariances(bandpass(data.X, data.sfreq, 8.0, 30.0), estimator="oas")
+    data = load_simulated(cache_dir=args.cache_dir, seed=settings["data_seed"], **settings["sim"])
+    covs = covariances(bandpass(data.X, data.sfreq, *settings["band"]), estimator="oas")
     aligned = recenter(covs, data.domain)
     results = {}
     for name, protocol, recentre in SETTINGS:
-        split = split_indices(data, protocol=protocol, seed=args.seed)
+        split = split_indices(data, protocol=protocol, seed=settings["seed"], val_fraction=settings["val_fraction"])
         acc = ts_lr_accuracy(aligned if recentre else covs, data.y, split)
         results[name] = {"balanced_accuracy": round(acc, 4), "n_train": len(split["train"]),
                          "n_test": len(split["test"])}
@@ -67,8 +91,10 @@ def main() -> dict:
     report = {
         "pipeline": "bandpass 8-30 Hz (Butterworth 4, zero phase) -> OAS covariances -> "
                     "TangentSpace(riemann) -> LogisticRegression",
-        "data": {"source": "simulated", "seed": args.data_seed, **SIM_KWARGS},
-        "split_seed": args.seed,
+        "experiment": args.experiment,
+        "data": {"source": "simulated", "seed": settings["data_seed"], **settings["sim"]},
+        "band": list(settings["band"]),
+        "split_seed": settings["seed"],
         "chance": 1.0 / data.n_classes,
         "results": results,
         "elapsed_s": round(time.perf_counter() - start, 2),
