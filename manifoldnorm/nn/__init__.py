@@ -4,6 +4,7 @@ No Lightning or Hydra imports here: every layer works in a plain PyTorch loop.
 """
 
 from .adapt import refit_domain_norms, refit_mode, refittable_norms
+from .domain_liebn import DomainLieBatchNorm
 from .liebn import LieBatchNorm
 from .momentum_bn import DomainSPDBatchNorm, RefittableNorm, SPDMomentumBatchNorm
 from .registry import (
@@ -22,7 +23,8 @@ from .spdbn import SPDBatchNorm
 
 __all__ = [
     "BiMap", "ReEig", "LogEig", "CovPool", "vech", "stiefel_init_",
-    "LieBatchNorm", "SPDBatchNorm", "SPDMomentumBatchNorm", "DomainSPDBatchNorm", "RefittableNorm",
+    "LieBatchNorm", "DomainLieBatchNorm",
+    "SPDBatchNorm", "SPDMomentumBatchNorm", "DomainSPDBatchNorm", "RefittableNorm",
     "IdentityNorm", "EuclideanBatchNorm",
     "KINDS", "NormInfo", "register_norm", "get_norm_layer", "get_norm_info", "create_norm_layer", "list_norms",
     "refit_domain_norms", "refit_mode", "refittable_norms",

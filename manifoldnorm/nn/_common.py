@@ -16,6 +16,7 @@ __all__ = [
     "check_positive_int",
     "compute_dtype",
     "as_domain_ids",
+    "DomainStatsMixin",
 ]
 
 
@@ -101,3 +102,54 @@ def as_domain_ids(domain: Tensor | int | None, batch: int, device: torch.device,
     if bool((d < 0).any()):
         raise ValueError(f"{owner}: domain ids must be non-negative, got min {int(d.min())}")
     return d
+
+
+class DomainStatsMixin:
+    """Per-domain running statistics in buffers stacked along a leading domain dimension that grows on demand.
+
+    For ``nn.Module`` hosts that list the mixin before their module base. A host defines ``_stat_names`` (its
+    statistics buffers, each of shape ``(D, ...)``) and ``_fresh_stats(lead, dtype, device)`` (initial values
+    with leading shape ``lead``, in the order of ``_stat_names``). A domain id ``>= D`` grows every buffer (new
+    slots start at the initial values); ``load_state_dict`` adopts the stored number of domains.
+    """
+
+    _stat_names: tuple[str, ...] = ()
+
+    @property
+    def num_domains(self) -> int:
+        """Current number of domain slots."""
+        return int(getattr(self, self._stat_names[0]).shape[0])
+
+    def _grow(self, size: int) -> None:
+        current = self.num_domains
+        if size <= current:
+            return
+        ref = getattr(self, self._stat_names[0])
+        extra = self._fresh_stats((size - current,), ref.dtype, ref.device)
+        for name, value in zip(self._stat_names, extra, strict=True):
+            setattr(self, name, torch.cat([getattr(self, name), value], dim=0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        key = prefix + self._stat_names[0]
+        if key in state_dict:
+            stored = int(state_dict[key].shape[0])
+            if stored != self.num_domains:
+                ref = getattr(self, self._stat_names[0])
+                fresh = self._fresh_stats((stored,), ref.dtype, ref.device)
+                for name, value in zip(self._stat_names, fresh, strict=True):
+                    setattr(self, name, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+    @staticmethod
+    def _domain_groups(d: Tensor) -> list[tuple[int, Tensor]]:
+        """``(domain id, sample indices)`` for each distinct id in ``d`` (ascending)."""
+        return [(dom, torch.nonzero(d == dom, as_tuple=False).squeeze(1)) for dom in torch.unique(d).tolist()]
+
+    @staticmethod
+    def _ungroup(parts: list[Tensor], groups: list[tuple[int, Tensor]]) -> Tensor:
+        """Concatenate per-group results (dim 0) and restore the original sample order."""
+        y = torch.cat(parts, dim=0)
+        order = torch.cat([idx for _, idx in groups])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.shape[0], device=order.device)
+        return y.index_select(0, inverse)

@@ -48,8 +48,12 @@ class SPDLieGroup:
         raise NotImplementedError
 
     # statistics ----------------------------------------------------------------------------------------------
-    def mean(self, Z: Tensor, karcher_steps: int) -> Tensor:
-        """Fréchet mean over dim 0 of a ``(N, C, ...)`` stack (arithmetic for the flat metrics)."""
+    def mean(self, Z: Tensor, karcher_steps: int, tol: float | None = 0.0) -> Tensor:
+        """Fréchet mean over dim 0 of a ``(N, C, ...)`` stack (arithmetic for the flat metrics).
+
+        ``karcher_steps`` and ``tol`` (early stop, see :func:`manifoldnorm.functional.mean_aim`; ``0``: always
+        run every step) only matter for the Karcher flow of AIM.
+        """
         return Z.mean(dim=0)
 
     def sqdist_identity(self, Z: Tensor) -> Tensor:
@@ -83,8 +87,8 @@ class _AIM(SPDLieGroup):
     def undeform(self, Z: Tensor) -> Tensor:
         return self._pow(Z, 1.0 / self.theta)
 
-    def mean(self, Z: Tensor, karcher_steps: int) -> Tensor:
-        return mf.mean_aim(Z, dim=0, karcher_steps=karcher_steps, tol=0.0)
+    def mean(self, Z: Tensor, karcher_steps: int, tol: float | None = 0.0) -> Tensor:
+        return mf.mean_aim(Z, dim=0, karcher_steps=karcher_steps, tol=tol)
 
     def sqdist_identity(self, Z: Tensor) -> Tensor:
         # eigenvalues only: the eigvalsh backward U diag(g) U^T has no divided differences

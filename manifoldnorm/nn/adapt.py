@@ -49,10 +49,11 @@ def refit_domain_norms(model: nn.Module, x: Tensor, domain: Tensor | int | None,
 
     Kobler et al., NeurIPS 2022 (unsupervised domain adaptation by refitting the domain-specific
     statistics on the target domain). One forward pass ``model(x, domain=domain)`` in :func:`refit_mode`: each
-    :class:`~manifoldnorm.nn.DomainSPDBatchNorm` re-estimates the statistics of every domain id in ``domain``
-    from the inputs it receives (layers further down see inputs already normalized with the refitted
-    statistics above them). A non-domain-aware :class:`~manifoldnorm.nn.SPDMomentumBatchNorm` replaces its
-    single set of statistics unless ``domain_aware_only=True``.
+    :class:`~manifoldnorm.nn.DomainSPDBatchNorm` or :class:`~manifoldnorm.nn.DomainLieBatchNorm` re-estimates
+    the statistics of every domain id in ``domain`` from the inputs it receives (layers further down see inputs
+    already normalized with the refitted statistics above them). A non-domain-aware
+    :class:`~manifoldnorm.nn.SPDMomentumBatchNorm` replaces its single set of statistics unless
+    ``domain_aware_only=True``.
 
     Parameters
     ----------
@@ -73,6 +74,6 @@ def refit_domain_norms(model: nn.Module, x: Tensor, domain: Tensor | int | None,
     """
     if strict and not refittable_norms(model, domain_aware_only):
         raise ValueError("refit_domain_norms: the model has no refittable norm layer (DomainSPDBatchNorm / "
-                         "SPDMomentumBatchNorm, e.g. norm_layer='spddsmbn')")
+                         "DomainLieBatchNorm / SPDMomentumBatchNorm, e.g. norm_layer='spddsmbn')")
     with refit_mode(model, domain_aware_only), torch.no_grad():
         return model(x, domain=domain, **forward_kwargs)

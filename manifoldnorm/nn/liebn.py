@@ -109,7 +109,7 @@ class LieBatchNorm(nn.Module):
         device=None,
     ) -> None:
         super().__init__()
-        owner = "LieBatchNorm"
+        owner = type(self).__name__
         self.n = check_positive_int(n, "n", owner)
         self.channels = check_positive_int(channels, "channels", owner)
         self.metric = mf.check_metric(metric, mf.METRICS)
@@ -159,36 +159,49 @@ class LieBatchNorm(nn.Module):
         """Normalize ``x`` (``domain`` is accepted and ignored: this layer is not domain-aware)."""
         x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate)
         dtype = compute_dtype(x4, self.weight)
-        g = self.group
-        Z = g.deform(x4.to(dtype))
+        Z = self.group.deform(x4.to(dtype))
         if self.training:
-            if self.detach_mean:
-                with torch.no_grad():
-                    M = g.mean(Z.detach(), self.karcher_steps)
-            else:
-                M = g.mean(Z, self.karcher_steps)
-            Zc = g.center(Z, M)
-            v2 = g.sqdist_identity(Zc).mean(dim=0)
-            running_var = self.running_var.to(dtype)
-            degenerate = v2.detach() < self.eps
-            if x4.shape[0] == 1:
-                degenerate = torch.ones_like(degenerate)
-            var = torch.where(degenerate, running_var, v2)
-            self._update_running_stats(M.detach(), v2.detach(), degenerate, dtype)
+            Zc, var, new = self._train_group(Z, self.running_mean.to(dtype), self.running_var.to(dtype))
+            with torch.no_grad():
+                self.running_mean.copy_(new[0])
+                self.running_var.copy_(new[1])
         else:
-            Zc = g.center(Z, g.deform(self.running_mean.to(dtype)))
+            Zc = self.group.center(Z, self.group.deform(self.running_mean.to(dtype)))
             var = self.running_var.to(dtype)
-        c = self.shift.to(dtype) / torch.sqrt(var + self.eps)
-        Y = g.translate(g.deform(self.weight.to(dtype)), g.scale(Zc, c))
-        return from_channels(g.undeform(Y), x)
+        return from_channels(self._scale_and_bias(Zc, var, dtype), x)
 
-    @torch.no_grad()
-    def _update_running_stats(self, M: Tensor, v2: Tensor, degenerate: Tensor, dtype: torch.dtype) -> None:
-        g, m = self.group, self.momentum
-        R = g.deform(self.running_mean.to(dtype))
-        self.running_mean.copy_(g.undeform(g.geodesic(R, M, m)))
-        r = self.running_var.to(dtype)
-        self.running_var.copy_(torch.where(degenerate, r, (1.0 - m) * r + m * v2))
+    def _train_group(self, Z: Tensor, R: Tensor, r: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """Centre one group of deformed inputs ``(N, C, n, n)`` with its batch statistics.
+
+        ``R`` (SPD, ``(C, n, n)``) and ``r`` (``(C,)``) are the running statistics of the group. Returns the
+        centred codomain elements, the variance to scale with (``(C,)``) and the updated running statistics.
+        """
+        g = self.group
+        if self.detach_mean:
+            with torch.no_grad():
+                M = g.mean(Z.detach(), self.karcher_steps)
+        else:
+            M = g.mean(Z, self.karcher_steps)
+        Zc = g.center(Z, M)
+        v2 = g.sqdist_identity(Zc).mean(dim=0)
+        degenerate = v2.detach() < self.eps
+        if Z.shape[0] == 1:
+            degenerate = torch.ones_like(degenerate)
+        var = torch.where(degenerate, r, v2)
+        with torch.no_grad():
+            m = self.momentum
+            R_new = g.undeform(g.geodesic(g.deform(R), M.detach(), m))
+            r_new = torch.where(degenerate, r, (1.0 - m) * r + m * v2.detach())
+        return Zc, var, (R_new, r_new)
+
+    def _scale_and_bias(self, Zc: Tensor, var: Tensor, dtype: torch.dtype) -> Tensor:
+        r"""Scale and bias centred codomain elements, back on the manifold; ``var``: ``(C,)`` or ``(N, C)``.
+
+        :math:`\phi^{-1}(\phi(B) \odot \mathrm{Exp}_E(s/\sqrt{v^2+\epsilon}\,\mathrm{Log}_E Z_c))`.
+        """
+        g = self.group
+        c = self.shift.to(dtype) / torch.sqrt(var + self.eps)
+        return g.undeform(g.translate(g.deform(self.weight.to(dtype)), g.scale(Zc, c)))
 
     def extra_repr(self) -> str:
         return (f"{self.n}, metric={self.metric!r}, theta={self.theta:g}, alpha={self.alpha:g}, "

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from manifoldnorm import functional as mf
 
 from ._common import (
+    DomainStatsMixin,
     as_domain_ids,
     check_momentum,
     check_positive_int,
@@ -207,7 +208,7 @@ class SPDMomentumBatchNorm(RefittableNorm):
                 f"karcher_steps={self.karcher_steps}, eps={self.eps:g}, channels={self.channels}")
 
 
-class DomainSPDBatchNorm(SPDMomentumBatchNorm):
+class DomainSPDBatchNorm(DomainStatsMixin, SPDMomentumBatchNorm):
     r"""SPD domain-specific momentum batch normalization (SPDDSMBN).
 
     Kobler et al., NeurIPS 2022 (SPDDSMBN): :class:`SPDMomentumBatchNorm` with one set of running statistics
@@ -240,6 +241,7 @@ class DomainSPDBatchNorm(SPDMomentumBatchNorm):
     """
 
     domain_aware = True
+    _stat_names = _STATS
 
     def __init__(self, n: int, num_domains: int = 1, momentum: float = 1.0, test_momentum: float = 0.1,
                  karcher_steps: int = 1, eps: float = 1e-5, channels: int = 1, refit_karcher_steps: int = 50,
@@ -249,11 +251,6 @@ class DomainSPDBatchNorm(SPDMomentumBatchNorm):
         super().__init__(n, momentum=momentum, test_momentum=test_momentum, karcher_steps=karcher_steps, eps=eps,
                          channels=channels, refit_karcher_steps=refit_karcher_steps, detach_mean=detach_mean,
                          validate=validate, dtype=dtype, device=device)
-
-    @property
-    def num_domains(self) -> int:
-        """Current number of domain slots."""
-        return int(self.running_mean.shape[0])
 
     def _stats_lead(self) -> tuple[int, ...]:
         return (self._num_domains_init,)
@@ -265,25 +262,6 @@ class DomainSPDBatchNorm(SPDMomentumBatchNorm):
     def _set_stats(self, d: int, stats: tuple[Tensor, ...]) -> None:
         for name, value in zip(_STATS, stats, strict=True):
             getattr(self, name)[d].copy_(value)
-
-    def _grow(self, size: int) -> None:
-        current = self.num_domains
-        if size <= current:
-            return
-        ref = self.running_mean
-        extra = self._fresh_stats((size - current,), ref.dtype, ref.device)
-        for name, value in zip(_STATS, extra, strict=True):
-            setattr(self, name, torch.cat([getattr(self, name), value], dim=0))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        key = prefix + "running_mean"
-        if key in state_dict:
-            stored = int(state_dict[key].shape[0])
-            if stored != self.num_domains:
-                ref = self.running_mean
-                for name, value in zip(_STATS, self._fresh_stats((stored,), ref.dtype, ref.device), strict=True):
-                    setattr(self, name, value)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, domain: Tensor | int | None = None) -> Tensor:
         """Normalize ``x`` with the statistics of each sample's domain; ``domain``: ``(N,)`` ids."""
@@ -297,9 +275,9 @@ class DomainSPDBatchNorm(SPDMomentumBatchNorm):
             Si = mf.sym_invsqrtm(self.running_mean_test.to(dtype))[d]
             var = self.running_var_test.to(dtype)[d]
             return from_channels(self._scale_and_bias(mf.congruence(Si, x4), var, dtype), x)
-        outs, order = [], []
-        for dom in torch.unique(d).tolist():
-            idx = torch.nonzero(d == dom, as_tuple=False).squeeze(1)
+        groups = self._domain_groups(d)
+        outs = []
+        for dom, idx in groups:
             xs = x4.index_select(0, idx)
             if self.refitting:
                 G, v = self._refit_group(xs)
@@ -309,11 +287,7 @@ class DomainSPDBatchNorm(SPDMomentumBatchNorm):
                 ys, new = self._train_group(xs, self._get_stats(dom, dtype))
                 self._set_stats(dom, new)
             outs.append(ys)
-            order.append(idx)
-        y = torch.cat(outs, dim=0)
-        inverse = torch.empty_like(d)
-        inverse[torch.cat(order)] = torch.arange(d.shape[0], device=d.device)
-        return from_channels(y.index_select(0, inverse), x)
+        return from_channels(self._ungroup(outs, groups), x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_domains={self.num_domains}"

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .domain_liebn import DomainLieBatchNorm
 from .liebn import LieBatchNorm
 from .momentum_bn import DomainSPDBatchNorm, SPDMomentumBatchNorm
 from .spdbn import SPDBatchNorm
@@ -217,6 +218,9 @@ class EuclideanBatchNorm(nn.BatchNorm1d):
 register_norm("liebn_aim", "lie")(functools.partial(LieBatchNorm, metric="aim"))
 register_norm("liebn_lem", "lie")(functools.partial(LieBatchNorm, metric="lem"))
 register_norm("liebn_lcm", "lie")(functools.partial(LieBatchNorm, metric="lcm"))
+register_norm("dsliebn_aim", "spd")(functools.partial(DomainLieBatchNorm, metric="aim"))
+register_norm("dsliebn_lem", "spd")(functools.partial(DomainLieBatchNorm, metric="lem"))
+register_norm("dsliebn_lcm", "spd")(functools.partial(DomainLieBatchNorm, metric="lcm"))
 register_norm("spdbn", "spd")(SPDBatchNorm)
 register_norm("spdmbn", "spd")(SPDMomentumBatchNorm)
 register_norm("spddsmbn", "spd")(DomainSPDBatchNorm)
