@@ -48,7 +48,7 @@ def test_experiment_spd_eeg_only_overrides(cfg_of) -> None:
     base, exp = cfg_of(), cfg_of("+experiment=spd_eeg")
     assert base.task_name == "train" and exp.task_name == "spd_eeg"
     assert exp.model._target_ == "manifoldnorm.models.SPDNet"
-    assert exp.norm._target_ == "manifoldnorm.nn.LieBatchNorm" and exp.norm.metric == "aim"
+    assert exp.norm._target_ == "manifoldnorm.nn.DomainLieBatchNorm" and exp.norm.metric == "aim"
     assert exp.data.source == "simulated" and exp.data.representation == "cov"
     assert exp.data.protocol == "cross_session" and exp.trainer.accelerator == "cpu"
     assert exp.module.scheduler._target_.endswith("CosineAnnealingLR") and base.module.scheduler is None
@@ -56,7 +56,7 @@ def test_experiment_spd_eeg_only_overrides(cfg_of) -> None:
     for group in ("callbacks", "logger", "paths"):
         assert OmegaConf.to_container(exp[group]) == OmegaConf.to_container(base[group])
     model = instantiate(exp.model)
-    assert isinstance(model, SPDNet) and type(model.stages[0].norm).__name__ == "LieBatchNorm"
+    assert isinstance(model, SPDNet) and type(model.stages[0].norm).__name__ == "DomainLieBatchNorm"
 
 
 def test_run_dir_keyed_on_slurm_job_id(cfg_of, monkeypatch: pytest.MonkeyPatch) -> None:
