@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from manifoldnorm.nn import BiMap, ReEig, create_norm_layer
+from manifoldnorm.nn import BiMap, LogEig, ReEig, create_norm_layer
 from manifoldnorm.nn.registry import NormSpec
 
-__all__ = ["SPDStage", "no_autocast", "check_dims"]
+__all__ = ["SPDStage", "SPDTrunk", "no_autocast", "check_dims"]
 
 
 def check_dims(dims: Any, owner: str) -> tuple[int, ...]:
@@ -53,3 +53,30 @@ class SPDStage(nn.Module):
         if self.norm_first:
             return self.reeig(self.norm(x, domain=domain))
         return self.norm(self.reeig(x), domain=domain)
+
+
+class SPDTrunk(nn.Module):
+    """Base of the SPD classifiers: SPD stages on ``sizes`` (``sizes[0] -> sizes[1] -> ...``), LogEig, Linear.
+
+    Subclasses call :meth:`_build_trunk` in ``__init__``; :meth:`_spd_features` maps SPD matrices to the float64
+    tangent vectors ``(N, d(d+1)/2)`` and :meth:`classify` gives the logits in the classifier's dtype.
+    """
+
+    def _build_trunk(self, sizes: tuple[int, ...], num_classes: int, norm_layer: NormSpec,
+                     norm_kwargs: dict[str, Any] | None, reeig_threshold: float, norm_first: bool) -> None:
+        self.stages = nn.ModuleList(
+            SPDStage(a, b, norm_layer, norm_kwargs, reeig_threshold, norm_first=norm_first)
+            for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+        )
+        self.logeig = LogEig()
+        d = sizes[-1]
+        self.classifier = nn.Linear(d * (d + 1) // 2, num_classes)
+
+    def _spd_features(self, h: Tensor, domain: Tensor | None = None) -> Tensor:
+        for stage in self.stages:
+            h = stage(h, domain=domain)
+        return self.logeig(h)
+
+    def classify(self, f: Tensor) -> Tensor:
+        """Logits from tangent features, in the classifier's dtype."""
+        return self.classifier(f.to(self.classifier.weight.dtype))

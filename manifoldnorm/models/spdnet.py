@@ -6,18 +6,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from manifoldnorm import functional as mf
-from manifoldnorm.nn import LogEig
 from manifoldnorm.nn.registry import NormSpec
 
-from ._stages import SPDStage, check_dims, no_autocast
+from ._stages import SPDTrunk, check_dims, no_autocast
 
 __all__ = ["SPDNet"]
 
 
-class SPDNet(nn.Module):
+class SPDNet(SPDTrunk):
     r"""SPD matrix classifier: ``[BiMap -> norm -> ReEig] * len(dims) -> LogEig -> Linear``.
 
     Huang & Van Gool, "A Riemannian Network for SPD Matrix Learning", AAAI 2017, with the batch-norm slot of
@@ -55,13 +54,7 @@ class SPDNet(nn.Module):
         (num_classes,) = check_dims((num_classes,), "SPDNet num_classes")
         self.in_dim, self.dims, self.validate = in_dim, dims, bool(validate)
         sizes = (in_dim, *dims)
-        self.stages = nn.ModuleList(
-            SPDStage(a, b, norm_layer, norm_kwargs, reeig_threshold, norm_first=True)
-            for a, b in zip(sizes[:-1], sizes[1:], strict=True)
-        )
-        self.logeig = LogEig()
-        d = sizes[-1]
-        self.classifier = nn.Linear(d * (d + 1) // 2, num_classes)
+        self._build_trunk(sizes, num_classes, norm_layer, norm_kwargs, reeig_threshold, norm_first=True)
 
     def features(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         """Tangent-space features ``(N, d(d+1)/2)`` (float64) before the classifier."""
@@ -73,10 +66,7 @@ class SPDNet(nn.Module):
             if self.validate:
                 with torch.no_grad():
                     mf.check_spd(h.detach(), name="SPDNet input")
-            for stage in self.stages:
-                h = stage(h, domain=domain)
-            return self.logeig(h)
+            return self._spd_features(h, domain)
 
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
-        f = self.features(x, domain)
-        return self.classifier(f.to(self.classifier.weight.dtype))
+        return self.classify(self.features(x, domain))

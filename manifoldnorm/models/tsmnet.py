@@ -8,15 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from manifoldnorm.nn import CovPool, LogEig
+from manifoldnorm.nn import CovPool
 from manifoldnorm.nn.registry import NormSpec
 
-from ._stages import SPDStage, check_dims, no_autocast
+from ._stages import SPDTrunk, check_dims, no_autocast
 
 __all__ = ["TSMNet"]
 
 
-class TSMNet(nn.Module):
+class TSMNet(SPDTrunk):
     r"""Tangent space mapping network for raw EEG ``(N, C, T)``.
 
     Kobler, Hirayama, Zhao & Kawanabe, "SPD domain-specific batch normalization to crack interpretable
@@ -69,13 +69,7 @@ class TSMNet(nn.Module):
         self.spatial = nn.Conv2d(temporal_filters, spatial_filters, (n_channels, 1))
         self.cov = CovPool(center=True, eps=cov_eps, dtype=torch.float64)
         sizes = (spatial_filters, *spd_dims)
-        self.stages = nn.ModuleList(
-            SPDStage(a, b, norm_layer, norm_kwargs, reeig_threshold, norm_first=False)
-            for a, b in zip(sizes[:-1], sizes[1:], strict=True)
-        )
-        self.logeig = LogEig()
-        d = sizes[-1]
-        self.classifier = nn.Linear(d * (d + 1) // 2, num_classes)
+        self._build_trunk(sizes, num_classes, norm_layer, norm_kwargs, reeig_threshold, norm_first=False)
 
     def features(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         """Tangent-space features ``(N, d(d+1)/2)`` (float64)."""
@@ -86,10 +80,7 @@ class TSMNet(nn.Module):
         h = self.spatial(self.temporal(x.to(self.temporal.weight.dtype).unsqueeze(1))).squeeze(2)
         with no_autocast(x.device):
             h = self.cov(h.to(torch.float64))
-            for stage in self.stages:
-                h = stage(h, domain=domain)
-            return self.logeig(h)
+            return self._spd_features(h, domain)
 
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
-        f = self.features(x, domain)
-        return self.classifier(f.to(self.classifier.weight.dtype))
+        return self.classify(self.features(x, domain))
