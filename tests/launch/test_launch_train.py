@@ -97,3 +97,11 @@ def test_invalid_value_reports_our_error(cache: Path, tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "unknown metric 'foo'; valid names: aim, lem, lcm" in proc.stderr
     assert "Traceback" not in proc.stderr and "InstantiationException" not in proc.stderr
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_runs_on_tiny_data(experiment: str, cache: Path, tmp_path: Path) -> None:
+    tiny = [o for o in TINY if not o.startswith("model.")]
+    proc = train(f"+experiment={experiment}", "logger=none", *tiny, f"hydra.run.dir={tmp_path}", cache=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test/bacc" in proc.stdout
