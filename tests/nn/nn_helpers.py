@@ -52,6 +52,22 @@ def call_with(layer: torch.nn.Module, x: torch.Tensor, params: dict[str, torch.T
     return functional_call(fresh, params, (x,), kw)
 
 
+def gradcheck_norm(layer: torch.nn.Module, X: torch.Tensor, params: tuple[str, ...] = ("weight", "shift"),
+                   **kw) -> bool:
+    """float64 gradcheck of ``layer`` w.r.t. its input and the named parameters (SPD ``weight`` symmetrised).
+
+    Uses :func:`call_with`, so the layer's buffers are not touched by the repeated evaluations.
+    """
+    A = X.detach().clone().requires_grad_(True)
+    P = [getattr(layer, name).detach().clone().requires_grad_(True) for name in params]
+
+    def f(A: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        named = {n: (mf.sym(v) if n == "weight" else v) for n, v in zip(params, values, strict=True)}
+        return call_with(layer, mf.sym(A), named, **kw)
+
+    return torch.autograd.gradcheck(f, (A, *P), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 def input_grad_norm(layer: torch.nn.Module, X: torch.Tensor, seed: int = 0) -> tuple[float, torch.Tensor]:
     """``||dL/dX||_F`` for ``L = <G, layer(X)>`` with a fixed random direction ``G``."""
     X = X.clone().requires_grad_(True)

@@ -8,7 +8,7 @@ from conftest import concentrated_spd, random_spd
 
 from manifoldnorm import functional as mf
 from manifoldnorm.nn import DomainSPDBatchNorm, SPDMomentumBatchNorm, refit_domain_norms
-from tests.nn.nn_helpers import F64, call_with, input_grad_norm, powm
+from tests.nn.nn_helpers import F64, gradcheck_norm, input_grad_norm, powm
 
 
 def _sqd(P, X):
@@ -75,11 +75,7 @@ def test_shift_gradient_and_gradcheck():
     bn = _set_params(SPDMomentumBatchNorm(n, momentum=0.7, detach_mean=False, karcher_steps=2), n, 0)
     (bn(X) * random_spd(4, n=n, seed=3)).sum().backward()
     assert float(bn.shift.grad.abs().sum()) > 1e-6
-    A = X.clone().requires_grad_(True)
-    W = bn.weight.detach().clone().requires_grad_(True)
-    s = bn.shift.detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda A, W, s: call_with(bn, mf.sym(A), {"weight": mf.sym(W), "shift": s}),
-                                    (A, W, s), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert gradcheck_norm(bn, X)
 
 
 @pytest.mark.parametrize("cls", [SPDMomentumBatchNorm, DomainSPDBatchNorm])
@@ -200,9 +196,4 @@ def test_domain_bn_gradcheck(mode):
     if mode == "eval":
         bn(X, domain=d)
         bn.eval()
-    A = X.clone().requires_grad_(True)
-    W = bn.weight.detach().clone().requires_grad_(True)
-    s = bn.shift.detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda A, W, s: call_with(bn, mf.sym(A), {"weight": mf.sym(W), "shift": s}, domain=d),
-        (A, W, s), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert gradcheck_norm(bn, X, domain=d)

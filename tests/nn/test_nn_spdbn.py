@@ -8,7 +8,7 @@ from conftest import concentrated_spd, random_spd
 
 from manifoldnorm import functional as mf
 from manifoldnorm.nn import SPDBatchNorm
-from tests.nn.nn_helpers import call_with, input_grad_norm
+from tests.nn.nn_helpers import gradcheck_norm, input_grad_norm
 
 
 def _layer(n, seed, **kw):
@@ -56,9 +56,7 @@ def test_gradcheck(detach):
         bn.eval()
         with torch.no_grad():
             bn.running_mean.copy_(random_spd(1, n=n, seed=4))
-    W = bn.weight.detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda A, W: call_with(bn, mf.sym(A), {"weight": mf.sym(W)}), (X, W),
-                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert gradcheck_norm(bn, X, params=("weight",))
 
 
 def test_batch_of_one_is_bounded():
