@@ -16,7 +16,9 @@ from .spd_pullback import (
     mean_lem,
 )
 from .spectral import (
+    SymEig,
     sym,
+    sym_eig,
     sym_expm,
     sym_expm_ref,
     sym_funcm,
@@ -41,7 +43,7 @@ __all__ = [
     "congruence", "distance_aim", "expmap_aim", "geodesic_aim", "logmap_aim", "mean_aim",
     "cholesky_exp", "cholesky_log", "distance_lcm", "distance_lem", "geodesic_lcm", "geodesic_lem",
     "mean_lcm", "mean_lem",
-    "sym", "sym_expm", "sym_expm_ref", "sym_funcm", "sym_funcm_ref", "sym_invm", "sym_invsqrtm",
+    "SymEig", "sym", "sym_eig", "sym_expm", "sym_expm_ref", "sym_funcm", "sym_funcm_ref", "sym_invm", "sym_invsqrtm",
     "sym_invsqrtm_ref", "sym_logm", "sym_logm_ref", "sym_powm", "sym_powm_ref", "sym_reeig", "sym_reeig_ref",
     "sym_sqrtm", "sym_sqrtm_invsqrtm", "sym_sqrtm_ref",
     "check_finite", "check_spd", "check_square", "check_symmetric",

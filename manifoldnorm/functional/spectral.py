@@ -25,13 +25,19 @@ zero).
 For :func:`sym_powm` the gradient with respect to the exponent is returned as well,
 :math:`\partial L/\partial p = \sum_i (U^\top \mathrm{sym}(G) U)_{ii}\,\lambda_i^p \log\lambda_i`.
 
-Half-precision inputs are computed in float32 (``eigh`` has no float16/bfloat16 kernels) and cast back.
+Half-precision inputs are computed in float32 (``eigh`` has no float16/bfloat16 kernels) and cast back, and
+``torch.autocast`` is switched off inside these functions (forward and backward), so an enclosing autocast region
+never runs the reconstruction or the backward products in half precision.
+
+:func:`sym_eig` exposes one decomposition to several consumers (eigenvalues for a dispersion, a power for the
+scaling) so a layer pays for one ``eigh`` where the math needs one.
 
 Every fast path has a plain-autograd ``*_ref`` twin (:func:`sym_funcm_ref`) used by the tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -50,6 +56,8 @@ __all__ = [
     "sym_invm",
     "sym_powm",
     "sym_reeig",
+    "sym_eig",
+    "SymEig",
     "sym_logm_ref",
     "sym_expm_ref",
     "sym_sqrtm_ref",
@@ -102,12 +110,22 @@ def _loewner(lam: Tensor, flam: Tensor, spec: _Spec, p: Tensor) -> Tensor:
     return torch.where(tie, mid, divided)
 
 
+def _no_autocast(t: Tensor):
+    if t.device.type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(device_type=t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _SymEig(torch.autograd.Function):
     """One ``eigh``, several spectral functions of it, Daleckii–Krein backward for each."""
 
     @staticmethod
     def forward(ctx, X: Tensor, p: Tensor, specs: tuple[_Spec, ...]):  # type: ignore[override]
         lam, U = torch.linalg.eigh(X)
+        return _SymEig._finish(ctx, lam, U, p, specs)
+
+    @staticmethod
+    def _finish(ctx, lam: Tensor, U: Tensor, p: Tensor, specs: tuple[_Spec, ...]):
         pe = p.unsqueeze(-1) if p.dim() > 0 else p
         flams = tuple(spec.f(lam, pe) for spec in specs)
         ctx.specs = specs
@@ -117,6 +135,11 @@ class _SymEig(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         lam, U, p, *flams = ctx.saved_tensors
+        with _no_autocast(U):
+            return _SymEig._grad(ctx, lam, U, p, flams, grads)
+
+    @staticmethod
+    def _grad(ctx, lam, U, p, flams, grads):
         Ut = U.transpose(-1, -2)
         inner = None
         dp = None
@@ -136,16 +159,46 @@ class _SymEig(torch.autograd.Function):
         return dX, dp, None
 
 
-def _apply(X: Tensor, specs: Sequence[_Spec], p: Tensor | float | None = None) -> tuple[Tensor, ...]:
+class _FromEig(torch.autograd.Function):
+    """Spectral functions of ``X`` from a decomposition ``(lam, U)`` computed beforehand (see :class:`SymEig`)."""
+
+    @staticmethod
+    def forward(ctx, X: Tensor, p: Tensor, lam: Tensor, U: Tensor, specs: tuple[_Spec, ...]):  # type: ignore[override]
+        return _SymEig._finish(ctx, lam, U, p, specs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        lam, U, p, *flams = ctx.saved_tensors
+        with _no_autocast(U):
+            dX, dp, _ = _SymEig._grad(ctx, lam, U, p, flams, grads)
+        return dX, dp, None, None, None
+
+
+class _EigvalsFromEig(torch.autograd.Function):
+    """Eigenvalues of ``X`` from a decomposition computed beforehand; backward :math:`U\,\mathrm{diag}(g)\,U^\top`."""
+
+    @staticmethod
+    def forward(ctx, X: Tensor, lam: Tensor, U: Tensor):  # type: ignore[override]
+        ctx.save_for_backward(U)
+        return lam.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (U,) = ctx.saved_tensors
+        with _no_autocast(U):
+            return _reconstruct(U, g), None, None
+
+
+def _check_input(X: Tensor) -> None:
     if not isinstance(X, Tensor):
         raise TypeError(f"expected a torch.Tensor of shape (..., n, n), got {type(X).__name__}")
     if X.dim() < 2 or X.shape[-1] != X.shape[-2]:
         raise ValueError(f"expected square matrices of shape (..., n, n), got shape {tuple(X.shape)}")
     if not X.is_floating_point():
         raise TypeError(f"expected a floating-point tensor, got dtype {X.dtype}")
-    dtype = X.dtype
-    cdtype = _compute_dtype(dtype)
-    Xc = X.to(cdtype)
+
+
+def _exponent(X: Tensor, p: Tensor | float | None, cdtype: torch.dtype) -> Tensor:
     if p is None:
         pt = torch.zeros((), dtype=cdtype, device=X.device)
     else:
@@ -164,8 +217,72 @@ def _apply(X: Tensor, specs: Sequence[_Spec], p: Tensor | float | None = None) -
                 )
             pt = pt.expand(batch) if pt.shape != batch else pt
         pt = pt.to(cdtype)
-    outs = _SymEig.apply(Xc, pt, tuple(specs))
+    return pt
+
+
+def _apply(X: Tensor, specs: Sequence[_Spec], p: Tensor | float | None = None) -> tuple[Tensor, ...]:
+    _check_input(X)
+    dtype = X.dtype
+    cdtype = _compute_dtype(dtype)
+    with _no_autocast(X):
+        outs = _SymEig.apply(X.to(cdtype), _exponent(X, p, cdtype), tuple(specs))
     return tuple(o.to(dtype) for o in outs)
+
+
+class SymEig:
+    r"""One eigendecomposition of symmetric matrices shared by several differentiable consumers.
+
+    ``E = sym_eig(X)`` runs ``torch.linalg.eigh`` once (outside autograd); :meth:`eigvals`, :meth:`powm`,
+    :meth:`logm`, ... return functions of ``X`` that are differentiable with respect to ``X`` (and the exponent)
+    through the same Daleckii–Krein backward as :func:`sym_powm` etc. Gradients from several consumers add up.
+    A batch norm that needs the eigenvalues of the centred matrices for the dispersion and then a power of the
+    same matrices for the scaling pays for one ``eigh`` instead of two.
+
+    Computation runs in float32 for half-precision inputs and outside autocast; outputs have ``X``'s dtype.
+    """
+
+    def __init__(self, X: Tensor) -> None:
+        _check_input(X)
+        self.X = X
+        self.dtype = X.dtype
+        self._cdtype = _compute_dtype(X.dtype)
+        self._Xc = X.to(self._cdtype)
+        with torch.no_grad(), _no_autocast(X):
+            self.lam, self.U = torch.linalg.eigh(self._Xc.detach())
+
+    def eigvals(self) -> Tensor:
+        """Eigenvalues ``(..., n)`` in ascending order; backward :math:`U\,\mathrm{diag}(g)\,U^\top`."""
+        return _EigvalsFromEig.apply(self._Xc, self.lam, self.U).to(self.dtype)
+
+    def _apply(self, spec: _Spec, p: Tensor | float | None = None) -> Tensor:
+        with _no_autocast(self.X):
+            out = _FromEig.apply(self._Xc, _exponent(self.X, p, self._cdtype), self.lam, self.U, (spec,))[0]
+        return out.to(self.dtype)
+
+    def powm(self, p: Tensor | float) -> Tensor:
+        """:math:`X^p`, differentiable in ``X`` and ``p`` (see :func:`sym_powm`)."""
+        return self._apply(_POW, p)
+
+    def logm(self) -> Tensor:
+        """:math:`\log X` (see :func:`sym_logm`)."""
+        return self._apply(_LOG)
+
+    def expm(self) -> Tensor:
+        """:math:`\exp X` (see :func:`sym_expm`)."""
+        return self._apply(_EXP)
+
+    def sqrtm(self) -> Tensor:
+        """:math:`X^{1/2}` (see :func:`sym_sqrtm`)."""
+        return self._apply(_SQRT)
+
+    def invsqrtm(self) -> Tensor:
+        """:math:`X^{-1/2}` (see :func:`sym_invsqrtm`)."""
+        return self._apply(_INVSQRT)
+
+
+def sym_eig(X: Tensor) -> SymEig:
+    """Decompose symmetric matrices ``(..., n, n)`` once for several spectral consumers (see :class:`SymEig`)."""
+    return SymEig(X)
 
 
 # ---- eigenvalue functions -------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import geoopt
 import torch
 from torch import Tensor, nn
@@ -15,6 +17,9 @@ __all__ = [
     "check_momentum",
     "check_positive_int",
     "compute_dtype",
+    "check_compute_dtype",
+    "resolve_dtype",
+    "autocast_off",
     "as_domain_ids",
     "DomainStatsMixin",
 ]
@@ -46,6 +51,43 @@ def spd_identity_parameter(channels: int, n: int, dtype: torch.dtype | None, dev
 def compute_dtype(x: Tensor, ref: Tensor) -> torch.dtype:
     """Promoted floating dtype of the input and the layer's parameters (float32 x float64 -> float64)."""
     return torch.promote_types(x.dtype, ref.dtype)
+
+
+_COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def check_compute_dtype(value: torch.dtype | str | None, owner: str) -> torch.dtype | None:
+    """Validate a layer's ``compute_dtype`` switch: ``None``, ``torch.float32``/``float64`` or their names."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        key = value.lower().removeprefix("torch.")
+        if key not in _COMPUTE_DTYPES:
+            raise ValueError(f"{owner}: compute_dtype must be None, 'float32' or 'float64', got {value!r}")
+        return _COMPUTE_DTYPES[key]
+    if value in (torch.float32, torch.float64):
+        return value
+    raise ValueError(f"{owner}: compute_dtype must be None, torch.float32 or torch.float64, got {value!r}")
+
+
+def resolve_dtype(x: Tensor, ref: Tensor, compute: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:
+    """``(compute dtype, output dtype)`` of a layer with parameter ``ref`` applied to ``x``.
+
+    The output dtype is the promoted dtype of input and parameters (half precision inputs are promoted by the
+    float32/float64 parameters). The computation runs in ``compute`` if given, else in the output dtype, and
+    never below float32 (``torch.linalg.eigh`` has no half-precision kernels).
+    """
+    out = torch.promote_types(x.dtype, ref.dtype)
+    if compute is not None:
+        return compute, out
+    return (torch.float32 if out in (torch.float16, torch.bfloat16) else out), out
+
+
+def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+    """Context disabling ``torch.autocast`` on ``x``'s device: spectral layers compute in float32 or float64."""
+    if x.device.type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def to_channels(x: Tensor, n: int, channels: int, owner: str, validate: bool) -> Tensor:
