@@ -175,7 +175,7 @@ class _FromEig(torch.autograd.Function):
 
 
 class _EigvalsFromEig(torch.autograd.Function):
-    """Eigenvalues of ``X`` from a decomposition computed beforehand; backward :math:`U\,\mathrm{diag}(g)\,U^\top`."""
+    r"""Eigenvalues of ``X`` from a decomposition computed beforehand; backward :math:`U\,\mathrm{diag}(g)\,U^\top`."""
 
     @staticmethod
     def forward(ctx, X: Tensor, lam: Tensor, U: Tensor):  # type: ignore[override]
@@ -251,7 +251,7 @@ class SymEig:
             self.lam, self.U = torch.linalg.eigh(self._Xc.detach())
 
     def eigvals(self) -> Tensor:
-        """Eigenvalues ``(..., n)`` in ascending order; backward :math:`U\,\mathrm{diag}(g)\,U^\top`."""
+        r"""Eigenvalues ``(..., n)`` in ascending order; backward :math:`U\,\mathrm{diag}(g)\,U^\top`."""
         return _EigvalsFromEig.apply(self._Xc, self.lam, self.U).to(self.dtype)
 
     def _apply(self, spec: _Spec, p: Tensor | float | None = None) -> Tensor:
@@ -264,11 +264,11 @@ class SymEig:
         return self._apply(_POW, p)
 
     def logm(self) -> Tensor:
-        """:math:`\log X` (see :func:`sym_logm`)."""
+        r""":math:`\log X` (see :func:`sym_logm`)."""
         return self._apply(_LOG)
 
     def expm(self) -> Tensor:
-        """:math:`\exp X` (see :func:`sym_expm`)."""
+        r""":math:`\exp X` (see :func:`sym_expm`)."""
         return self._apply(_EXP)
 
     def sqrtm(self) -> Tensor:

@@ -78,7 +78,7 @@ class ClassificationModule(pl.LightningModule):
             raise ValueError(f"unknown scheduler_interval {scheduler_interval!r}; valid: {', '.join(_INTERVALS)}")
         if refit_on_test is True and not refittable_norms(model):
             raise ValueError("refit_on_test=True but the model has no refittable norm layer "
-                             "(e.g. norm=spddsmbn or spdmbn); use refit_on_test=null to refit only when possible")
+                             "(e.g. norm=spddsmbn, liebn_aim); use refit_on_test=null to refit only when possible")
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.model = model
         self.optimizer_factory = optimizer

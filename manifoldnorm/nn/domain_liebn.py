@@ -5,14 +5,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import DomainStatsMixin, as_domain_ids, check_positive_int, compute_dtype, from_channels, to_channels
+from ._common import (
+    DomainStatsMixin,
+    as_domain_ids,
+    autocast_off,
+    check_positive_int,
+    from_channels,
+    resolve_dtype,
+    to_channels,
+)
 from .liebn import LieBatchNorm
-from .momentum_bn import RefittableNorm
 
 __all__ = ["DomainLieBatchNorm"]
 
 
-class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm, RefittableNorm):
+class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
     r"""LieBN of SPD matrices with per-domain running statistics and a shared bias and dispersion.
 
     The normalization of :class:`~manifoldnorm.nn.LieBatchNorm` (Chen, Song, Liu & Sebe, "A Lie Group Approach
@@ -48,8 +55,9 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm, RefittableNorm):
         Initial number of domain slots: ``running_mean`` is ``(D, C, n, n)`` (SPD), ``running_var`` ``(D, C)``.
         A domain id ``>= D`` grows the buffers (new slots start at (identity, 1)); ``load_state_dict`` adopts the
         stored size. Fix it up front under DistributedDataParallel, which requires constant buffer shapes.
-    metric, theta, alpha, beta, momentum, karcher_steps, eps, channels, detach_mean, validate, dtype, device
-        As :class:`~manifoldnorm.nn.LieBatchNorm`.
+    metric, theta, alpha, beta, momentum, train_momentum, karcher_steps, eps, channels, detach_mean, validate,
+    compute_dtype, dtype, device
+        As :class:`~manifoldnorm.nn.LieBatchNorm` (per domain: ``train_mean``/``train_var`` are ``(D, ...)`` too).
     refit_karcher_steps : int
         Maximum Karcher-flow iterations of the AIM mean when refitting (early stop at float precision).
 
@@ -69,13 +77,14 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm, RefittableNorm):
     ----------
     * Neither paper has this layer: Chen et al. keep one set of statistics, Kobler et al. use per-domain
       statistics with the AIM momentum batch norm. Combining LieBN with per-domain statistics is our own.
-    * No separate test statistics (Kobler's :math:`R_t, r_t`): evaluation uses the LieBN running statistics.
+    * Evaluation uses the LieBN running statistics (momentum ``momentum``); with ``train_momentum < 1``
+      training normalizes with per-domain momentum statistics as Kobler's layer.
     * Everything listed under :class:`~manifoldnorm.nn.LieBatchNorm` applies; statistics live in stacked
       buffers instead of one module per domain.
     """
 
     domain_aware = True
-    _stat_names = ("running_mean", "running_var")
+    _stat_names = ("running_mean", "running_var", "train_mean", "train_var")
 
     def __init__(
         self,
@@ -86,67 +95,45 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm, RefittableNorm):
         alpha: float = 1.0,
         beta: float = 0.0,
         momentum: float = 0.1,
+        train_momentum: float = 1.0,
         karcher_steps: int = 1,
         eps: float = 1e-5,
         channels: int = 1,
         refit_karcher_steps: int = 50,
         detach_mean: bool = True,
         validate: bool = True,
+        compute_dtype: torch.dtype | str | None = None,
         dtype: torch.dtype = torch.float64,
         device=None,
     ) -> None:
-        owner = type(self).__name__
-        num_domains = check_positive_int(num_domains, "num_domains", owner)
+        self._num_domains_init = check_positive_int(num_domains, "num_domains", type(self).__name__)
         super().__init__(n, metric=metric, theta=theta, alpha=alpha, beta=beta, momentum=momentum,
-                         karcher_steps=karcher_steps, eps=eps, channels=channels, detach_mean=detach_mean,
-                         validate=validate, dtype=dtype, device=device)
-        self.refit_karcher_steps = check_positive_int(refit_karcher_steps, "refit_karcher_steps", owner)
-        self.refitting = False
-        for name, value in zip(self._stat_names, self._fresh_stats((num_domains,), dtype, device), strict=True):
-            setattr(self, name, value)  # replaces the single-domain buffers of LieBatchNorm
+                         train_momentum=train_momentum, karcher_steps=karcher_steps, eps=eps, channels=channels,
+                         detach_mean=detach_mean, validate=validate, refit_karcher_steps=refit_karcher_steps,
+                         compute_dtype=compute_dtype, dtype=dtype, device=device)
 
-    def _fresh_stats(self, lead: tuple[int, ...], dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
-        eye = torch.eye(self.n, dtype=dtype, device=device).expand(*lead, self.channels, self.n, self.n).clone()
-        return eye, torch.ones(*lead, self.channels, dtype=dtype, device=device)
-
-    def _refit_group(self, Z: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """Exact Fréchet mean and dispersion of one group; same return layout as ``_train_group``."""
-        g = self.group
-        M = g.mean(Z, self.refit_karcher_steps, tol=None)
-        Zc = g.center(Z, M)
-        v2 = g.sqdist_identity(Zc).mean(dim=0)
-        return Zc, v2, (g.undeform(M), v2)
+    def _stats_lead(self) -> tuple[int, ...]:
+        return (self._num_domains_init,)
 
     def forward(self, x: Tensor, domain: Tensor | int | None = None) -> Tensor:
         """Normalize ``x`` with the statistics of each sample's domain; ``domain``: ``(N,)`` ids."""
         owner = type(self).__name__
         x4 = to_channels(x, self.n, self.channels, owner, self.validate)
-        dtype = compute_dtype(x4, self.weight)
         d = as_domain_ids(domain, x4.shape[0], x4.device, owner)
         self._grow(int(d.max()) + 1)
         g = self.group
-        Z = g.deform(x4.to(dtype))
-        if not (self.training or self.refitting):
-            Zc = g.center(Z, g.deform(self.running_mean.to(dtype))[d])
-            return from_channels(self._scale_and_bias(Zc, self.running_var.to(dtype)[d], dtype), x)
-        groups = self._domain_groups(d)
-        centred, variances = [], []
-        for dom, idx in groups:
-            Zs = Z.index_select(0, idx)
-            if self.refitting:
-                with torch.no_grad():
-                    Zc, var, new = self._refit_group(Zs)
+        with autocast_off(x4):
+            cdt, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
+            Z = g.deform(x4.to(cdt))
+            if not (self.training or self.refitting):
+                Zc = g.center(Z, g.deform(self.running_mean.to(cdt))[d])
+                Zs = g.scale(Zc, self._factor(self.running_var.to(cdt)[d], cdt))
             else:
-                R, r = self.running_mean[dom].to(dtype), self.running_var[dom].to(dtype)
-                Zc, var, new = self._train_group(Zs, R, r)
-            with torch.no_grad():
-                self.running_mean[dom].copy_(new[0])
-                self.running_var[dom].copy_(new[1])
-            centred.append(Zc)
-            variances.append(var.expand(Zs.shape[0], -1))
-        Zc = self._ungroup(centred, groups)
-        var = self._ungroup(variances, groups)
-        return from_channels(self._scale_and_bias(Zc, var, dtype), x)
+                groups = self._domain_groups(d)
+                step = self._refit_group if self.refitting else self._train_group
+                Zs = self._ungroup([step(Z.index_select(0, idx), dom) for dom, idx in groups], groups)
+            y = self._bias(Zs, cdt)
+        return from_channels(y.to(odt), x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_domains={self.num_domains}"

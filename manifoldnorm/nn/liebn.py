@@ -10,20 +10,24 @@ from torch import Tensor, nn
 from manifoldnorm import functional as mf
 
 from ._common import (
+    autocast_off,
+    check_compute_dtype,
     check_momentum,
     check_positive_int,
-    compute_dtype,
     from_channels,
+    resolve_dtype,
     spd_identity_parameter,
     to_channels,
 )
-from ._lie_groups import make_group
+from ._lie_groups import LIE_METRICS, make_group
+from ._reference import liebn_reference
+from .momentum_bn import RefittableNorm
 
 __all__ = ["LieBatchNorm"]
 
 
-class LieBatchNorm(nn.Module):
-    r"""Lie group batch normalization of SPD matrices under the (θ,α,β)-AIM, (α,β)-LEM or θ-LCM metric.
+class LieBatchNorm(RefittableNorm):
+    r"""Lie group batch normalization of SPD matrices under the (θ,α,β)-AIM, (α,β)-LEM, θ-LCM or θ-CRIM metric.
 
     Chen, Song, Liu & Sebe, "A Lie Group Approach to Riemannian Batch Normalization", ICLR 2024, Alg. 1 as
     instantiated on SPD manifolds in Sec. 5.2 (scaling: Eq. 14). With :math:`\phi` the metric's deformation,
@@ -42,18 +46,30 @@ class LieBatchNorm(nn.Module):
     along the metric's geodesic, :math:`r \leftarrow (1-\text{momentum})\,r + \text{momentum}\,v^2`;
     evaluation uses :math:`(R, r)`.
 
+    With ``train_momentum`` :math:`\eta < 1` training normalizes with momentum statistics instead of the batch
+    statistics (Kobler et al., NeurIPS 2022, applied to LieBN as in the LieBN EEG code):
+    :math:`M_\eta = \gamma_{T \to M}(\eta)`, :math:`v_\eta = (1-\eta)\,t + \eta\,\frac1N\sum_i
+    d^2(M_\eta^{-1}\odot\phi(X_i), E)`, then :math:`T \leftarrow M_\eta`, :math:`t \leftarrow v_\eta` (buffers
+    ``train_mean``, ``train_var``). :meth:`set_momentum` changes both momenta (momentum schedules).
+
     Parameters
     ----------
     n : int
         Matrix size; inputs are ``(N, n, n)`` or ``(N, C, n, n)`` with statistics per channel over ``N``.
-    metric : {'aim', 'lem', 'lcm'}
+    metric : {'aim', 'lem', 'lcm', 'crim'}
+        ``'crim'``: the Cholesky right-invariant metric of the LieBN toolbox (see
+        :mod:`manifoldnorm.nn._lie_groups`): AIM-LieBN in the coordinates :math:`\iota(X^\theta)`,
+        :math:`\iota(P) = L_P^{-1}L_P^{-\top}`.
     theta : float
-        Power deformation :math:`\theta \neq 0` (AIM and LCM; must stay 1 for LEM, where it has no effect).
+        Power deformation :math:`\theta \neq 0` (AIM, LCM, CRIM; must stay 1 for LEM, where it has no effect).
     alpha, beta : float
         (α,β) weights of the O(n)-invariant inner product, :math:`\alpha>0`, :math:`\beta>-\alpha/n`
-        (AIM and LEM; must stay (1, 0) for LCM).
+        (AIM, CRIM and LEM; must stay (1, 0) for LCM).
     momentum : float
-        Running-statistics momentum in [0, 1].
+        Momentum in [0, 1] of the running statistics used in evaluation.
+    train_momentum : float
+        :math:`\eta \in (0, 1]`: weight of the batch in the statistics training normalizes with (1: batch
+        statistics, the paper).
     karcher_steps : int
         Karcher-flow iterations for the AIM batch mean (from the arithmetic mean; 1 in the paper).
     eps : float
@@ -65,6 +81,12 @@ class LieBatchNorm(nn.Module):
     validate : bool
         Check symmetry and positive definiteness of the input (one Cholesky per matrix); shape and NaN/Inf
         are always checked.
+    refit_karcher_steps : int
+        Maximum Karcher iterations when refitting the statistics on unlabeled data
+        (:func:`~manifoldnorm.nn.refit_domain_norms`; early stop at float precision).
+    compute_dtype : None, torch.float32 or torch.float64
+        Dtype of the computation (``None``: promoted dtype of input and parameters, at least float32). The
+        output has the promoted dtype of input and parameters. ``torch.autocast`` is switched off inside.
 
     Shapes
     ------
@@ -86,7 +108,7 @@ class LieBatchNorm(nn.Module):
     * The exponent of the AIM scaling :math:`X^{s/\sqrt{v^2+\epsilon}}` is differentiated, so ``shift`` learns
       under every metric (the toolbox drops this gradient for AIM).
     * The AIM variance is computed from the eigenvalues of the centred matrices (exact given :math:`M`), not
-      re-derived from the Karcher tangent vectors.
+      re-derived from the Karcher tangent vectors; the same decomposition serves the scaling :math:`Z^c`.
     * ``running_mean`` is stored as an SPD matrix (the running Fréchet mean itself, not its image under
       :math:`\phi`); all running statistics are registered buffers.
     * Degenerate batches reuse the running variance (see Notes); the paper has no such rule.
@@ -100,11 +122,14 @@ class LieBatchNorm(nn.Module):
         alpha: float = 1.0,
         beta: float = 0.0,
         momentum: float = 0.1,
+        train_momentum: float = 1.0,
         karcher_steps: int = 1,
         eps: float = 1e-5,
         channels: int = 1,
         detach_mean: bool = True,
         validate: bool = True,
+        refit_karcher_steps: int = 50,
+        compute_dtype: torch.dtype | str | None = None,
         dtype: torch.dtype = torch.float64,
         device=None,
     ) -> None:
@@ -112,7 +137,7 @@ class LieBatchNorm(nn.Module):
         owner = type(self).__name__
         self.n = check_positive_int(n, "n", owner)
         self.channels = check_positive_int(channels, "channels", owner)
-        self.metric = mf.check_metric(metric, mf.METRICS)
+        self.metric = mf.check_metric(metric, LIE_METRICS)
         theta, alpha, beta = float(theta), float(alpha), float(beta)
         if theta == 0.0 or not math.isfinite(theta):
             raise ValueError(f"{owner}: theta must be finite and non-zero, got {theta}")
@@ -130,23 +155,57 @@ class LieBatchNorm(nn.Module):
             raise ValueError(f"{owner}: eps must be > 0, got {eps}")
         self.theta, self.alpha, self.beta = theta, alpha, beta
         self.momentum = check_momentum(momentum, "momentum", owner)
+        self.train_momentum = self._check_train_momentum(train_momentum)
         self.karcher_steps = check_positive_int(karcher_steps, "karcher_steps", owner)
+        self.refit_karcher_steps = check_positive_int(refit_karcher_steps, "refit_karcher_steps", owner)
         self.eps = float(eps)
         self.detach_mean = bool(detach_mean)
         self.validate = bool(validate)
+        self.compute_dtype = check_compute_dtype(compute_dtype, owner)
+        self.refitting = False
         self.group = make_group(self.metric, theta, alpha, beta)
 
         self.weight = spd_identity_parameter(self.channels, self.n, dtype, device)
         self.shift = nn.Parameter(torch.ones(self.channels, dtype=dtype, device=device))
-        self.register_buffer("running_mean", torch.eye(self.n, dtype=dtype, device=device)
-                             .expand(self.channels, self.n, self.n).clone())
-        self.register_buffer("running_var", torch.ones(self.channels, dtype=dtype, device=device))
+        for name, value in zip(self._stat_names, self._fresh_stats(self._stats_lead(), dtype, device), strict=True):
+            self.register_buffer(name, value)
+
+    # statistics storage ------------------------------------------------------------------------------------------
+    _stat_names: tuple[str, ...] = ("running_mean", "running_var", "train_mean", "train_var")
+
+    def _stats_lead(self) -> tuple[int, ...]:
+        return ()
+
+    def _fresh_stats(self, lead: tuple[int, ...], dtype: torch.dtype, device) -> tuple[Tensor, ...]:
+        eye = torch.eye(self.n, dtype=dtype, device=device).expand(*lead, self.channels, self.n, self.n).clone()
+        one = torch.ones(*lead, self.channels, dtype=dtype, device=device)
+        return eye, one, eye.clone(), one.clone()
+
+    def _get_stats(self, d: int | None, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        return tuple((getattr(self, k) if d is None else getattr(self, k)[d]).to(dtype) for k in self._stat_names)
+
+    @torch.no_grad()
+    def _set_stats(self, d: int | None, values: tuple[Tensor, ...]) -> None:
+        for k, v in zip(self._stat_names, values, strict=True):
+            (getattr(self, k) if d is None else getattr(self, k)[d]).copy_(v)
+
+    def _check_train_momentum(self, value: float) -> float:
+        value = check_momentum(value, "train_momentum", type(self).__name__)
+        if value == 0.0:
+            raise ValueError(f"{type(self).__name__}: train_momentum must be > 0 (0 would ignore every batch)")
+        return value
+
+    def set_momentum(self, train: float | None = None, test: float | None = None) -> None:
+        r"""Change the training momentum :math:`\eta` and/or the running-statistics (test) momentum."""
+        if train is not None:
+            self.train_momentum = self._check_train_momentum(train)
+        if test is not None:
+            self.momentum = check_momentum(test, "momentum", type(self).__name__)
 
     def reset_running_stats(self) -> None:
-        """Running mean back to the identity, running variance back to one."""
-        with torch.no_grad():
-            self.running_mean.copy_(torch.eye(self.n, dtype=self.running_mean.dtype).expand_as(self.running_mean))
-            self.running_var.fill_(1.0)
+        """Running and training statistics back to (identity, 1)."""
+        ref = self.running_mean
+        self._set_stats(None, self._fresh_stats(tuple(ref.shape[:-3]), ref.dtype, ref.device))
 
     def reset_parameters(self) -> None:
         """Bias back to the identity, dispersion back to one; running statistics reset too."""
@@ -155,55 +214,80 @@ class LieBatchNorm(nn.Module):
             self.weight.copy_(torch.eye(self.n, dtype=self.weight.dtype).expand_as(self.weight))
             self.shift.fill_(1.0)
 
+    # forward -----------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         """Normalize ``x`` (``domain`` is accepted and ignored: this layer is not domain-aware)."""
         x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate)
-        dtype = compute_dtype(x4, self.weight)
-        Z = self.group.deform(x4.to(dtype))
-        if self.training:
-            Zc, var, new = self._train_group(Z, self.running_mean.to(dtype), self.running_var.to(dtype))
-            with torch.no_grad():
-                self.running_mean.copy_(new[0])
-                self.running_var.copy_(new[1])
-        else:
-            Zc = self.group.center(Z, self.group.deform(self.running_mean.to(dtype)))
-            var = self.running_var.to(dtype)
-        return from_channels(self._scale_and_bias(Zc, var, dtype), x)
+        with autocast_off(x4):
+            cdt, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
+            Z = self.group.deform(x4.to(cdt))
+            if self.refitting:
+                Zs = self._refit_group(Z, None)
+            elif self.training:
+                Zs = self._train_group(Z, None)
+            else:
+                R, r = self._get_stats(None, cdt)[:2]
+                Zs = self.group.scale(self.group.center(Z, self.group.deform(R)), self._factor(r, cdt))
+            y = self._bias(Zs, cdt)
+        return from_channels(y.to(odt), x)
 
-    def _train_group(self, Z: Tensor, R: Tensor, r: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """Centre one group of deformed inputs ``(N, C, n, n)`` with its batch statistics.
+    def _factor(self, var: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.shift.to(dtype) / torch.sqrt(var + self.eps)
 
-        ``R`` (SPD, ``(C, n, n)``) and ``r`` (``(C,)``) are the running statistics of the group. Returns the
-        centred codomain elements, the variance to scale with (``(C,)``) and the updated running statistics.
-        """
-        g = self.group
+    def _batch_mean(self, Z: Tensor) -> Tensor:
         if self.detach_mean:
             with torch.no_grad():
-                M = g.mean(Z.detach(), self.karcher_steps)
-        else:
-            M = g.mean(Z, self.karcher_steps)
-        Zc = g.center(Z, M)
-        v2 = g.sqdist_identity(Zc).mean(dim=0)
-        degenerate = v2.detach() < self.eps
-        if Z.shape[0] == 1:
+                return self.group.mean(Z.detach(), self.karcher_steps)
+        return self.group.mean(Z, self.karcher_steps)
+
+    def _train_group(self, Z: Tensor, d: int | None) -> Tensor:
+        """Centre and scale one group ``(N, C, n, n)`` of deformed inputs; update the statistics of slot ``d``."""
+        g = self.group
+        R, r, T, t = self._get_stats(d, Z.dtype)
+        M = self._batch_mean(Z)
+        eta = self.train_momentum
+        centre = M if eta == 1.0 else g.geodesic(g.deform(T), M.detach(), eta)
+        d2, scaler = g.dispersion(g.center(Z, centre))
+        v = d2.mean(dim=0)
+        v_eta = v if eta == 1.0 else (1.0 - eta) * t + eta * v
+        degenerate = v_eta.detach() < self.eps
+        if Z.shape[0] == 1 and eta == 1.0:
             degenerate = torch.ones_like(degenerate)
-        var = torch.where(degenerate, r, v2)
+        out = scaler(self._factor(torch.where(degenerate, r, v_eta), Z.dtype))
         with torch.no_grad():
             m = self.momentum
             R_new = g.undeform(g.geodesic(g.deform(R), M.detach(), m))
-            r_new = torch.where(degenerate, r, (1.0 - m) * r + m * v2.detach())
-        return Zc, var, (R_new, r_new)
+            r_new = torch.where(degenerate, r, (1.0 - m) * r + m * v.detach())
+            t_new = torch.where(degenerate, t, v_eta.detach())
+            self._set_stats(d, (R_new, r_new, g.undeform(centre.detach()), t_new))
+        return out
 
-    def _scale_and_bias(self, Zc: Tensor, var: Tensor, dtype: torch.dtype) -> Tensor:
-        r"""Scale and bias centred codomain elements, back on the manifold; ``var``: ``(C,)`` or ``(N, C)``.
-
-        :math:`\phi^{-1}(\phi(B) \odot \mathrm{Exp}_E(s/\sqrt{v^2+\epsilon}\,\mathrm{Log}_E Z_c))`.
-        """
+    @torch.no_grad()
+    def _refit_group(self, Z: Tensor, d: int | None) -> Tensor:
+        """Exact Fréchet mean and dispersion of one group (full Karcher flow) become its statistics."""
         g = self.group
-        c = self.shift.to(dtype) / torch.sqrt(var + self.eps)
-        return g.undeform(g.translate(g.deform(self.weight.to(dtype)), g.scale(Zc, c)))
+        M = g.mean(Z, self.refit_karcher_steps, tol=None)
+        d2, scaler = g.dispersion(g.center(Z, M))
+        v = d2.mean(dim=0)
+        R = g.undeform(M)
+        self._set_stats(d, (R, v, R.clone(), v.clone()))
+        return scaler(self._factor(v, Z.dtype))
+
+    def _bias(self, Zs: Tensor, dtype: torch.dtype) -> Tensor:
+        r""":math:`\phi^{-1}(\phi(B) \odot \hat Z)` for centred and scaled codomain elements ``Zs``."""
+        g = self.group
+        return g.undeform(g.translate(g.deform(self.weight.to(dtype)), Zs))
+
+    def forward_ref(self, x: Tensor) -> Tensor:
+        """Training-mode output from batch statistics by an independent plain-autograd path (tests, benchmark)."""
+        x4 = to_channels(x, self.n, self.channels, type(self).__name__, validate=False)
+        cdt, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
+        y = liebn_reference(x4.to(cdt), self.metric, self.theta, self.alpha, self.beta, self.weight.to(cdt),
+                            self.shift.to(cdt), self.eps, self.karcher_steps, self.detach_mean,
+                            self.running_var.to(cdt))
+        return from_channels(y.to(odt), x)
 
     def extra_repr(self) -> str:
         return (f"{self.n}, metric={self.metric!r}, theta={self.theta:g}, alpha={self.alpha:g}, "
-                f"beta={self.beta:g}, momentum={self.momentum:g}, karcher_steps={self.karcher_steps}, "
-                f"eps={self.eps:g}, channels={self.channels}")
+                f"beta={self.beta:g}, momentum={self.momentum:g}, train_momentum={self.train_momentum:g}, "
+                f"karcher_steps={self.karcher_steps}, eps={self.eps:g}, channels={self.channels}")

@@ -6,7 +6,7 @@ module has ``forward(x, domain=None)``.
 
 >>> layer = create_norm_layer("liebn_lem", 8, momentum=0.05)
 >>> sorted(list_norms(kind="lie"))
-['liebn_aim', 'liebn_lcm', 'liebn_lem']
+['liebn_aim', 'liebn_crim', 'liebn_lcm', 'liebn_lem']
 """
 
 from __future__ import annotations
@@ -218,6 +218,7 @@ class EuclideanBatchNorm(nn.BatchNorm1d):
 register_norm("liebn_aim", "lie")(functools.partial(LieBatchNorm, metric="aim"))
 register_norm("liebn_lem", "lie")(functools.partial(LieBatchNorm, metric="lem"))
 register_norm("liebn_lcm", "lie")(functools.partial(LieBatchNorm, metric="lcm"))
+register_norm("liebn_crim", "lie")(functools.partial(LieBatchNorm, metric="crim"))
 register_norm("dsliebn_aim", "spd")(functools.partial(DomainLieBatchNorm, metric="aim"))
 register_norm("dsliebn_lem", "spd")(functools.partial(DomainLieBatchNorm, metric="lem"))
 register_norm("dsliebn_lcm", "spd")(functools.partial(DomainLieBatchNorm, metric="lcm"))

@@ -84,7 +84,7 @@ def test_test_time_refit_of_domain_norms(make_dm, tmp_path: Path, refit: bool | 
 
 def test_refit_true_without_refittable_norm_is_an_error() -> None:
     with pytest.raises(ValueError, match="no refittable norm"):
-        _module("liebn_aim", refit_on_test=True)
+        _module("none", refit_on_test=True)
     with pytest.raises(ValueError, match="scheduler_interval"):
         _module(scheduler_interval="batch")
 

@@ -205,4 +205,4 @@ def test_registry_keys_are_domain_aware_spd_norms():
         layer = create_norm_layer(key, 3, num_domains=4, momentum=0.2)
         assert isinstance(layer, DomainLieBatchNorm) and layer.metric == key.split("_")[1]
         assert layer.num_domains == 4 and layer.momentum == 0.2
-    assert not refittable_norms(create_norm_layer("liebn_aim", 3))  # plain LieBN stays non-refittable
+    assert refittable_norms(create_norm_layer("liebn_aim", 3))  # plain LieBN refits its single set of statistics
