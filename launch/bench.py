@@ -1,4 +1,12 @@
-"""Benchmarks: ``python launch/bench.py spectral [--quick] [--out outputs/bench_spectral.json]``.
+"""Benchmarks: ``python launch/bench.py {spectral,norms} [--quick] [--out outputs/bench_<suite>.json]``.
+
+``norms`` (see ``launch/_bench_norms.py``) times forward+backward of every registered SPD/Lie norm layer over a
+grid of sizes, dtypes and thread counts, beside the published reference times, with the relative error of output
+and input gradient against each layer's ``forward_ref``::
+
+    python launch/bench.py norms                                  # full grid, a few minutes on 2 cores
+    python launch/bench.py norms --quick                          # n=20, N=32, few repeats
+    python launch/bench.py norms --norms liebn_aim spdbn --sizes 20x32 93x128 --threads 1 --dtypes float64
 
 ``spectral`` times forward+backward of the matrix logarithm of a batch of SPD matrices, three ways, side by side
 in one process (these machines are noisy; compare ratios, not absolute numbers):
@@ -20,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _bench_norms import QUICK_SIZES, SIZES, bench_norms, default_norms, markdown, parse_size
 
 from manifoldnorm import functional as mf
 
@@ -92,17 +101,40 @@ def _markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["spectral"])
+    parser.add_argument("suite", choices=["spectral", "norms"])
     parser.add_argument("--quick", action="store_true", help="one size, few repeats (smoke run)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts (spectral: the first; norms: default 1 2, --quick: 1)")
+    parser.add_argument("--norms", nargs="+", default=None, help="norm names (default: every SPD/Lie norm)")
+    parser.add_argument("--sizes", nargs="+", default=None, help="norms: nxN sizes, e.g. 20x32 93x128")
+    parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default: adaptive)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows = bench_spectral(args.quick)
-    print(_markdown(rows))
     out = args.out or Path("outputs") / f"bench_{args.suite}.json"
+    meta = {"suite": args.suite, "torch": torch.__version__}
+    if args.suite == "spectral":
+        torch.set_num_threads((args.threads or [1])[0])
+        rows = bench_spectral(args.quick)
+        print(_markdown(rows))
+    else:
+        known = default_norms()
+        norms = args.norms or known
+        unknown = sorted(set(norms) - set(known))
+        if unknown:
+            parser.error(f"unknown norm(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+        try:
+            sizes = [parse_size(t) for t in args.sizes] if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
+        except ValueError as err:
+            parser.error(str(err))
+        threads = args.threads or ([1] if args.quick else [1, 2])
+        repeats = args.repeats or (3 if args.quick else None)
+        dtypes = [getattr(torch, d) for d in args.dtypes]
+        rows, overhead = bench_norms(norms, sizes, dtypes, threads, repeats)
+        print(markdown(rows, overhead))
+        meta.update(timer="time.process_time (process CPU, all threads)", validate=False, overhead=overhead)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"suite": args.suite, "torch": torch.__version__, "rows": rows}, indent=2))
+    out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 

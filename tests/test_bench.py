@@ -22,3 +22,40 @@ def test_spectral_bench_quick(tmp_path: Path) -> None:
     assert ours and all(r["finite_grad_at_2I"] for r in ours)
     assert not any(r["finite_grad_at_2I"] for r in rows if r["impl"] == "eigh_autograd")
     assert all(r["grad_rel_err_vs_ours_f64"] < 1e-10 for r in rows if r["dtype"] == "float64")
+
+
+def test_norms_bench_quick(tmp_path: Path) -> None:
+    from manifoldnorm.nn import create_norm_layer, get_norm_info, list_norms
+
+    out = tmp_path / "norms.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench.py"), "norms", "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert "| norm | n | N | dtype | threads | ms | published ms |" in proc.stdout
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    expected = {k for k in list_norms(kind="spd") + list_norms(kind="lie")
+                if k not in ("none", "spddsmbn") and not k.startswith("dsliebn_")}
+    assert {r["norm"] for r in rows} == expected
+    fields = {"norm", "n", "N", "dtype", "threads", "ms", "wall_ms", "published_ms", "ratio", "target", "met",
+              "out_rel_err", "grad_rel_err"}
+    for r in rows:
+        assert fields <= set(r) and (r["n"], r["N"], r["threads"]) == (20, 32, 1) and r["ms"] > 0
+        if r["published_ms"] is not None:
+            assert r["dtype"] == "float64" and r["ratio"] == round(r["ms"] / r["published_ms"], 3)
+            assert r["met"] == (r["ratio"] <= r["target"])
+        else:
+            assert r["met"] is None
+    assert {r["norm"] for r in report["overhead"]} == expected
+    # accuracy against forward_ref wherever a layer has one (required for LieBN)
+    for name in sorted(expected):
+        feats = 6 if "so3" in get_norm_info(name).inputs else 20
+        has_ref = callable(getattr(create_norm_layer(name, feats), "forward_ref", None))
+        assert has_ref or not name.startswith("liebn_"), f"{name} has no forward_ref"
+        for r in (r for r in rows if r["norm"] == name):
+            if not has_ref:
+                assert r["out_rel_err"] is None and r["grad_rel_err"] is None
+                continue
+            tol = 1e-6 if r["dtype"] == "float64" else 1e-3
+            assert r["out_rel_err"] < tol and r["grad_rel_err"] < tol, r

@@ -7,20 +7,24 @@ from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
 
+from ._reference import spdmbn_reference
+
 from ._common import (
     DomainStatsMixin,
     as_domain_ids,
+    autocast_off,
+    check_compute_dtype,
     check_momentum,
     check_positive_int,
-    compute_dtype,
     from_channels,
+    resolve_dtype,
     spd_identity_parameter,
     to_channels,
 )
 
 __all__ = ["SPDMomentumBatchNorm", "DomainSPDBatchNorm", "RefittableNorm"]
 
-_STATS = ("running_mean", "running_var", "running_mean_test", "running_var_test")
+_STATS = ("train_mean", "train_var", "running_mean", "running_var")
 
 
 def _aim_sqdist(P_invsqrt: Tensor, X: Tensor) -> Tensor:
@@ -65,9 +69,12 @@ class SPDMomentumBatchNorm(RefittableNorm):
     n : int
         Matrix size; input ``(N, n, n)`` or ``(N, C, n, n)``, statistics per channel over ``N``.
     momentum : float
-        Training momentum :math:`\eta \in [0, 1]` (scheduled from 1 towards ``bs/bs0`` in the paper; change it
-        with :meth:`set_momentum`).
-    test_momentum : float
+        :math:`\eta_{\mathrm{test}} \in [0, 1]`: momentum of the running (evaluation) statistics
+        ``running_mean``/``running_var``.
+    train_momentum : float
+        Training momentum :math:`\eta \in (0, 1]` (scheduled from 1 towards ``bs/bs0`` in the paper, see
+        :class:`manifoldnorm.lit.MomentumSchedule`; change it with :meth:`set_momentum`). Training statistics
+        live in ``train_mean``/``train_var``.
         :math:`\eta_{\mathrm{test}} \in [0, 1]` of the evaluation statistics.
     karcher_steps : int
         Karcher-flow iterations for the batch mean during training (1 in the reference code).
@@ -94,15 +101,17 @@ class SPDMomentumBatchNorm(RefittableNorm):
       flow of :func:`manifoldnorm.functional.mean_aim` with unit step instead of the adaptive step size.
     """
 
-    def __init__(self, n: int, momentum: float = 1.0, test_momentum: float = 0.1, karcher_steps: int = 1,
+    def __init__(self, n: int, momentum: float = 0.1, train_momentum: float = 1.0, karcher_steps: int = 1,
                  eps: float = 1e-5, channels: int = 1, refit_karcher_steps: int = 50, detach_mean: bool = True,
-                 validate: bool = True, dtype: torch.dtype = torch.float64, device=None) -> None:
+                 validate: bool = True, compute_dtype: torch.dtype | str | None = None,
+                 dtype: torch.dtype = torch.float64, device=None) -> None:
         super().__init__()
         owner = type(self).__name__
         self.n = check_positive_int(n, "n", owner)
         self.channels = check_positive_int(channels, "channels", owner)
         self.momentum = check_momentum(momentum, "momentum", owner)
-        self.test_momentum = check_momentum(test_momentum, "test_momentum", owner)
+        self.train_momentum = self._check_train_momentum(train_momentum)
+        self.compute_dtype = check_compute_dtype(compute_dtype, owner)
         self.karcher_steps = check_positive_int(karcher_steps, "karcher_steps", owner)
         self.refit_karcher_steps = check_positive_int(refit_karcher_steps, "refit_karcher_steps", owner)
         if not float(eps) > 0.0:
@@ -139,18 +148,36 @@ class SPDMomentumBatchNorm(RefittableNorm):
                                    strict=True):
                 getattr(self, name).copy_(value)
 
-    def set_momentum(self, momentum: float | None = None, test_momentum: float | None = None) -> None:
-        """Change :math:`\\eta` and/or :math:`\\eta_{\\mathrm{test}}` (for momentum schedules)."""
-        owner = type(self).__name__
-        if momentum is not None:
-            self.momentum = check_momentum(momentum, "momentum", owner)
-        if test_momentum is not None:
-            self.test_momentum = check_momentum(test_momentum, "test_momentum", owner)
+    def _check_train_momentum(self, value: float) -> float:
+        value = check_momentum(value, "train_momentum", type(self).__name__)
+        if value == 0.0:
+            raise ValueError(f"{type(self).__name__}: train_momentum must be > 0 (0 would ignore every batch)")
+        return value
+
+    def set_momentum(self, train: float | None = None, test: float | None = None) -> None:
+        r"""Change :math:`\eta` (``train``) and/or :math:`\eta_{\mathrm{test}}` (``test``), for momentum schedules."""
+        if train is not None:
+            self.train_momentum = self._check_train_momentum(train)
+        if test is not None:
+            self.momentum = check_momentum(test, "momentum", type(self).__name__)
 
     # math ------------------------------------------------------------------------------------------------------
+    def _factor(self, var: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.shift.to(dtype) / torch.sqrt(var + self.eps)
+
+    def _bias(self, Zs: Tensor, dtype: torch.dtype) -> Tensor:
+        return mf.congruence(mf.sym_sqrtm(self.weight.to(dtype)), Zs)
+
     def _scale_and_bias(self, Z: Tensor, var: Tensor, dtype: torch.dtype) -> Tensor:
-        c = self.shift.to(dtype) / torch.sqrt(var + self.eps)
-        return mf.congruence(mf.sym_sqrtm(self.weight.to(dtype)), mf.sym_powm(Z, c))
+        return self._bias(mf.sym_powm(Z, self._factor(var, dtype)), dtype)
+
+    def forward_ref(self, x: Tensor) -> Tensor:
+        """Training-mode output (batch statistics, :math:`\\eta = 1`) by an independent plain-autograd path."""
+        x4 = to_channels(x, self.n, self.channels, type(self).__name__, validate=False)
+        cdt, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
+        y = spdmbn_reference(x4.to(cdt), self.weight.to(cdt), self.shift.to(cdt), self.eps, self.karcher_steps,
+                             self.running_var.reshape(-1, self.channels)[0].to(cdt))
+        return from_channels(y.to(odt), x)
 
     def _train_group(self, x4: Tensor, stats: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Normalize one group of samples with momentum statistics; return outputs and updated statistics."""
@@ -158,21 +185,22 @@ class SPDMomentumBatchNorm(RefittableNorm):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_mean):
             src = x4.detach() if self.detach_mean else x4
             G = mf.mean_aim(src, dim=0, karcher_steps=self.karcher_steps, tol=0.0)
-        eta = self.momentum
+        eta = self.train_momentum
         R_eta = G if eta == 1.0 else mf.geodesic_aim(R, G, eta)
         Z = mf.congruence(mf.sym_invsqrtm(R_eta), x4)
-        v_b = torch.log(torch.linalg.eigvalsh(Z)).square().sum(-1).mean(dim=0)
+        E = mf.sym_eig(Z)  # one decomposition for the dispersion and the power
+        v_b = torch.log(E.eigvals()).square().sum(-1).mean(dim=0)
         r_eta = (1.0 - eta) * r + eta * v_b
         degenerate = r_eta.detach() < self.eps
         if x4.shape[0] == 1 and eta == 1.0:
             degenerate = torch.ones_like(degenerate)
         var = torch.where(degenerate, r, r_eta)
-        y = self._scale_and_bias(Z, var, x4.dtype)
+        y = self._bias(E.powm(self._factor(var, x4.dtype)), x4.dtype)
         with torch.no_grad():
             G = G.detach()
-            Rt_new = mf.geodesic_aim(Rt, G, self.test_momentum)
+            Rt_new = mf.geodesic_aim(Rt, G, self.momentum)
             vt = _aim_sqdist(mf.sym_invsqrtm(Rt_new), x4.detach()).mean(dim=0)
-            t = self.test_momentum
+            t = self.momentum
             rt_new = torch.where(degenerate, rt, (1.0 - t) * rt + t * vt)
             new = (R_eta.detach(), torch.where(degenerate, r, r_eta.detach()), Rt_new, rt_new)
         return y, new
@@ -190,21 +218,23 @@ class SPDMomentumBatchNorm(RefittableNorm):
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         """Normalize ``x`` (``domain`` is accepted and ignored: one set of statistics)."""
         x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate)
-        dtype = compute_dtype(x4, self.weight)
-        x4 = x4.to(dtype)
-        if self.refitting:
-            G, v = self._refit_group(x4)
-            self._set_stats(0, (G, v, G, v))
-            return from_channels(self._eval(x4, G, v), x)
-        if self.training:
-            y, new = self._train_group(x4, self._get_stats(0, dtype))
-            self._set_stats(0, new)
-            return from_channels(y, x)
-        _, _, Rt, rt = self._get_stats(0, dtype)
-        return from_channels(self._eval(x4, Rt, rt), x)
+        with autocast_off(x4):
+            dtype, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
+            x4 = x4.to(dtype)
+            if self.refitting:
+                G, v = self._refit_group(x4)
+                self._set_stats(0, (G, v, G, v))
+                y = self._eval(x4, G, v)
+            elif self.training:
+                y, new = self._train_group(x4, self._get_stats(0, dtype))
+                self._set_stats(0, new)
+            else:
+                _, _, Rt, rt = self._get_stats(0, dtype)
+                y = self._eval(x4, Rt, rt)
+        return from_channels(y.to(odt), x)
 
     def extra_repr(self) -> str:
-        return (f"{self.n}, momentum={self.momentum:g}, test_momentum={self.test_momentum:g}, "
+        return (f"{self.n}, momentum={self.momentum:g}, train_momentum={self.train_momentum:g}, "
                 f"karcher_steps={self.karcher_steps}, eps={self.eps:g}, channels={self.channels}")
 
 
@@ -224,10 +254,11 @@ class DomainSPDBatchNorm(DomainStatsMixin, SPDMomentumBatchNorm):
         Matrix size.
     num_domains : int
         Initial number of domain slots. Buffers have a leading ``num_domains`` dimension
-        (``running_mean``: ``(D, C, n, n)``, ``running_var``: ``(D, C)``, and the ``*_test`` twins). A domain
+        (``running_mean``: ``(D, C, n, n)``, ``running_var``: ``(D, C)``, and the ``train_*`` twins). A domain
         id ``>= D`` grows the buffers (new slots start at (identity, 1)); ``load_state_dict`` adopts the stored
         size. Fix ``num_domains`` up front under DistributedDataParallel, which requires constant buffer shapes.
-    momentum, test_momentum, karcher_steps, eps, channels, refit_karcher_steps, detach_mean, validate
+    momentum, train_momentum, karcher_steps, eps, channels, refit_karcher_steps, detach_mean, validate,
+    compute_dtype
         As :class:`SPDMomentumBatchNorm`.
 
     Notes
@@ -243,14 +274,14 @@ class DomainSPDBatchNorm(DomainStatsMixin, SPDMomentumBatchNorm):
     domain_aware = True
     _stat_names = _STATS
 
-    def __init__(self, n: int, num_domains: int = 1, momentum: float = 1.0, test_momentum: float = 0.1,
+    def __init__(self, n: int, num_domains: int = 1, momentum: float = 0.1, train_momentum: float = 1.0,
                  karcher_steps: int = 1, eps: float = 1e-5, channels: int = 1, refit_karcher_steps: int = 50,
-                 detach_mean: bool = True, validate: bool = True, dtype: torch.dtype = torch.float64,
-                 device=None) -> None:
+                 detach_mean: bool = True, validate: bool = True, compute_dtype: torch.dtype | str | None = None,
+                 dtype: torch.dtype = torch.float64, device=None) -> None:
         self._num_domains_init = check_positive_int(num_domains, "num_domains", "DomainSPDBatchNorm")
-        super().__init__(n, momentum=momentum, test_momentum=test_momentum, karcher_steps=karcher_steps, eps=eps,
+        super().__init__(n, momentum=momentum, train_momentum=train_momentum, karcher_steps=karcher_steps, eps=eps,
                          channels=channels, refit_karcher_steps=refit_karcher_steps, detach_mean=detach_mean,
-                         validate=validate, dtype=dtype, device=device)
+                         validate=validate, compute_dtype=compute_dtype, dtype=dtype, device=device)
 
     def _stats_lead(self) -> tuple[int, ...]:
         return (self._num_domains_init,)
@@ -267,14 +298,17 @@ class DomainSPDBatchNorm(DomainStatsMixin, SPDMomentumBatchNorm):
         """Normalize ``x`` with the statistics of each sample's domain; ``domain``: ``(N,)`` ids."""
         owner = type(self).__name__
         x4 = to_channels(x, self.n, self.channels, owner, self.validate)
-        dtype = compute_dtype(x4, self.weight)
-        x4 = x4.to(dtype)
         d = as_domain_ids(domain, x4.shape[0], x4.device, owner)
         self._grow(int(d.max()) + 1)
+        with autocast_off(x4):
+            dtype, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
+            return from_channels(self._forward_domains(x4.to(dtype), d, dtype).to(odt), x)
+
+    def _forward_domains(self, x4: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
         if not (self.training or self.refitting):
-            Si = mf.sym_invsqrtm(self.running_mean_test.to(dtype))[d]
-            var = self.running_var_test.to(dtype)[d]
-            return from_channels(self._scale_and_bias(mf.congruence(Si, x4), var, dtype), x)
+            Si = mf.sym_invsqrtm(self.running_mean.to(dtype))[d]
+            var = self.running_var.to(dtype)[d]
+            return self._scale_and_bias(mf.congruence(Si, x4), var, dtype)
         groups = self._domain_groups(d)
         outs = []
         for dom, idx in groups:
@@ -287,7 +321,7 @@ class DomainSPDBatchNorm(DomainStatsMixin, SPDMomentumBatchNorm):
                 ys, new = self._train_group(xs, self._get_stats(dom, dtype))
                 self._set_stats(dom, new)
             outs.append(ys)
-        return from_channels(self._ungroup(outs, groups), x)
+        return self._ungroup(outs, groups)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_domains={self.num_domains}"

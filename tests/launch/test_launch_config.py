@@ -127,11 +127,15 @@ def test_every_trainer_logger_callbacks_option(cfg_of, tmp_path: Path) -> None:
     for name in sorted(options("trainer")):
         trainer = run.build_trainer(cfg_of(f"trainer={name}"), [], [])
         assert trainer.max_epochs == 30
-    assert options("callbacks") == {"default", "early_stopping"}
+    assert options("callbacks") == {"default", "early_stopping", "momentum_schedule"}
     cbs = run.build_callbacks(cfg_of("callbacks=early_stopping"), has_logger=True)
     kinds = [type(cb) for cb in cbs]
     assert kinds.count(ModelCheckpoint) == 2 and EarlyStopping in kinds
     assert LearningRateMonitor not in kinds  # no scheduler configured
+    from manifoldnorm.lit.callbacks import MomentumSchedule
+
+    cbs = run.build_callbacks(cfg_of("callbacks=momentum_schedule"), has_logger=True)
+    assert MomentumSchedule in [type(cb) for cb in cbs] and [type(cb) for cb in cbs].count(ModelCheckpoint) == 2
     cbs = run.build_callbacks(cfg_of("scheduler=cosine"), has_logger=True)
     assert LearningRateMonitor in [type(cb) for cb in cbs]
     assert LearningRateMonitor not in [type(cb) for cb in run.build_callbacks(cfg_of("scheduler=cosine"), False)]

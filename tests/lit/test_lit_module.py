@@ -52,7 +52,7 @@ def test_fit_logs_metrics_and_test_metrics_match_sklearn(make_dm, tmp_path: Path
 
 
 def _domain_stats(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [m.running_mean_test.clone() for m in model.modules() if isinstance(m, DomainSPDBatchNorm)]
+    return [m.running_mean.clone() for m in model.modules() if isinstance(m, DomainSPDBatchNorm)]
 
 
 @pytest.mark.parametrize("refit", [None, False])

@@ -43,28 +43,28 @@ def test_output_mean_is_bias_and_dispersion_is_shift(seed):
 def test_momentum_statistics_and_test_statistics(seed):
     n, N, eta, eta_t = 3, 8, 0.4, 0.2
     X = concentrated_spd(N, n, sigma=0.3, seed=seed)
-    bn = _set_params(SPDMomentumBatchNorm(n, momentum=eta, test_momentum=eta_t, karcher_steps=25), n, seed)
+    bn = _set_params(SPDMomentumBatchNorm(n, train_momentum=eta, momentum=eta_t, karcher_steps=25), n, seed)
     R0, Rt0 = random_spd(1, n=n, seed=seed + 1), random_spd(1, n=n, seed=seed + 2)
     with torch.no_grad():
-        bn.running_mean.copy_(R0)
-        bn.running_var.fill_(1.5)
-        bn.running_mean_test.copy_(Rt0)
-        bn.running_var_test.fill_(0.8)
+        bn.train_mean.copy_(R0)
+        bn.train_var.fill_(1.5)
+        bn.running_mean.copy_(Rt0)
+        bn.running_var.fill_(0.8)
     Y = bn(X).detach()
     G = mf.mean_aim(X, karcher_steps=200, tol=1e-14)
     R_eta = mf.geodesic_aim(R0[0], G, eta)
     r_eta = (1 - eta) * 1.5 + eta * _sqd(R_eta, X).mean()
     torch.testing.assert_close(Y, _manual(X, R_eta, r_eta, bn.weight.detach()[0], float(bn.shift.detach()),
                                           bn.eps), atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(bn.running_mean[0], R_eta, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(bn.running_var[0], r_eta, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(bn.train_mean[0], R_eta, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(bn.train_var[0], r_eta, atol=1e-9, rtol=1e-9)
     Rt = mf.geodesic_aim(Rt0[0], G, eta_t)
-    torch.testing.assert_close(bn.running_mean_test[0], Rt, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(bn.running_var_test[0], (1 - eta_t) * 0.8 + eta_t * _sqd(Rt, X).mean(),
+    torch.testing.assert_close(bn.running_mean[0], Rt, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(bn.running_var[0], (1 - eta_t) * 0.8 + eta_t * _sqd(Rt, X).mean(),
                                atol=1e-9, rtol=1e-9)
     # evaluation uses the test statistics
     bn.eval()
-    expect = _manual(X, bn.running_mean_test[0], bn.running_var_test[0], bn.weight.detach()[0],
+    expect = _manual(X, bn.running_mean[0], bn.running_var[0], bn.weight.detach()[0],
                      float(bn.shift.detach()), bn.eps)
     torch.testing.assert_close(bn(X), expect, atol=1e-9, rtol=1e-9)
 
@@ -72,7 +72,7 @@ def test_momentum_statistics_and_test_statistics(seed):
 def test_shift_gradient_and_gradcheck():
     n = 3
     X = concentrated_spd(4, n, sigma=0.4, seed=2)
-    bn = _set_params(SPDMomentumBatchNorm(n, momentum=0.7, detach_mean=False, karcher_steps=2), n, 0)
+    bn = _set_params(SPDMomentumBatchNorm(n, train_momentum=0.7, detach_mean=False, karcher_steps=2), n, 0)
     (bn(X) * random_spd(4, n=n, seed=3)).sum().backward()
     assert float(bn.shift.grad.abs().sum()) > 1e-6
     assert gradcheck_norm(bn, X)
@@ -86,7 +86,7 @@ def test_batch_of_one_and_identical_inputs(cls):
     bn = cls(n)
     g_one, Y = input_grad_norm(bn, X[:1])
     assert torch.isfinite(Y).all() and g_one < 3.0 * g_batch
-    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    assert torch.equal(bn.train_var, torch.ones_like(bn.train_var))
     g_same, Y = input_grad_norm(cls(n), X[:1].expand(6, n, n))
     assert torch.isfinite(Y).all() and g_same < 3.0 * g_batch
 
@@ -103,22 +103,22 @@ def _two_domains(n, seed):
 def test_domain_bn_uses_per_domain_statistics(seed):
     n = 3
     X, d = _two_domains(n, seed)
-    bn = _set_params(DomainSPDBatchNorm(n, num_domains=3, karcher_steps=3, test_momentum=0.5), n, seed)
+    bn = _set_params(DomainSPDBatchNorm(n, num_domains=3, karcher_steps=3, momentum=0.5), n, seed)
     Y = bn(X, domain=d)
     for dom in (0, 2):
-        ref = _set_params(SPDMomentumBatchNorm(n, karcher_steps=3, test_momentum=0.5), n, seed)
+        ref = _set_params(SPDMomentumBatchNorm(n, karcher_steps=3, momentum=0.5), n, seed)
         torch.testing.assert_close(Y[d == dom], ref(X[d == dom]), atol=1e-12, rtol=1e-12)
-        for name in ("running_mean", "running_var", "running_mean_test", "running_var_test"):
+        for name in ("train_mean", "train_var", "running_mean", "running_var"):
             torch.testing.assert_close(getattr(bn, name)[dom], getattr(ref, name))
     # the absent domain keeps its initial statistics
-    assert torch.equal(bn.running_mean[1], torch.eye(n, dtype=F64).unsqueeze(0))
-    assert float(bn.running_var_test[1]) == 1.0
+    assert torch.equal(bn.train_mean[1], torch.eye(n, dtype=F64).unsqueeze(0))
+    assert float(bn.running_var[1]) == 1.0
     # evaluation: each sample is normalized with its own domain's test statistics (batched, no loop)
     bn.eval()
     Ye = bn(X, domain=d)
     for dom in (0, 2):
         m = d == dom
-        expect = _manual(X[m], bn.running_mean_test[dom, 0], bn.running_var_test[dom, 0], bn.weight.detach()[0],
+        expect = _manual(X[m], bn.running_mean[dom, 0], bn.running_var[dom, 0], bn.weight.detach()[0],
                          float(bn.shift.detach()), bn.eps)
         torch.testing.assert_close(Ye[m], expect, atol=1e-9, rtol=1e-9)
 
@@ -128,7 +128,7 @@ def test_domain_growth_and_state_dict_round_trip():
     X, d = _two_domains(n, 0)
     bn = DomainSPDBatchNorm(n)  # one slot; domain 2 grows the buffers
     bn(X, domain=d)
-    assert bn.num_domains == 3 and bn.running_mean.shape == (3, 1, n, n)
+    assert bn.num_domains == 3 and bn.train_mean.shape == (3, 1, n, n)
     fresh = DomainSPDBatchNorm(n)
     fresh.load_state_dict(bn.state_dict())
     assert fresh.num_domains == 3
@@ -157,7 +157,7 @@ def test_refit_on_unlabeled_target_domain(seed):
         X, _ = _two_domains(n, seed)
         bn(X, domain=torch.zeros(11, dtype=torch.long))
     target = concentrated_spd(20, n, sigma=0.4, seed=seed + 99)
-    source_stats = bn.running_mean_test[0].clone()
+    source_stats = bn.running_mean[0].clone()
 
     class Net(torch.nn.Module):  # refit works on any module tree containing the layer
         def __init__(self):
@@ -172,9 +172,9 @@ def test_refit_on_unlabeled_target_domain(seed):
     assert net.training and not bn.refitting  # modes restored
     assert bn.num_domains == 6
     G = mf.mean_aim(target, karcher_steps=200, tol=1e-14)
-    torch.testing.assert_close(bn.running_mean_test[5, 0], G, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(bn.running_var_test[5, 0], _sqd(G, target).mean(), atol=1e-9, rtol=1e-9)
-    assert torch.equal(bn.running_mean_test[0], source_stats)  # other domains untouched
+    torch.testing.assert_close(bn.running_mean[5, 0], G, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(bn.running_var[5, 0], _sqd(G, target).mean(), atol=1e-9, rtol=1e-9)
+    assert torch.equal(bn.running_mean[0], source_stats)  # other domains untouched
     # after refitting, the target outputs are centred at the bias with dispersion s^2 v / (v + eps)
     B = bn.weight.detach()[0]
     torch.testing.assert_close(mf.mean_aim(out, karcher_steps=200, tol=1e-14), B, atol=1e-8, rtol=1e-8)
@@ -192,7 +192,7 @@ def test_domain_bn_gradcheck(mode):
     n = 3
     X = concentrated_spd(4, n, sigma=0.4, seed=6)
     d = torch.tensor([1, 0, 1, 0])
-    bn = _set_params(DomainSPDBatchNorm(n, num_domains=2, momentum=0.8, detach_mean=False), n, 1)
+    bn = _set_params(DomainSPDBatchNorm(n, num_domains=2, train_momentum=0.8, detach_mean=False), n, 1)
     if mode == "eval":
         bn(X, domain=d)
         bn.eval()

@@ -1,0 +1,212 @@
+"""The ``norms`` suite of ``launch/bench.py``: forward+backward time and accuracy of every Riemannian norm layer.
+
+For each registered SPD and Lie-group norm (``manifoldnorm.nn.list_norms(kind="spd")`` and ``kind="lie"``; the
+domain-specific twins ``dsliebn_*``/``spddsmbn`` time the same math per domain and are left out) it times one
+training-mode forward+backward (``(layer(X) * G).sum().backward()``) on a fixed, well-conditioned batch, as the
+median process CPU time (``time.process_time``, summed over all threads, as the published numbers) over adaptive
+repeats after warm-up; the wall time is kept as well. Layers are built with ``validate=False`` (no Cholesky check
+of the input: the published code has none); the cost of ``validate=True`` is reported once per norm at the first
+size.
+
+Every row also reports the relative error of the output and of the input gradient against the layer's
+``forward_ref`` (an independent plain-autograd path) run in float64 on a float64 copy of the layer, so a fast path
+never hides a wrong answer; ``n/a`` where a layer has no ``forward_ref``.
+
+Inputs, by ``get_norm_info(name).inputs``: ``"spd"``: ``(N, n, n)`` matrices ``Q diag(λ) Qᵀ`` with random
+orthogonal ``Q`` and ``log λ`` uniform in ``[log 0.2, log 5]`` (condition number ≤ 25); ``"so3"``: ``(N, J, 3, 3)``
+random rotations with ``J = max(n // 3, 1)`` (a sample is then a block-diagonal ``3J × 3J ≈ n × n`` matrix of
+rotation blocks), built as ``layer = factory(J)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from manifoldnorm.nn import create_norm_layer, get_norm_info, list_norms
+
+SKIP = ("none", "spddsmbn")
+SKIP_PREFIX = ("dsliebn_",)
+SIZES = ((20, 32), (20, 128), (30, 32), (30, 128), (93, 32), (93, 128))
+QUICK_SIZES = ((20, 32),)
+# published fwd+bwd process-CPU ms (float64, one thread) of the reference implementations
+PUBLISHED = {
+    (20, 32): {"liebn_aim": 7.3, "liebn_lem": 4.0, "liebn_lcm": 1.2, "spdbn": 6.8, "spdmbn": 6.0, "gbwbn": 33.0},
+    (93, 128): {"liebn_aim": 575.0, "liebn_lem": 316.0, "liebn_lcm": 93.0},
+}
+TARGETS = {"liebn_lcm": 0.8}  # target time / published time; 0.5 otherwise
+DEFAULT_TARGET = 0.5
+BUDGET_S = 0.6  # process CPU seconds spent on the timed repeats of one row (adaptive repeat count)
+
+
+def default_norms() -> list[str]:
+    names = list_norms(kind="spd") + list_norms(kind="lie")
+    return sorted(k for k in names if k not in SKIP and not k.startswith(SKIP_PREFIX))
+
+
+def parse_size(token: str) -> tuple[int, int]:
+    """``"20x32"`` -> ``(n, N)``."""
+    try:
+        n, N = (int(v) for v in token.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a size is written nxN, e.g. 20x32; got {token!r}") from None
+    if n < 1 or N < 1:
+        raise ValueError(f"sizes must be positive, got {token!r}")
+    return n, N
+
+
+def _random_spd(N: int, n: int, g: torch.Generator) -> torch.Tensor:
+    Q, _ = torch.linalg.qr(torch.randn(N, n, n, generator=g, dtype=torch.float64))
+    lam = torch.exp(torch.empty(N, n, dtype=torch.float64).uniform_(-1.609, 1.609, generator=g))
+    X = (Q * lam.unsqueeze(-2)) @ Q.mT
+    return 0.5 * (X + X.mT)
+
+
+def _random_rotations(N: int, J: int, g: torch.Generator) -> torch.Tensor:
+    Q, R = torch.linalg.qr(torch.randn(N, J, 3, 3, generator=g, dtype=torch.float64))
+    Q = Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
+    det = torch.linalg.det(Q)
+    return torch.cat([Q[..., :2], Q[..., 2:] * det[..., None, None]], dim=-1)  # det +1
+
+
+def make_case(name: str, n: int, N: int, seed: int = 0) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(num_features, X, G)`` in float64 for norm ``name`` at size ``(n, N)``; ``G`` weights the output."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = get_norm_info(name).inputs
+    if "spd" in inputs:
+        X, feats = _random_spd(N, n, g), n
+    elif "so3" in inputs:
+        feats = max(n // 3, 1)
+        X = _random_rotations(N, feats, g)
+    else:
+        raise ValueError(f"norm {name!r} takes {inputs} inputs; the norms benchmark knows 'spd' and 'so3'")
+    return feats, X, torch.randn(X.shape, generator=g, dtype=torch.float64)
+
+
+def _step(layer: nn.Module, X: torch.Tensor, G: torch.Tensor, fn: Callable | None = None) -> torch.Tensor:
+    Xr = X.clone().requires_grad_()
+    ((fn or layer)(Xr) * G).sum().backward()
+    return Xr.grad
+
+
+def time_layer(layer: nn.Module, X: torch.Tensor, G: torch.Tensor, repeats: int | None,
+               warmup: int = 2) -> tuple[float, float, int]:
+    """Median process-CPU and wall ms of a training forward+backward; ``repeats=None`` chooses it adaptively."""
+    layer.train()
+    for _ in range(warmup):
+        layer.zero_grad(set_to_none=True)
+        t0 = time.process_time()
+        _step(layer, X, G)
+        first = time.process_time() - t0
+    if repeats is None:
+        repeats = int(min(max(BUDGET_S / max(first, 1e-6), 3), 25))
+    cpu, wall = [], []
+    for _ in range(repeats):
+        layer.zero_grad(set_to_none=True)
+        c0, w0 = time.process_time(), time.perf_counter()
+        _step(layer, X, G)
+        cpu.append((time.process_time() - c0) * 1e3)
+        wall.append((time.perf_counter() - w0) * 1e3)
+    return statistics.median(cpu), statistics.median(wall), repeats
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm((a.double() - b).flatten()) / torch.linalg.norm(b.flatten()))
+
+
+def rel_errors(layer: nn.Module, X: torch.Tensor, G: torch.Tensor,
+               ref: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[float | None, float | None]:
+    """(output, input-gradient) relative errors of a fresh copy of ``layer`` in training mode vs ``ref``."""
+    if ref is None:
+        return None, None
+    probe = copy.deepcopy(layer).train()
+    Xr = X.clone().requires_grad_()
+    y = probe(Xr)
+    (y * G).sum().backward()
+    return _rel(y.detach(), ref[0]), _rel(Xr.grad, ref[1])
+
+
+def reference(layer64: nn.Module, X: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """float64 ``forward_ref`` output and input gradient, or ``None`` if the layer has no ``forward_ref``."""
+    if not callable(getattr(layer64, "forward_ref", None)):
+        return None
+    probe = copy.deepcopy(layer64).train()
+    Xr = X.clone().requires_grad_()
+    y = probe.forward_ref(Xr)
+    (y * G).sum().backward()
+    return y.detach(), Xr.grad
+
+
+def _row(name: str, n: int, N: int, dtype: torch.dtype, threads: int, ms: float, wall: float, repeats: int,
+         errs: tuple[float | None, float | None]) -> dict:
+    published = PUBLISHED.get((n, N), {}).get(name) if dtype == torch.float64 and threads == 1 else None
+    target = TARGETS.get(name, DEFAULT_TARGET) if published is not None else None
+    ratio = ms / published if published is not None else None
+    return {
+        "norm": name, "n": n, "N": N, "dtype": str(dtype).replace("torch.", ""), "threads": threads,
+        "ms": round(ms, 3), "wall_ms": round(wall, 3), "repeats": repeats, "published_ms": published,
+        "ratio": None if ratio is None else round(ratio, 3), "target": target,
+        "met": None if ratio is None else bool(ratio <= target),
+        "out_rel_err": errs[0], "grad_rel_err": errs[1],
+    }
+
+
+def bench_norms(norms: Sequence[str], sizes: Sequence[tuple[int, int]], dtypes: Sequence[torch.dtype],
+                threads: Sequence[int], repeats: int | None) -> tuple[list[dict], list[dict]]:
+    """Rows of the norms table and the ``validate=True`` overhead (first size, float64, first thread count)."""
+    rows, overhead = [], []
+    before = torch.get_num_threads()
+    try:
+        for name in norms:
+            for si, (n, N) in enumerate(sizes):
+                feats, X64, G64 = make_case(name, n, N)
+                layer64 = create_norm_layer(name, feats, validate=False)
+                layer64 = layer64.to(torch.float64)
+                ref = reference(layer64, X64, G64)
+                for dtype in dtypes:
+                    layer = copy.deepcopy(layer64).to(dtype)
+                    X, G = X64.to(dtype), G64.to(dtype)
+                    errs = rel_errors(layer, X, G, ref)
+                    for t in threads:
+                        torch.set_num_threads(t)
+                        ms, wall, reps = time_layer(layer, X, G, repeats)
+                        rows.append(_row(name, n, N, dtype, t, ms, wall, reps, errs))
+                        if si == 0 and dtype == dtypes[0] and t == threads[0]:
+                            checked = create_norm_layer(name, feats, validate=True).to(dtype)
+                            ms_v, _, _ = time_layer(checked, X, G, repeats)
+                            overhead.append({"norm": name, "n": n, "N": N, "dtype": rows[-1]["dtype"],
+                                             "threads": t, "ms_validate_false": round(ms, 3),
+                                             "ms_validate_true": round(ms_v, 3),
+                                             "overhead_ms": round(ms_v - ms, 3)})
+    finally:
+        torch.set_num_threads(before)
+    return rows, overhead
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict], overhead: list[dict]) -> str:
+    lines = ["| norm | n | N | dtype | threads | ms | published ms | ratio | target | met | out rel err "
+             "| grad rel err | wall ms |", "|" + "---|" * 13]
+    for r in rows:
+        met = "—" if r["met"] is None else ("yes" if r["met"] else "no")
+        pub = "—" if r["published_ms"] is None else f"{r['published_ms']:g}"
+        tgt = "—" if r["target"] is None else f"≤{r['target']:g}×"
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['norm']} | {r['n']} | {r['N']} | {r['dtype']} | {r['threads']} | {r['ms']:.2f} | {pub} "
+                     f"| {ratio} | {tgt} | {met} | {_fmt(r['out_rel_err'], '.1e')} "
+                     f"| {_fmt(r['grad_rel_err'], '.1e')} | {r['wall_ms']:.2f} |")
+    if overhead:
+        lines += ["", "validate=True overhead (input symmetry + Cholesky check):", "",
+                  "| norm | n | N | dtype | ms (validate=False) | ms (validate=True) | overhead ms |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {o['norm']} | {o['n']} | {o['N']} | {o['dtype']} | {o['ms_validate_false']:.2f} "
+                  f"| {o['ms_validate_true']:.2f} | {o['overhead_ms']:+.2f} |" for o in overhead]
+    return "\n".join(lines)
