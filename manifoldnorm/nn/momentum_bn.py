@@ -7,8 +7,6 @@ from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
 
-from ._reference import spdmbn_reference
-
 from ._common import (
     DomainStatsMixin,
     as_domain_ids,
@@ -21,6 +19,7 @@ from ._common import (
     spd_identity_parameter,
     to_channels,
 )
+from ._reference import spdmbn_reference
 
 __all__ = ["SPDMomentumBatchNorm", "DomainSPDBatchNorm", "RefittableNorm"]
 
