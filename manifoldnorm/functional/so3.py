@@ -97,17 +97,31 @@ def so3_vee(S: Tensor) -> Tensor:
                               S[..., 1, 0] - S[..., 0, 1]], dim=-1)
 
 
+def _needed(mask: Tensor) -> bool:
+    """Whether a branch must be evaluated: always on accelerators (no host sync), only if used on the CPU."""
+    return mask.device.type != "cpu" or bool(mask.any())
+
+
+def _select(mask: Tensor, a: Tensor | None, b: Tensor | None) -> Tensor:
+    """``where(mask, a, b)`` where a branch that was skipped (``None``) is selected by no element."""
+    if a is None:
+        return b  # type: ignore[return-value]
+    if b is None:
+        return a
+    return torch.where(mask, a, b)
+
+
 def so3_exp(w: Tensor, *, skew: bool = False) -> Tensor:
     r"""Exponential map :math:`\mathfrak{so}(3) \to SO(3)` by Rodrigues' formula, stable at :math:`\theta = 0`.
 
     .. math::
 
-        \exp(\hat\omega) = I + A(\theta)\,\hat\omega + B(\theta)\,(\omega\omega^\top - \theta^2 I),\qquad
+        \exp(\hat\omega) = \cos\theta\, I + A(\theta)\,\hat\omega + B(\theta)\,\omega\omega^\top,\qquad
         A = \frac{\sin\theta}{\theta},\quad B = \frac{1-\cos\theta}{\theta^2} = \frac{2\sin^2(\theta/2)}{\theta^2},
 
-    using :math:`\hat\omega^2 = \omega\omega^\top - \theta^2 I`. For :math:`\theta^2 < 0.02`, :math:`A` and
-    :math:`B` are evaluated by their Taylor series in :math:`\theta^2` (to :math:`\theta^8`), so the gradient is
-    exact at :math:`\omega = 0`.
+    (:math:`\hat\omega^2 = \omega\omega^\top - \theta^2 I`, :math:`\cos\theta = 1 - B\theta^2`). For
+    :math:`\theta^2 < 0.02`, :math:`A` and :math:`B` are evaluated by their Taylor series in :math:`\theta^2`
+    (to :math:`\theta^8`, truncation error below 1e-16), so the gradient is exact at :math:`\omega = 0`.
 
     Parameters
     ----------
@@ -124,15 +138,26 @@ def so3_exp(w: Tensor, *, skew: bool = False) -> Tensor:
     if skew:
         w = so3_vee(w)
     _check_vec3(w, "so3_exp")
-    t2 = (w * w).sum(-1, keepdim=True)
+    # component form: no broadcasting over the 3x3 block, so the backward has no small reductions
+    x, y, z = w.unbind(-1)
+    t2 = x * x + y * y + z * z
     small = t2 < _EXP_SMALL
-    t2_safe = torch.where(small, torch.ones_like(t2), t2)
-    t = torch.sqrt(t2_safe)
-    A = torch.where(small, _poly(t2, _SINC), torch.sin(t) / t)
-    B = torch.where(small, _poly(t2, _COSC), 2.0 * torch.sin(0.5 * t).square() / t2_safe)
-    eye = torch.eye(3, dtype=w.dtype, device=w.device)
-    A, B, t2 = A.unsqueeze(-1), B.unsqueeze(-1), t2.unsqueeze(-1)
-    return eye + A * so3_hat(w) + B * (w.unsqueeze(-1) * w.unsqueeze(-2) - t2 * eye)
+    A_s = B_s = A_g = B_g = None
+    if _needed(small):
+        A_s, B_s = _poly(t2, _SINC), _poly(t2, _COSC)
+    if _needed(~small):
+        t2_safe = torch.where(small, 1.0, t2)
+        t = torch.sqrt(t2_safe)
+        A_g = torch.sin(t) / t
+        B_g = 2.0 * torch.sin(0.5 * t).square() / t2_safe
+    A, B = _select(small, A_s, A_g), _select(small, B_s, B_g)
+    cos = 1.0 - B * t2
+    Bx, By, Bz = B * x, B * y, B * z
+    Ax, Ay, Az = A * x, A * y, A * z
+    bxy, bxz, byz = Bx * y, Bx * z, By * z
+    return torch.stack([cos + Bx * x, bxy - Az, bxz + Ay,
+                        bxy + Az, cos + By * y, byz - Ax,
+                        bxz - Ay, byz + Ax, cos + Bz * z], dim=-1).unflatten(-1, (3, 3))
 
 
 def so3_log(R: Tensor) -> Tensor:
@@ -162,33 +187,45 @@ def so3_log(R: Tensor) -> Tensor:
     -----
     Values are accurate to round-off for every angle; autograd gradients are finite for :math:`\theta < \pi`,
     exact at :math:`R = I`. At :math:`\theta = \pi` the logarithm is discontinuous (:math:`\pm\pi n`).
+    On the CPU, branches that no element needs are skipped (one cheap host check per branch); on other
+    devices all branches are evaluated and selected element-wise, without host synchronisation.
     """
     _check_mat3(R, "so3_log")
-    v = so3_vee(R) * 2.0
-    tr = R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2]
-    c = (0.5 * (tr - 1.0)).unsqueeze(-1)
+    # component form: no reductions over the small trailing dimensions
+    r00, r01, r02, r10, r11, r12, r20, r21, r22 = R.flatten(-2).unbind(-1)
+    v0, v1, v2 = r21 - r12, r02 - r20, r10 - r01
+    c = 0.5 * (r00 + r11 + r22 - 1.0)
     u = 1.0 - c
     small = u < _LOG_SMALL
     near_pi = c < _LOG_NEAR_PI
     general = ~(small | near_pi)
-    # near 0
-    w_small = 0.5 * _poly(u, _THETA_OVER_SIN) * v
-    # general range
-    s2 = (v * v).sum(-1, keepdim=True)
-    s_safe = 0.5 * torch.sqrt(torch.where(general, s2, torch.ones_like(s2)))
-    w_gen = (0.5 * torch.atan2(s_safe, c) / s_safe) * v
-    # near pi
-    eye = torch.eye(3, dtype=R.dtype, device=R.device)
-    S = 0.5 * (R + R.mT) - c.unsqueeze(-1) * eye
-    diag = torch.diagonal(S, dim1=-2, dim2=-1)
-    k = diag.detach().argmax(dim=-1, keepdim=True)
-    col = torch.gather(S, -1, k.unsqueeze(-2).expand(*S.shape[:-1], 1)).squeeze(-1)
-    denom = torch.gather(diag, -1, k) * u
-    n = col / torch.sqrt(torch.where(near_pi, denom, torch.ones_like(denom)))
-    sign = torch.where((n * v).sum(-1, keepdim=True).detach() < 0, -1.0, 1.0).to(R.dtype)
-    n = sign * n
-    w_pi = torch.atan2(0.5 * (n * v).sum(-1, keepdim=True), c) * n
-    return torch.where(small, w_small, torch.where(near_pi, w_pi, w_gen))
+    # theta / sin(theta): Taylor in u = 1 - cos(theta) near 0, atan2 in the general range
+    h_small = _poly(u, _THETA_OVER_SIN) if _needed(small) else None
+    h_gen = None
+    if _needed(general):
+        s = 0.5 * torch.sqrt(torch.where(general, v0 * v0 + v1 * v1 + v2 * v2, 1.0))
+        h_gen = torch.atan2(s, c) / s
+    h = _select(small, h_small, h_gen)
+    h = torch.full_like(c, 0.5) if h is None else 0.5 * h
+    w0, w1, w2 = h * v0, h * v1, h * v2
+    if _needed(near_pi):
+        # near pi: the axis from the symmetric part S = (R + R^T)/2 - c I = (1 - c) n n^T
+        s01, s02, s12 = 0.5 * (r01 + r10), 0.5 * (r02 + r20), 0.5 * (r12 + r21)
+        d0, d1, d2 = r00 - c, r11 - c, r22 - c
+        k0 = (d0 >= d1) & (d0 >= d2)
+        k1 = ~k0 & (d1 >= d2)
+        skk = torch.where(k0, d0, torch.where(k1, d1, d2))
+        scale = torch.rsqrt(torch.where(near_pi, skk * u, 1.0))
+        n0 = torch.where(k0, d0, torch.where(k1, s01, s02)) * scale
+        n1 = torch.where(k0, s01, torch.where(k1, d1, s12)) * scale
+        n2 = torch.where(k0, s02, torch.where(k1, s12, d2)) * scale
+        nv = n0 * v0 + n1 * v1 + n2 * v2
+        sign = torch.where(nv.detach() < 0, -1.0, 1.0)
+        theta = torch.atan2(0.5 * sign * nv, c) * sign
+        w0 = torch.where(near_pi, theta * n0, w0)
+        w1 = torch.where(near_pi, theta * n1, w1)
+        w2 = torch.where(near_pi, theta * n2, w2)
+    return torch.stack([w0, w1, w2], dim=-1)
 
 
 def so3_exp_ref(w: Tensor) -> Tensor:

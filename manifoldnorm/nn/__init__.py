@@ -19,12 +19,15 @@ from .registry import (
     register_norm,
 )
 from .spd_layers import BiMap, CovPool, LogEig, ReEig, stiefel_init_, vech
+from .schedule import kobler_momentum, set_norm_momentum
+from .so3bn import SO3BatchNorm
 from .spdbn import SPDBatchNorm
 
 __all__ = [
     "BiMap", "ReEig", "LogEig", "CovPool", "vech", "stiefel_init_",
     "LieBatchNorm", "DomainLieBatchNorm",
-    "SPDBatchNorm", "SPDMomentumBatchNorm", "DomainSPDBatchNorm", "RefittableNorm",
+    "SPDBatchNorm", "SPDMomentumBatchNorm", "DomainSPDBatchNorm", "RefittableNorm", "SO3BatchNorm",
+    "kobler_momentum", "set_norm_momentum",
     "IdentityNorm", "EuclideanBatchNorm",
     "KINDS", "NormInfo", "register_norm", "get_norm_layer", "get_norm_info", "create_norm_layer", "list_norms",
     "refit_domain_norms", "refit_mode", "refittable_norms",

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .domain_liebn import DomainLieBatchNorm
 from .liebn import LieBatchNorm
 from .momentum_bn import DomainSPDBatchNorm, SPDMomentumBatchNorm
+from .so3bn import SO3BatchNorm
 from .spdbn import SPDBatchNorm
 
 __all__ = [
@@ -53,7 +54,8 @@ class NormInfo:
     kind : str
         Family: ``"spd"`` (Riemannian BN on SPD matrices), ``"lie"`` (Lie group BN), ``"euclidean"``.
     inputs : tuple of str
-        Spaces the layer accepts: ``"spd"`` for ``(N, [C,] n, n)`` SPD stacks, ``"euclidean"`` for vectors.
+        Spaces the layer accepts: ``"spd"`` for ``(N, [C,] n, n)`` SPD stacks, ``"so3"`` for ``(N, ..., 3, 3)``
+        rotation matrices, ``"euclidean"`` for vectors.
     domain_aware : bool
         Whether ``forward(x, domain)`` uses the domain ids.
     """
@@ -219,6 +221,7 @@ register_norm("liebn_aim", "lie")(functools.partial(LieBatchNorm, metric="aim"))
 register_norm("liebn_lem", "lie")(functools.partial(LieBatchNorm, metric="lem"))
 register_norm("liebn_lcm", "lie")(functools.partial(LieBatchNorm, metric="lcm"))
 register_norm("liebn_crim", "lie")(functools.partial(LieBatchNorm, metric="crim"))
+register_norm("liebn_so3", "lie", inputs=("so3",))(SO3BatchNorm)
 register_norm("dsliebn_aim", "spd")(functools.partial(DomainLieBatchNorm, metric="aim"))
 register_norm("dsliebn_lem", "spd")(functools.partial(DomainLieBatchNorm, metric="lem"))
 register_norm("dsliebn_lcm", "spd")(functools.partial(DomainLieBatchNorm, metric="lcm"))
