@@ -224,7 +224,7 @@ def markdown(rows: list[dict], overhead: list[dict]) -> str:
         met = "—" if r["met"] is None else ("yes" if r["met"] else "no")
         pub = "—" if r["published_ms"] is None else f"{r['published_ms']:g}"
         tgt = "—" if r["target"] is None else f"≤{r['target']:g}×"
-        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3f}"
         lines.append(f"| {r['norm']} | {r['n']} | {r['N']} | {r['dtype']} | {r['threads']} | {r['ms']:.2f} | {pub} "
                      f"| {ratio} | {tgt} | {met} | {_fmt(r['out_rel_err'], '.1e')} "
                      f"| {_fmt(r['grad_rel_err'], '.1e')} | {r['wall_ms']:.2f} |")

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as err:
             parser.error(str(err))
         threads = args.threads or ([1] if args.quick else [1, 2])
-        repeats = args.repeats or (3 if args.quick else None)
+        repeats = args.repeats or (5 if args.quick else None)
         dtypes = [getattr(torch, d) for d in args.dtypes]
         rows, overhead = bench_norms(norms, sizes, dtypes, threads, repeats)
         print(markdown(rows, overhead))

@@ -21,6 +21,9 @@ cancellation-free closed form of the divided difference of a power. This is exac
 eigenvalues equal), where ``torch.linalg.eigh``'s backward divides by zero. It costs :math:`O(n^3)` memory per
 matrix :math:`P`, after summing the batch dimensions along which :math:`P` is broadcast.
 
+:func:`exp_transport_op` fuses :math:`A\,\mathrm{Exp}_W(\Gamma_{I\to W}V)\,A^\top` (the biasing step of a
+BW batch norm) into one eigendecomposition of :math:`W`, with the same exact backward in :math:`W`.
+
 The Lyapunov solve has the cheaper implicit backward :math:`Q = \mathcal L_P^{-1}[\mathrm{sym}\,G]`,
 :math:`\partial/\partial V = Q`, :math:`\partial/\partial P = -(QL + LQ)` (differentiate :math:`PL + LP = V`).
 """
@@ -32,7 +35,7 @@ from torch import Tensor
 
 from .spectral import _dd_pow, sym
 
-__all__ = ["pair_operator", "lyapunov_solve_op"]
+__all__ = ["pair_operator", "lyapunov_solve_op", "exp_transport_op"]
 
 
 def _rot_in(U: Tensor, V: Tensor) -> Tensor:
@@ -56,8 +59,35 @@ def _divided_difference(lam: Tensor, alpha: float, p: float) -> Tensor:
     r""":math:`F^{[1]}_{ikj}` of :math:`F(a, b) = \alpha (a+b)^p`, shape ``(..., n, n, n)`` indexed ``[i, k, j]``."""
     x = lam.unsqueeze(-1).unsqueeze(-1) + lam.unsqueeze(-2).unsqueeze(-3)  # [i, 1, j]: lam_i + lam_j
     y = lam.unsqueeze(-2).unsqueeze(-1) + lam.unsqueeze(-2).unsqueeze(-3)  # [1, k, j]: lam_k + lam_j
-    p_t = torch.tensor(p, dtype=lam.dtype, device=lam.device)
-    return alpha * _dd_pow(y, x, p_t)
+    if p == 0.5:
+        return alpha / (torch.sqrt(x) + torch.sqrt(y))
+    if p == -0.5:
+        rx, ry = torch.sqrt(x), torch.sqrt(y)
+        return -alpha / (rx * ry * (rx + ry))
+    if p == -1.0:
+        return -alpha / (x * y)
+    return alpha * _dd_pow(y, x, torch.tensor(p, dtype=lam.dtype, device=lam.device))
+
+
+def _split_batch(batch: torch.Size, lead: torch.Size) -> tuple[list[int], list[int]]:
+    """Batch dims summed over (a parameter of batch shape ``lead`` was broadcast along them) and kept."""
+    nb = len(batch)
+    pad = (1,) * (nb - len(lead)) + tuple(lead)
+    summed = [d for d in range(nb) if pad[d] == 1 and batch[d] != 1]
+    return summed, [d for d in range(nb) if d not in summed]
+
+
+def _sum_matmul(A: Tensor, B: Tensor, lead: torch.Size) -> Tensor:
+    r""":math:`\sum_{\text{batch}} A B` as ``(*lead, n, n)``: one matrix product with the batch in the inner dim."""
+    full = torch.broadcast_shapes(A.shape, B.shape)
+    A, B = A.expand(full), B.expand(full)
+    batch, n = full[:-2], full[-1]
+    summed, keep = _split_batch(batch, lead)
+    nb = len(batch)
+    kshape = [batch[d] for d in keep]
+    A2 = A.permute(keep + [nb] + summed + [nb + 1]).reshape(*kshape, n, -1)
+    B2 = B.permute(keep + summed + [nb, nb + 1]).reshape(*kshape, -1, n)
+    return (A2 @ B2).reshape(*lead, n, n)
 
 
 def _pair_outer_sum(A: Tensor, B: Tensor, lead: torch.Size) -> Tensor:
@@ -65,13 +95,11 @@ def _pair_outer_sum(A: Tensor, B: Tensor, lead: torch.Size) -> Tensor:
     along which a parameter of batch shape ``lead`` was broadcast (no ``(batch, n, n, n)`` intermediate)."""
     batch = A.shape[:-2]
     nb, n = len(batch), A.shape[-1]
-    pad = (1,) * (nb - len(lead)) + tuple(lead)
-    summed = [d for d in range(nb) if pad[d] == 1 and batch[d] != 1]
-    keep = [d for d in range(nb) if d not in summed]
-    perm = summed + keep + [nb, nb + 1]
-    shape = (-1, *[batch[d] for d in keep], n, n)
-    A2, B2 = A.permute(perm).reshape(shape), B.permute(perm).reshape(shape)
-    out = torch.einsum("s...ij,s...kj->...ikj", A2, B2)
+    summed, keep = _split_batch(batch, lead)
+    # (keep..., j, i, s) @ (keep..., j, s, k): one batched product over the kept dims and j
+    A2 = A.permute(keep + [nb + 1, nb] + summed).reshape(*[batch[d] for d in keep], n, n, -1)
+    B2 = B.permute(keep + [nb + 1] + summed + [nb]).reshape(*[batch[d] for d in keep], n, -1, n)
+    out = (A2 @ B2).movedim(-3, -1)  # [i, k, j]
     return out.reshape(*lead, n, n, n)
 
 
@@ -133,3 +161,50 @@ class _Lyapunov(torch.autograd.Function):
 def lyapunov_solve_op(P: Tensor, V: Tensor) -> Tensor:
     r"""Solution :math:`L` of :math:`PL + LP = V` for SPD ``P`` and symmetric ``V`` (broadcast), ``(..., n, n)``."""
     return _Lyapunov.apply(P, V)
+
+
+_RSQRT_HALF = 0.5**0.5
+
+
+class _ExpTransport(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, W: Tensor, V: Tensor, A: Tensor):  # type: ignore[override]
+        w, U = torch.linalg.eigh(W)
+        F = _kernel(w, _RSQRT_HALF, -0.5)
+        Vt = _rot_in(U, V)
+        H = F * Vt + torch.eye(W.shape[-1], dtype=W.dtype, device=W.device)
+        K = H @ (w.unsqueeze(-1) * H)
+        At = A @ U
+        ctx.shapes = (W.shape, V.shape, A.shape)
+        ctx.save_for_backward(w, U, F, Vt, H, K, At)
+        return At @ K @ At.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        w, U, F, Vt, H, K, At = ctx.saved_tensors
+        w_shape, v_shape, a_shape = ctx.shapes
+        YA = sym(grad) @ At
+        dA = dW = dV = None
+        if ctx.needs_input_grad[2]:
+            dA = _sum_to(2.0 * _sum_matmul(YA, K, w.shape[:-1]) @ U.transpose(-1, -2), a_shape)
+        Kb = At.transpose(-1, -2) @ YA  # dL/dK in W's eigenbasis, K = (I+L) W (I+L)
+        M1 = Kb @ (H * w.unsqueeze(-2))
+        Lb = M1 + M1.transpose(-1, -2)  # dL/dL
+        if ctx.needs_input_grad[1]:
+            dV = _sum_to(_rot_out(U, F * Lb), v_shape)
+        if ctx.needs_input_grad[0]:
+            direct = _sum_to(H @ Kb @ H, w.shape[:-1] + w.shape[-1:] * 2)
+            outer = _pair_outer_sum(Lb, Vt.expand_as(Lb), w.shape[:-1])
+            R = (outer * _divided_difference(w, _RSQRT_HALF, -0.5)).sum(-1)
+            dW = _sum_to(_rot_out(U, direct + R + R.transpose(-1, -2)), w_shape)
+        return dW, dV, dA
+
+
+def exp_transport_op(W: Tensor, V: Tensor, A: Tensor) -> Tensor:
+    r""":math:`A\,(I+L)W(I+L)\,A^\top` with :math:`L = \mathcal L_W[\Gamma_{I\to W}V]`, ``(..., n, n)``.
+
+    :math:`(I+L)W(I+L) = \mathrm{Exp}_W(\Gamma_{I\to W}V)`; in :math:`W`'s eigenbasis
+    :math:`L_{ab} = \tilde V_{ab}/\sqrt{2(w_a+w_b)}`. ``W`` (SPD) and ``A`` (any square matrix) broadcast
+    against the symmetric ``V``; one ``eigh`` of ``W``.
+    """
+    return _ExpTransport.apply(W, V, A)

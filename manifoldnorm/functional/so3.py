@@ -25,12 +25,14 @@ so values are accurate to round-off and autograd gradients are exact and finite 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import Tensor
 
 from ._batch import batch_dim, default_tol, normalized_weights
+from .polar import project_so
 
 __all__ = [
     "so3_hat",
@@ -43,6 +45,7 @@ __all__ = [
     "mean_so3",
     "mean_so3_chordal",
     "geodesic_so3",
+    "left_mul",
     "project_so3",
     "check_rotation",
 ]
@@ -167,7 +170,8 @@ def so3_log(R: Tensor) -> Tensor:
 
     * :math:`\theta` near 0 (:math:`1 - c < 0.01`): :math:`\omega = \tfrac12 f(1-c)\, v`, with
       :math:`f(u) = \theta/\sin\theta = \sum_k \frac{2^k (k!)^2}{(2k+1)!} u^k` (Taylor to :math:`u^6`);
-    * in between: :math:`\theta = \operatorname{atan2}(\|v\|/2, c)`, :math:`\omega = \frac{\theta}{\|v\|} v`;
+    * in between: the same :math:`\omega = \tfrac12 f(1-c)\, v` with
+      :math:`f = \arccos(c)/\sqrt{(1-c)(1+c)}` in closed form;
     * :math:`\theta` near π (:math:`c < -0.7`): the axis from the symmetric part
       :math:`S = \tfrac12(R + R^\top) - cI = (1 - c)\, n n^\top`, :math:`n = \pm S_{:k}/\sqrt{S_{kk}(1-c)}` with
       :math:`k = \arg\max_k S_{kk}`, the sign making :math:`n^\top v \ge 0`, and
@@ -187,6 +191,9 @@ def so3_log(R: Tensor) -> Tensor:
     -----
     Values are accurate to round-off for every angle; autograd gradients are finite for :math:`\theta < \pi`,
     exact at :math:`R = I`. At :math:`\theta = \pi` the logarithm is discontinuous (:math:`\pm\pi n`).
+    Below :math:`\theta \approx 2.35` the result is one analytic function of the nine entries of ``R`` (the
+    angle read from the trace, as in :func:`so3_log_ref`), so gradients with respect to unconstrained
+    :math:`3\times3` inputs agree with the reference there, not only along the group.
     On the CPU, branches that no element needs are skipped (one cheap host check per branch); on other
     devices all branches are evaluated and selected element-wise, without host synchronisation.
     """
@@ -199,12 +206,12 @@ def so3_log(R: Tensor) -> Tensor:
     small = u < _LOG_SMALL
     near_pi = c < _LOG_NEAR_PI
     general = ~(small | near_pi)
-    # theta / sin(theta): Taylor in u = 1 - cos(theta) near 0, atan2 in the general range
+    # theta / sin(theta) as a function of c = cos(theta): Taylor in u = 1 - c near 0, arccos in the general range
     h_small = _poly(u, _THETA_OVER_SIN) if _needed(small) else None
     h_gen = None
     if _needed(general):
-        s = 0.5 * torch.sqrt(torch.where(general, v0 * v0 + v1 * v1 + v2 * v2, 1.0))
-        h_gen = torch.atan2(s, c) / s
+        c_safe = torch.where(general, c, 0.0)
+        h_gen = torch.arccos(c_safe) * torch.rsqrt((1.0 - c_safe) * (1.0 + c_safe))
     h = _select(small, h_small, h_gen)
     h = torch.full_like(c, 0.5) if h is None else 0.5 * h
     w0, w1, w2 = h * v0, h * v1, h * v2
@@ -268,15 +275,12 @@ def geodesic_so3(A: Tensor, B: Tensor, t: Tensor | float) -> Tensor:
 
 
 def project_so3(X: Tensor) -> Tensor:
-    r"""Closest rotation in Frobenius norm, :math:`U \operatorname{diag}(1, \dots, 1, \det UV^\top) V^\top`.
+    r"""Closest rotation in Frobenius norm of ``(..., 3, 3)`` matrices (see :func:`.polar.project_so`).
 
-    :math:`X = U\Sigma V^\top` (SVD); the special orthogonal polar factor of ``X``. Differentiable where the
-    singular values are distinct.
+    Differentiable with a backward that stays finite for repeated singular values.
     """
-    U, _, Vh = torch.linalg.svd(X)
-    d = torch.linalg.det(U @ Vh)
-    U = torch.cat([U[..., :-1], U[..., -1:] * d.unsqueeze(-1).unsqueeze(-1)], dim=-1)
-    return U @ Vh
+    _check_mat3(X, "project_so3")
+    return project_so(X)
 
 
 def mean_so3_chordal(R: Tensor, dim: int = 0, weights: Tensor | None = None) -> Tensor:
@@ -322,7 +326,7 @@ def mean_so3(
         (no host synchronisation).
     init : Tensor, optional
         Starting point ``(..., 3, 3)`` (shape of the result). Default: the chordal L2 mean
-        (:func:`mean_so3_chordal`), detached.
+        (:func:`mean_so3_chordal`).
     weights : Tensor, optional
         Non-negative weights, shape ``(N,)`` or broadcastable to ``R.shape[:-2]``; normalised to sum to one.
 
@@ -334,27 +338,32 @@ def mean_so3(
     Notes
     -----
     The Karcher mean is unique and the iteration converges when the rotations lie in a geodesic ball of radius
-    :math:`\pi/2` (Hartley et al. 2013). Differentiable by unrolling the iterations; the default starting point
-    is a constant for autograd (the SVD gradient is ill-conditioned for concentrated batches), so the gradient
-    becomes exact as the iteration converges.
+    :math:`\pi/2` (Hartley et al. 2013). Differentiable by unrolling the iterations (the chordal starting point
+    included, through the well-conditioned backward of :func:`project_so3`).
     """
     _check_mat3(R, "mean_so3")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"mean_so3: steps must be an int >= 1, got {steps!r}")
     d = batch_dim(R, dim)
-    w = normalized_weights(R, d, weights).squeeze(-1)
+    w = normalized_weights(R, d, weights).squeeze(-1).movedim(d, 0)
+    R = R.movedim(d, 0)
     tol = default_tol(R.dtype) if tol is None else float(tol)
-    if init is None:
-        with torch.no_grad():
-            M = project_so3((w.unsqueeze(-1) * R.detach()).sum(dim=d))
-    else:
-        M = init
+    M = project_so((w.unsqueeze(-1) * R).sum(dim=0)) if init is None else init
     for _ in range(steps):
-        T = (w * so3_log(M.unsqueeze(d).mT @ R)).sum(dim=d)
+        T = (w * so3_log(left_mul(M.mT, R))).sum(dim=0)
         M = M @ so3_exp(T)
         if tol > 0 and float(torch.linalg.vector_norm(T.detach(), dim=-1).max()) <= tol:
             break
     return M
+
+
+def left_mul(A: Tensor, X: Tensor) -> Tensor:
+    r"""Batched left translation :math:`X_i \mapsto A X_i`: ``A`` ``(..., n, n)``, ``X`` ``(N, ..., n, n)``.
+
+    The same as ``A @ X`` with broadcasting over the leading batch dimension, computed as one contraction
+    (faster than a batch of tiny matrix products on the CPU).
+    """
+    return torch.einsum("...ij,n...jk->n...ik", A, X)
 
 
 def check_rotation(R: Tensor, name: str = "input", atol: float | None = None, n: int | None = 3) -> Tensor:
@@ -373,7 +382,9 @@ def check_rotation(R: Tensor, name: str = "input", atol: float | None = None, n:
     if R.dim() < 2 or R.shape[-1] != R.shape[-2] or R.shape[-1] < 2 or (n is not None and R.shape[-1] != n):
         raise ValueError(f"{name}: expected rotation matrices of shape (..., {size}, {size}), "
                          f"got shape {tuple(R.shape)}")
-    with torch.no_grad():
+    autocast = (torch.autocast(R.device.type, enabled=False) if R.device.type in ("cpu", "cuda", "xpu")
+                else contextlib.nullcontext())
+    with torch.no_grad(), autocast:  # the Gram matrix in the input's precision, not autocast's
         X = R.detach()
         bad = ~torch.isfinite(X)
         if bool(bad.any()):

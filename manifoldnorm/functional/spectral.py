@@ -84,6 +84,9 @@ class _Spec:
     dfdp: PowFn | None = None
     #: stable divided difference ``(f(a) - f(b)) / (a - b)`` (equal to ``f'(a)`` at ``a == b``), if known
     dd: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+    #: near ties are judged by the gap relative to |λ| (scale-invariant functions: log, powers) or relative to
+    #: max(|λ|, 1) (exp and user functions, whose quotient loses accuracy with the absolute gap)
+    relative_gap: bool = False
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,20 +97,50 @@ def _reconstruct(U: Tensor, vals: Tensor) -> Tensor:
     return (U * vals.unsqueeze(-2)) @ U.transpose(-1, -2)
 
 
-def _loewner(lam: Tensor, flam: Tensor, spec: _Spec, p: Tensor) -> Tensor:
-    """Loewner matrix of divided differences with the midpoint-derivative rule on (near) ties."""
-    li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
-    pp = p.unsqueeze(-1).unsqueeze(-1) if p.dim() > 0 else p
+def _loewner_exact(li: Tensor, lj: Tensor, fi: Tensor, fj: Tensor, spec: _Spec, pp: Tensor) -> Tensor:
+    """Divided differences of (gathered) eigenvalue pairs: closed form if known, else midpoint rule on ties."""
     if spec.dd is not None:
         return spec.dd(li, lj, pp)
     diff = li - lj
-    rtol = torch.finfo(lam.dtype).eps ** (1.0 / 3.0)
-    scale = torch.maximum(li.abs(), lj.abs()).clamp_min(torch.finfo(lam.dtype).tiny)
+    rtol = torch.finfo(li.dtype).eps ** (1.0 / 3.0)
+    scale = torch.maximum(li.abs(), lj.abs()).clamp_min(torch.finfo(li.dtype).tiny)
     tie = diff.abs() <= rtol * scale
-    safe_diff = torch.where(tie, torch.ones_like(diff), diff)
-    divided = (flam.unsqueeze(-1) - flam.unsqueeze(-2)) / safe_diff
-    mid = spec.df(0.5 * (li + lj), pp)
-    return torch.where(tie, mid, divided)
+    divided = (fi - fj) / torch.where(tie, torch.ones_like(diff), diff)
+    return torch.where(tie, spec.df(0.5 * (li + lj), pp), divided)
+
+
+#: pairs with |λ_i - λ_j| > _SPLIT * |λ_j| use the plain quotient (relative error <~ eps / _SPLIT); the others the
+#: exact closed forms above, evaluated on the gathered pairs only
+_SPLIT = {torch.float64: 1e-4, torch.float32: 5e-2}
+
+
+def _loewner(lam: Tensor, flam: Tensor, spec: _Spec, p: Tensor, scale: float = 1.0) -> Tensor:
+    """Loewner matrix of divided differences, exact on (near) ties.
+
+    Well separated pairs (the vast majority) take the quotient :math:`(f_i - f_j)/(\\lambda_i - \\lambda_j)`, three
+    elementwise passes; pairs closer than a relative gap (the diagonal, clusters) are gathered and evaluated with
+    the cancellation-free closed form of the function (or the midpoint derivative for user functions).
+    """
+    li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
+    sf = flam if scale == 1.0 else scale * flam
+    fi, fj = sf.unsqueeze(-1), sf.unsqueeze(-2)
+    pp = p.unsqueeze(-1).unsqueeze(-1) if p.dim() > 0 else p
+    diff = li - lj
+    out = fi - fj
+    out.div_(diff)
+    size = lam.abs() if spec.relative_gap else lam.abs().clamp_min(1.0)
+    near = diff.abs_() <= (_SPLIT.get(lam.dtype, 1e-4) * size).unsqueeze(-2)
+    idx = near.nonzero(as_tuple=True)
+    if idx[0].numel():
+        shape = out.shape
+        b = idx[:-2]
+        i, j = idx[-2], idx[-1]
+        lam_b = lam.expand(*shape[:-1])
+        fl_b = flam.expand(*shape[:-1])
+        pg = pp.expand(shape)[idx] if isinstance(pp, Tensor) and pp.dim() > 0 else pp
+        exact = _loewner_exact(lam_b[(*b, i)], lam_b[(*b, j)], fl_b[(*b, i)], fl_b[(*b, j)], spec, pg)
+        out[idx] = exact if scale == 1.0 else scale * exact
+    return out
 
 
 def _no_autocast(t: Tensor):
@@ -146,12 +179,12 @@ class _SymEig(torch.autograd.Function):
         for spec, flam, G in zip(ctx.specs, flams, grads, strict=True):
             if G is None:
                 continue
-            Gt = Ut @ sym(G) @ U
-            term = _loewner(lam, flam, spec, p) * Gt
-            inner = term if inner is None else inner + term
+            Gt = Ut @ (G + G.transpose(-1, -2)) @ U  # 2 U^T sym(G) U; the 1/2 goes into the Loewner matrix
+            term = _loewner(lam, flam, spec, p, scale=0.5).mul_(Gt)
+            inner = term if inner is None else inner.add_(term)
             if ctx.needs_input_grad[1] and spec.dfdp is not None:
                 pe = p.unsqueeze(-1) if p.dim() > 0 else p
-                contrib = (torch.diagonal(Gt, dim1=-2, dim2=-1) * spec.dfdp(lam, pe)).sum(-1)
+                contrib = 0.5 * (torch.diagonal(Gt, dim1=-2, dim2=-1) * spec.dfdp(lam, pe)).sum(-1)
                 dp = contrib if dp is None else dp + contrib
         dX = None if inner is None else U @ inner @ Ut
         if dp is not None:
@@ -309,22 +342,25 @@ def _dd_pow(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
     return torch.pow(b, p - 1.0) * _ratio(torch.expm1(p * torch.log1p(h)), h, p)
 
 
-_LOG = _Spec(lambda l, p: torch.log(l), lambda l, p: 1.0 / l, dd=_dd_log)
+_LOG = _Spec(lambda l, p: torch.log(l), lambda l, p: 1.0 / l, dd=_dd_log, relative_gap=True)
 _EXP = _Spec(lambda l, p: torch.exp(l), lambda l, p: torch.exp(l), dd=_dd_exp)
 _SQRT = _Spec(
     lambda l, p: torch.sqrt(l), lambda l, p: 0.5 / torch.sqrt(l),
     dd=lambda a, b, p: 1.0 / (torch.sqrt(a) + torch.sqrt(b)),
+    relative_gap=True,
 )
 _INVSQRT = _Spec(
     lambda l, p: torch.rsqrt(l), lambda l, p: -0.5 * torch.rsqrt(l) / l,
     dd=lambda a, b, p: -1.0 / (torch.sqrt(a * b) * (torch.sqrt(a) + torch.sqrt(b))),
+    relative_gap=True,
 )
-_INV = _Spec(lambda l, p: 1.0 / l, lambda l, p: -1.0 / (l * l), dd=lambda a, b, p: -1.0 / (a * b))
+_INV = _Spec(lambda l, p: 1.0 / l, lambda l, p: -1.0 / (l * l), dd=lambda a, b, p: -1.0 / (a * b), relative_gap=True)
 _POW = _Spec(
     lambda l, p: torch.pow(l, p),
     lambda l, p: p * torch.pow(l, p - 1.0),
     lambda l, p: torch.pow(l, p) * torch.log(l),
     dd=_dd_pow,
+    relative_gap=True,
 )
 
 

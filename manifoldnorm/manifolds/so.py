@@ -7,7 +7,8 @@ import torch
 from geoopt.utils import size2shape
 from torch import Tensor
 
-from manifoldnorm.functional.so3 import check_rotation, project_so3, so3_exp, so3_hat, so3_log
+from manifoldnorm.functional.polar import project_so
+from manifoldnorm.functional.so3 import check_rotation, so3_exp, so3_hat, so3_log
 
 __all__ = ["SpecialOrthogonal"]
 
@@ -40,6 +41,13 @@ class SpecialOrthogonal(geoopt.Manifold):
     ndim = 2
     reversible = False
 
+    # stateless: all instances describe the same geometry (geoopt compares the manifolds of tensors)
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self).__qualname__)
+
     def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
         ok, reason = super()._check_shape(shape, name)
         if not ok:
@@ -66,7 +74,7 @@ class SpecialOrthogonal(geoopt.Manifold):
 
     def projx(self, x: Tensor) -> Tensor:
         """Closest rotation (special orthogonal polar factor, SVD with determinant fix)."""
-        return project_so3(x)
+        return project_so(x)
 
     def proju(self, x: Tensor, u: Tensor) -> Tensor:
         return x @ _skew(x.mT @ u)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from manifoldnorm import functional as mf
-from manifoldnorm.functional._bw_ops import pair_operator
+from manifoldnorm.functional._bw_ops import exp_transport_op, pair_operator
 
 __all__ = ["barycenter", "centre_constant", "centre_generic", "log_exp_identity", "bias", "trace"]
 
@@ -35,11 +35,20 @@ def barycenter(Xt: Tensor, Mih: Tensor, steps: int, tol: float) -> Tensor:
 
     Same iteration as :func:`manifoldnorm.functional.mean_bw` (from the arithmetic mean; ``tol=0``: exactly
     ``steps`` iterations), with the congruence :math:`G^{1/2}M^{-1/2}` applied to :math:`X^\theta` directly.
+    Without autograd the sum :math:`\sum_i U_i \Lambda_i^{1/2} U_i^\top` is one matrix product.
     """
     G = mf.congruence(Mih, Xt.mean(dim=0))
+    grad = torch.is_grad_enabled() and (Xt.requires_grad or Mih.requires_grad)
     for _ in range(steps):
         S, Si = mf.sym_sqrtm_invsqrtm(G)
-        H = mf.sym_sqrtm(mf.congruence(S @ Mih, Xt)).mean(dim=0)
+        C = mf.congruence(S @ Mih, Xt)
+        if grad:
+            H = mf.sym_sqrtm(C).mean(dim=0)
+        else:
+            lam, U = torch.linalg.eigh(C)
+            US = U * torch.sqrt(lam.clamp_min(0.0)).unsqueeze(-2)
+            N = C.shape[0]
+            H = torch.einsum("bcij,bckj->cik", US, U) / N
         G_new = mf.sym(Si @ H @ H @ Si)
         if tol > 0:
             with torch.no_grad():
@@ -111,11 +120,10 @@ def bias(V: Tensor, U: Tensor | None, W: Tensor, Mh: Tensor) -> Tensor:
 
     With :math:`L = \mathcal L_W[\Gamma_{I\to W}V]`, i.e. :math:`L_{ab} = \tilde V_{ab}/\sqrt{2(w_a+w_b)}` in
     :math:`W`'s eigenbasis, :math:`\mathrm{Exp}_W(\Gamma_{I\to W}V) = (I+L)W(I+L)`. ``V`` is given in the basis
-    ``U`` (``None``: standard basis); the operator is equivariant, so :math:`W` is rotated instead of the batch.
+    ``U`` (``None``: standard basis); the map is equivariant, so :math:`W` and :math:`M^{1/2}` are rotated
+    instead of the batch.
     """
     if U is not None:
         W = mf.congruence(U.transpose(-1, -2), W)
         Mh = Mh @ U
-    L = pair_operator(W, V, math.sqrt(0.5), -0.5)
-    E = Mh + Mh @ L
-    return mf.congruence(E, W)
+    return exp_transport_op(W, V, Mh)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from manifoldnorm.functional.so3 import (
     check_rotation,
     geodesic_so3,
+    left_mul,
     mean_so3,
     so3_exp,
     so3_exp_ref,
@@ -264,14 +265,14 @@ class SO3BatchNorm(RefittableNorm):
                 L, var = self._train(X)
             else:
                 R, r = self._get_stats(cdt)[:2]
-                L, var = so3_log(R.mT @ X), r
+                L, var = so3_log(left_mul(R.mT, X)), r
             y = self._scale_and_bias(L, var, cdt)
         return restore(y.to(odt))
 
     def _scale_and_bias(self, L: Tensor, var: Tensor, dtype: torch.dtype) -> Tensor:
         r""":math:`B \exp(s/\sqrt{v^2+\epsilon}\, L)` for centred axis-angle vectors ``L`` ``(B, *F, 3)``."""
         c = self.shift.to(dtype) / torch.sqrt(var + self.eps)
-        return self.weight.to(dtype) @ so3_exp(c.unsqueeze(-1) * L)
+        return left_mul(self.weight.to(dtype), so3_exp(c.unsqueeze(-1) * L))
 
     def _batch_mean(self, X: Tensor) -> Tensor:
         if self.detach_mean:
@@ -285,7 +286,7 @@ class SO3BatchNorm(RefittableNorm):
         M = self._batch_mean(X)
         eta = self.train_momentum
         centre = M if eta == 1.0 else geodesic_so3(T, M.detach(), eta)
-        L = so3_log(centre.mT @ X)
+        L = so3_log(left_mul(centre.mT, X))
         v = L.square().sum(-1).mean(dim=0)
         v_eta = v if eta == 1.0 else (1.0 - eta) * t + eta * v
         degenerate = v_eta.detach() < self.eps
@@ -304,7 +305,7 @@ class SO3BatchNorm(RefittableNorm):
     def _refit(self, X: Tensor) -> tuple[Tensor, Tensor]:
         """Exact Karcher mean and dispersion of the batch become all statistics."""
         M = mean_so3(X, dim=0, steps=self.refit_karcher_steps, tol=None)
-        L = so3_log(M.mT @ X)
+        L = so3_log(left_mul(M.mT, X))
         v = L.square().sum(-1).mean(dim=0)
         self._set_stats((M, v, M.clone(), v.clone()))
         return L, v
@@ -313,17 +314,22 @@ class SO3BatchNorm(RefittableNorm):
         """Training-mode output from batch statistics by an independent plain-autograd path (tests, benchmark).
 
         Matrix exponential (:func:`torch.linalg.matrix_exp`) and the :math:`\\arccos` logarithm, the Karcher
-        iteration written out from the same (chordal) starting point; buffers are read, never written.
+        iteration written out from the same (chordal) starting point, computed by plain :func:`torch.linalg.svd`
+        autograd; buffers are read, never written.
         """
         xb, restore = self._flatten(x, validate=False)
+        with autocast_off(xb):
+            y = self._reference(xb)
+        return restore(y)
+
+    def _reference(self, xb: Tensor) -> Tensor:
         cdt, odt = resolve_dtype(xb, self.weight, self.compute_dtype)
         X = xb.to(cdt)
         src = X.detach() if self.detach_mean else X
-        with torch.no_grad():
-            U, _, Vh = torch.linalg.svd(src.detach().mean(dim=0))
-            D = torch.ones(*U.shape[:-1], dtype=cdt, device=U.device)
-            D[..., -1] = torch.linalg.det(U @ Vh)
-            M = (U * D.unsqueeze(-2)) @ Vh
+        U, _, Vh = torch.linalg.svd(src.mean(dim=0))
+        D = torch.ones(U.shape[:-1], dtype=cdt, device=U.device)
+        D[..., -1] = torch.linalg.det(U @ Vh).detach()
+        M = (U * D.unsqueeze(-2)) @ Vh
         for _ in range(self.karcher_steps):
             M = M @ so3_exp_ref(so3_log_ref(M.mT @ src).mean(dim=0))
         L = so3_log_ref(M.mT @ X)
@@ -332,7 +338,7 @@ class SO3BatchNorm(RefittableNorm):
         degenerate = (v.detach() < self.eps) | (X.shape[0] == 1)
         c = self.shift.to(cdt) / torch.sqrt(torch.where(degenerate, r, v) + self.eps)
         y = self.weight.to(cdt) @ so3_exp_ref(c.unsqueeze(-1) * L)
-        return restore(y.to(odt))
+        return y.to(odt)
 
     def extra_repr(self) -> str:
         return (f"shape={self.shape}, batch_dims={self.batch_dims}, momentum={self.momentum:g}, "
