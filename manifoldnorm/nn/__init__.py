@@ -18,9 +18,9 @@ from .registry import (
     list_norms,
     register_norm,
 )
-from .spd_layers import BiMap, CovPool, LogEig, ReEig, stiefel_init_, vech
 from .schedule import kobler_momentum, set_norm_momentum
 from .so3bn import SO3BatchNorm
+from .spd_layers import BiMap, CovPool, LogEig, ReEig, stiefel_init_, vech
 from .spdbn import SPDBatchNorm
 
 __all__ = [
