@@ -8,11 +8,13 @@ from .cache import default_cache_dir
 from .moabb import load_moabb
 from .montage import BCI2A_CHANNELS, channel_positions, channel_positions_2d
 from .preprocess import COV_ESTIMATORS, bandpass, covariances, recenter, riemannian_mean
+from .rotations import simulate_rotation_sequences
 from .simulate import CLASS_NAMES, SimulationParams, load_simulated, simulate_motor_imagery
 from .splits import PROTOCOLS, Split, split_indices, target_domains
 from .types import EEGData, domain_ids
 
 __all__ = [
+    "simulate_rotation_sequences",
     "BCI2A_CHANNELS",
     "CLASS_NAMES",
     "COV_ESTIMATORS",

@@ -3,6 +3,22 @@
 No ``nn.Module``, no buffers, no ``torch.distributed``. Import as ``from manifoldnorm import functional as mf``.
 """
 
+from .polar import project_so
+from .so3 import (
+    check_rotation,
+    distance_so3,
+    geodesic_so3,
+    left_mul,
+    mean_so3,
+    mean_so3_chordal,
+    project_so3,
+    so3_exp,
+    so3_exp_ref,
+    so3_hat,
+    so3_log,
+    so3_log_ref,
+    so3_vee,
+)
 from .spd import METRICS, check_metric, distance, expmap, geodesic, logmap, mean
 from .spd_aim import congruence, distance_aim, expmap_aim, geodesic_aim, logmap_aim, mean_aim
 from .spd_pullback import (
@@ -39,6 +55,8 @@ from .spectral import (
 from .validation import check_finite, check_spd, check_square, check_symmetric
 
 __all__ = [
+    "project_so", "check_rotation", "distance_so3", "geodesic_so3", "left_mul", "mean_so3", "mean_so3_chordal",
+    "project_so3", "so3_exp", "so3_exp_ref", "so3_hat", "so3_log", "so3_log_ref", "so3_vee",
     "METRICS", "check_metric", "distance", "expmap", "geodesic", "logmap", "mean",
     "congruence", "distance_aim", "expmap_aim", "geodesic_aim", "logmap_aim", "mean_aim",
     "cholesky_exp", "cholesky_log", "distance_lcm", "distance_lem", "geodesic_lcm", "geodesic_lem",

@@ -8,7 +8,7 @@ from geoopt.utils import size2shape
 from torch import Tensor
 
 from manifoldnorm.functional.polar import project_so
-from manifoldnorm.functional.so3 import check_rotation, so3_exp, so3_hat, so3_log
+from manifoldnorm.functional.so3 import so3_exp, so3_hat, so3_log
 
 __all__ = ["SpecialOrthogonal"]
 
@@ -119,10 +119,6 @@ class SpecialOrthogonal(geoopt.Manifold):
         if x.shape[-1] != 3:
             raise NotImplementedError(f"SpecialOrthogonal.{what} is implemented for 3x3 rotations only, "
                                       f"got {x.shape[-1]}x{x.shape[-1]}")
-
-    def check_rotation(self, x: Tensor, name: str = "point") -> Tensor:
-        """Raise a ValueError unless ``x`` holds rotations (see :func:`~manifoldnorm.functional.so3.check_rotation`)."""
-        return check_rotation(x, name, n=None)
 
     def random(self, *size, dtype=None, device=None, generator: torch.Generator | None = None,
                **kwargs) -> geoopt.ManifoldTensor:

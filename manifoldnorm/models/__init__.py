@@ -1,6 +1,7 @@
-"""SPD models built from :mod:`manifoldnorm.nn`: SPDNet and the TSMNet EEG front end."""
+"""Models built from :mod:`manifoldnorm.nn`: SPDNet, the TSMNet EEG front end and the LieNet-style SO3Net."""
 
+from .so3net import RotMap, RotPooling, SO3Net
 from .spdnet import SPDNet
 from .tsmnet import TSMNet
 
-__all__ = ["SPDNet", "TSMNet"]
+__all__ = ["SPDNet", "TSMNet", "SO3Net", "RotMap", "RotPooling"]

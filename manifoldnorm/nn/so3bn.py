@@ -59,13 +59,15 @@ class SO3BatchNorm(RefittableNorm):
     :mod:`manifoldnorm.functional.so3`), the learnable rotation bias :math:`B` (``weight``, a
     :class:`geoopt.ManifoldParameter` on :class:`~manifoldnorm.manifolds.SpecialOrthogonal`, init :math:`I`)
     and dispersion :math:`s` (``shift``, init 1). Centering is the left translation by :math:`M^{-1} = M^\top`.
-    The outputs have Karcher mean :math:`B` and dispersion :math:`s^2 v^2/(v^2+\epsilon)`.
+    With the exact batch mean (enough ``karcher_steps``) the outputs have Karcher mean :math:`B` and dispersion
+    :math:`s^2 v^2/(v^2+\epsilon)`, as long as the scaled angles :math:`s\theta_i/\sqrt{v^2+\epsilon}` stay
+    below :math:`\pi` (beyond, the exponential wraps around).
 
     Running statistics (evaluation): :math:`R \leftarrow R \exp(\gamma \log(R^\top M))` (geodesic, ``momentum``
     :math:`\gamma`) and :math:`r \leftarrow (1-\gamma) r + \gamma v^2`. With ``train_momentum`` :math:`\eta < 1`
     training normalizes with Kobler's momentum statistics instead: :math:`R_\eta = \gamma_{T \to M}(\eta)`,
-    :math:`v^2` measured around :math:`R_\eta`, :math:`t_\eta = (1-\eta)t + \eta v^2`, and
-    :math:`(T, t) \leftarrow (R_\eta, t_\eta)`.
+    :math:`v^2` measured around :math:`R_\eta` (also in the update of :math:`r`),
+    :math:`t_\eta = (1-\eta)t + \eta v^2`, and :math:`(T, t) \leftarrow (R_\eta, t_\eta)`.
 
     Parameters
     ----------
