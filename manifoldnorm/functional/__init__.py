@@ -21,6 +21,18 @@ from .so3 import (
 )
 from .spd import METRICS, check_metric, distance, expmap, geodesic, logmap, mean
 from .spd_aim import congruence, distance_aim, expmap_aim, geodesic_aim, logmap_aim, mean_aim
+from .spd_bw import (
+    distance_bw,
+    distance_gbw,
+    expmap_bw,
+    geodesic_bw,
+    logmap_bw,
+    lyapunov_solve,
+    mean_bw,
+    sqdistance_bw,
+    transport_bw_from_identity,
+    transport_bw_to_identity,
+)
 from .spd_pullback import (
     cholesky_exp,
     cholesky_log,
@@ -55,6 +67,8 @@ from .spectral import (
 from .validation import check_finite, check_spd, check_square, check_symmetric
 
 __all__ = [
+    "distance_bw", "distance_gbw", "expmap_bw", "geodesic_bw", "logmap_bw", "lyapunov_solve", "mean_bw",
+    "sqdistance_bw", "transport_bw_from_identity", "transport_bw_to_identity",
     "project_so", "check_rotation", "distance_so3", "geodesic_so3", "left_mul", "mean_so3", "mean_so3_chordal",
     "project_so3", "so3_exp", "so3_exp_ref", "so3_hat", "so3_log", "so3_log_ref", "so3_vee",
     "METRICS", "check_metric", "distance", "expmap", "geodesic", "logmap", "mean",

@@ -69,37 +69,34 @@ def _divided_difference(lam: Tensor, alpha: float, p: float) -> Tensor:
     return alpha * _dd_pow(y, x, torch.tensor(p, dtype=lam.dtype, device=lam.device))
 
 
-def _split_batch(batch: torch.Size, lead: torch.Size) -> tuple[list[int], list[int]]:
-    """Batch dims summed over (a parameter of batch shape ``lead`` was broadcast along them) and kept."""
+def _fold_batch(A: Tensor, lead: torch.Size) -> Tensor:
+    """View ``A`` ``(*batch, n, n)`` as ``(s, *kept, n, n)``: the batch dims along which a parameter of batch shape
+    ``lead`` was broadcast are moved to the front and merged (a view when they lead already)."""
+    batch = A.shape[:-2]
     nb = len(batch)
     pad = (1,) * (nb - len(lead)) + tuple(lead)
     summed = [d for d in range(nb) if pad[d] == 1 and batch[d] != 1]
-    return summed, [d for d in range(nb) if d not in summed]
+    keep = [d for d in range(nb) if d not in summed]
+    if summed != list(range(len(summed))):
+        A = A.permute(summed + keep + [nb, nb + 1])
+    return A.reshape(-1, *[batch[d] for d in keep], *A.shape[-2:])
 
 
 def _sum_matmul(A: Tensor, B: Tensor, lead: torch.Size) -> Tensor:
-    r""":math:`\sum_{\text{batch}} A B` as ``(*lead, n, n)``: one matrix product with the batch in the inner dim."""
-    full = torch.broadcast_shapes(A.shape, B.shape)
-    A, B = A.expand(full), B.expand(full)
-    batch, n = full[:-2], full[-1]
-    summed, keep = _split_batch(batch, lead)
-    nb = len(batch)
-    kshape = [batch[d] for d in keep]
-    A2 = A.permute(keep + [nb] + summed + [nb + 1]).reshape(*kshape, n, -1)
-    B2 = B.permute(keep + summed + [nb, nb + 1]).reshape(*kshape, -1, n)
-    return (A2 @ B2).reshape(*lead, n, n)
+    r""":math:`\sum_{\text{batch}} A B` reduced to the parameter batch shape ``lead``: ``(*lead, n, n)``."""
+    if A.shape != B.shape:
+        A, B = torch.broadcast_tensors(A, B)
+    out = torch.einsum("s...ij,s...jk->...ik", _fold_batch(A, lead), _fold_batch(B, lead))
+    return out.reshape(*lead, *A.shape[-2:])
 
 
 def _pair_outer_sum(A: Tensor, B: Tensor, lead: torch.Size) -> Tensor:
-    r""":math:`\sum_{\text{batch}} A_{ij} B_{kj}` as ``(*lead, n, n, n)`` ``[i, k, j]``, summing the batch dims
-    along which a parameter of batch shape ``lead`` was broadcast (no ``(batch, n, n, n)`` intermediate)."""
-    batch = A.shape[:-2]
-    nb, n = len(batch), A.shape[-1]
-    summed, keep = _split_batch(batch, lead)
-    # (keep..., j, i, s) @ (keep..., j, s, k): one batched product over the kept dims and j
-    A2 = A.permute(keep + [nb + 1, nb] + summed).reshape(*[batch[d] for d in keep], n, n, -1)
-    B2 = B.permute(keep + [nb + 1] + summed + [nb]).reshape(*[batch[d] for d in keep], n, -1, n)
-    out = (A2 @ B2).movedim(-3, -1)  # [i, k, j]
+    r""":math:`\sum_{\text{batch}} A_{ij} B_{kj}` as ``(*lead, n, n, n)`` ``[i, k, j]`` (no ``(batch, n, n, n)``
+    intermediate)."""
+    if A.shape != B.shape:
+        A, B = torch.broadcast_tensors(A, B)
+    n = A.shape[-1]
+    out = torch.einsum("s...ij,s...kj->...ikj", _fold_batch(A, lead), _fold_batch(B, lead))
     return out.reshape(*lead, n, n, n)
 
 
@@ -123,8 +120,7 @@ class _PairOperator(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dV = _sum_to(_rot_out(U, F * Gt), v_shape)
         if ctx.needs_input_grad[0]:
-            full = torch.broadcast_shapes(Gt.shape, Vt.shape)
-            outer = _pair_outer_sum(Gt.expand(full), Vt.expand(full), lam.shape[:-1])
+            outer = _pair_outer_sum(Gt, Vt, lam.shape[:-1])
             R = (outer * _divided_difference(lam, ctx.alpha, ctx.p)).sum(-1)
             dP = _sum_to(_rot_out(U, R + R.transpose(-1, -2)), p_shape)
         return dP, dV, None, None
@@ -177,7 +173,7 @@ class _ExpTransport(torch.autograd.Function):
         At = A @ U
         ctx.shapes = (W.shape, V.shape, A.shape)
         ctx.save_for_backward(w, U, F, Vt, H, K, At)
-        return At @ K @ At.transpose(-1, -2)
+        return sym(At @ K @ At.transpose(-1, -2))
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -194,7 +190,7 @@ class _ExpTransport(torch.autograd.Function):
             dV = _sum_to(_rot_out(U, F * Lb), v_shape)
         if ctx.needs_input_grad[0]:
             direct = _sum_to(H @ Kb @ H, w.shape[:-1] + w.shape[-1:] * 2)
-            outer = _pair_outer_sum(Lb, Vt.expand_as(Lb), w.shape[:-1])
+            outer = _pair_outer_sum(Lb, Vt, w.shape[:-1])
             R = (outer * _divided_difference(w, _RSQRT_HALF, -0.5)).sum(-1)
             dW = _sum_to(_rot_out(U, direct + R + R.transpose(-1, -2)), w_shape)
         return dW, dV, dA

@@ -16,13 +16,19 @@ from .spd_pullback import distance_lcm, distance_lem, geodesic_lcm, geodesic_lem
 
 __all__ = ["METRICS", "distance", "mean", "geodesic", "logmap", "expmap", "check_metric"]
 
-METRICS: tuple[str, ...] = ("aim", "lem", "lcm")
+from .spd_bw import distance_bw, expmap_bw, geodesic_bw, logmap_bw, mean_bw
 
-_DISTANCE: dict[str, Callable[..., Tensor]] = {"aim": distance_aim, "lem": distance_lem, "lcm": distance_lcm}
-_MEAN: dict[str, Callable[..., Tensor]] = {"aim": mean_aim, "lem": mean_lem, "lcm": mean_lcm}
-_GEODESIC: dict[str, Callable[..., Tensor]] = {"aim": geodesic_aim, "lem": geodesic_lem, "lcm": geodesic_lcm}
-_LOGMAP: dict[str, Callable[..., Tensor]] = {"aim": logmap_aim}
-_EXPMAP: dict[str, Callable[..., Tensor]] = {"aim": expmap_aim}
+METRICS: tuple[str, ...] = ("aim", "lem", "lcm", "bw")
+
+_DISTANCE: dict[str, Callable[..., Tensor]] = {
+    "aim": distance_aim, "lem": distance_lem, "lcm": distance_lcm, "bw": distance_bw,
+}
+_MEAN: dict[str, Callable[..., Tensor]] = {"aim": mean_aim, "lem": mean_lem, "lcm": mean_lcm, "bw": mean_bw}
+_GEODESIC: dict[str, Callable[..., Tensor]] = {
+    "aim": geodesic_aim, "lem": geodesic_lem, "lcm": geodesic_lcm, "bw": geodesic_bw,
+}
+_LOGMAP: dict[str, Callable[..., Tensor]] = {"aim": logmap_aim, "bw": logmap_bw}
+_EXPMAP: dict[str, Callable[..., Tensor]] = {"aim": expmap_aim, "bw": expmap_bw}
 
 
 def check_metric(metric: str, valid: tuple[str, ...] | list[str] = METRICS, what: str = "metric") -> str:

@@ -19,9 +19,10 @@ The generalized BW metric with an SPD parameter :math:`M` (Han, Mishra, Jawanpur
 symmetric positive definite matrices via generalized Bures-Wasserstein geometry", GSI 2023) is the pull-back of
 BW by the congruence :math:`X \mapsto M^{-1/2} X M^{-1/2}`.
 
-Every matrix function goes through :mod:`manifoldnorm.functional.spectral` (one ``eigh`` per matrix, exact
-gradients at repeated eigenvalues); the parallel transports and the Lyapunov solve use the operators of
-:mod:`manifoldnorm.functional._bw_ops`, whose gradients are exact at :math:`P = I` as well.
+Matrix functions go through :mod:`manifoldnorm.functional.spectral` (one ``eigh`` per matrix, exact gradients
+at repeated eigenvalues); distances need eigenvalues only (``eigvalsh``, whose gradient has no eigenvalue gaps);
+the parallel transports and the Lyapunov solve use the operators of :mod:`manifoldnorm.functional._bw_ops`, whose
+gradients are exact at :math:`P = I` as well.
 """
 
 from __future__ import annotations
@@ -56,10 +57,9 @@ def _pair(A: Tensor, B: Tensor, names: str = "A, B") -> None:
     check_square(B, b)
     if A.shape[-1] != B.shape[-1]:
         raise ValueError(f"{a} and {b} must hold matrices of the same size, got {tuple(A.shape)} and {tuple(B.shape)}")
-    try:
-        torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
-    except RuntimeError as err:
-        raise ValueError(f"batch shapes of {a} {tuple(A.shape)} and {b} {tuple(B.shape)} do not broadcast") from err
+    pairs = zip(reversed(A.shape[:-2]), reversed(B.shape[:-2]), strict=False)
+    if any(x != y and x != 1 and y != 1 for x, y in pairs):
+        raise ValueError(f"batch shapes of {a} {tuple(A.shape)} and {b} {tuple(B.shape)} do not broadcast")
 
 
 def _trace(X: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ No Lightning or Hydra imports here: every layer works in a plain PyTorch loop.
 
 from .adapt import refit_domain_norms, refit_mode, refittable_norms
 from .domain_liebn import DomainLieBatchNorm
+from .gbwbn import GBWBatchNorm
 from .liebn import LieBatchNorm
 from .momentum_bn import DomainSPDBatchNorm, RefittableNorm, SPDMomentumBatchNorm
 from .registry import (
@@ -25,7 +26,7 @@ from .spdbn import SPDBatchNorm
 
 __all__ = [
     "BiMap", "ReEig", "LogEig", "CovPool", "vech", "stiefel_init_",
-    "LieBatchNorm", "DomainLieBatchNorm",
+    "LieBatchNorm", "DomainLieBatchNorm", "GBWBatchNorm",
     "SPDBatchNorm", "SPDMomentumBatchNorm", "DomainSPDBatchNorm", "RefittableNorm", "SO3BatchNorm",
     "kobler_momentum", "set_norm_momentum",
     "IdentityNorm", "EuclideanBatchNorm",

@@ -88,10 +88,15 @@ class GBWBatchNorm(RefittableNorm):
     :math:`\mathrm{Exp}_I V = (I+V/2)^2` and :math:`\mathrm{Log}_I X = 2X^{1/2} - 2I`, so
     :math:`\mathrm{Log}_I\mathrm{Exp}_I V = 2|I+V/2| - 2I`, which is :math:`V` only while :math:`I + V/2 \succ 0`.
     Both round trips are computed exactly: a batched Cholesky test picks the shortcut, and the matrices that fail
-    it (e.g. batches far from the scale of :math:`I`) take an eigendecomposition. Degenerate batches (one
-    matrix, or :math:`v^2 <` ``eps``) are scaled with the running variance, which is then left unchanged.
-    The cost of a training step is two batched ``eigh`` (one fixed-point step, one centering) at
-    :math:`\theta = 1`, plus two for :math:`X^\theta` and :math:`Y^{1/\theta}` otherwise.
+    it take an eigendecomposition. The mean and dispersion guarantee above holds while every exponential stays
+    in its injectivity domain (:math:`I + cV_i/2 \succ 0` at :math:`I` and :math:`I + \mathcal L_W[U_i] \succ 0`
+    at :math:`W`, i.e. the BW geodesics are minimizing up to time 1). This is a property of the BW geometry, not
+    of the implementation: with :math:`s \approx 1`, a bias with small eigenvalues or a batch whose mean is far
+    from the scale of :math:`I`, outlying samples leave it and the output mean drifts from :math:`B`.
+    Degenerate batches (one matrix, or :math:`v^2 <` ``eps``) are scaled with the running variance, which is
+    then left unchanged. A training step costs two batched ``eigh`` (one fixed-point step, one centering) at
+    :math:`\theta = 1`, plus two for :math:`X^\theta` and :math:`Y^{1/\theta}` otherwise; the Lyapunov solve and
+    the transports share the eigendecompositions of :math:`G` and :math:`W`.
 
     Deviations
     ----------

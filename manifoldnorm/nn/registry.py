@@ -20,6 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .domain_liebn import DomainLieBatchNorm
+from .gbwbn import GBWBatchNorm
 from .liebn import LieBatchNorm
 from .momentum_bn import DomainSPDBatchNorm, SPDMomentumBatchNorm
 from .so3bn import SO3BatchNorm
@@ -226,6 +227,7 @@ register_norm("dsliebn_aim", "spd")(functools.partial(DomainLieBatchNorm, metric
 register_norm("dsliebn_lem", "spd")(functools.partial(DomainLieBatchNorm, metric="lem"))
 register_norm("dsliebn_lcm", "spd")(functools.partial(DomainLieBatchNorm, metric="lcm"))
 register_norm("spdbn", "spd")(SPDBatchNorm)
+register_norm("gbwbn", "spd")(GBWBatchNorm)
 register_norm("spdmbn", "spd")(SPDMomentumBatchNorm)
 register_norm("spddsmbn", "spd")(DomainSPDBatchNorm)
 register_norm("none", "euclidean", inputs=("spd", "euclidean"))(IdentityNorm)
