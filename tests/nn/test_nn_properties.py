@@ -54,7 +54,7 @@ ORACLES = {
     "liebn_so3": (lambda X: fso3.mean_so3(X, dim=0, steps=300, tol=1e-13),
                   lambda A, B: fso3.distance_so3(A, B) ** 2, True),
 }
-TOL = {"gbwbn": 1e-6}
+TOL: dict[str, float] = {}
 
 
 def _is_rot(name: str) -> bool:
@@ -94,7 +94,8 @@ def _set_params(layer: torch.nn.Module, name: str, seed: int) -> None:
             cond = 2.0 if name == "gbwbn" else 10.0
             layer.weight.copy_(random_spd(*layer.weight.shape[:-2], n=N_SPD, cond=cond, seed=200 + seed))
         if hasattr(layer, "shift"):
-            layer.shift.fill_(0.6 + 0.1 * seed)
+            # BW exponentials are injective only within ~ the bias' scale: outputs at dispersion s^2 need s small
+            layer.shift.fill_(0.3 + 0.05 * seed if name == "gbwbn" else 0.6 + 0.1 * seed)
 
 
 def _per_feature(X: torch.Tensor, name: str) -> torch.Tensor:
@@ -113,8 +114,7 @@ def test_training_output_has_the_bias_as_mean_and_the_learned_dispersion(name, s
     mean_fn, sqd, has_var = ORACLES[name]
     layer = _layer(name)
     _set_params(layer, name, seed)
-    # BW: the guarantee holds inside the injectivity domain of the exponentials, i.e. for concentrated batches
-    X = _batch(name, 12, seed, sigma=0.2 if name == "gbwbn" else 0.4)
+    X = _batch(name, 12, seed)
     Y = _per_feature(layer(X).detach(), name)
     Xf = _per_feature(X, name)
     B = layer.weight.detach().reshape(-1, *Y.shape[-2:])
