@@ -42,8 +42,10 @@ def cholesky_log(P: Tensor) -> Tensor:
 
     Maps SPD matrices ``(..., n, n)`` to lower-triangular matrices (Lin 2019).
     """
-    L = torch.linalg.cholesky(P)
-    return torch.tril(L, -1) + torch.diag_embed(torch.log(torch.diagonal(L, dim1=-2, dim2=-1)))
+    L = torch.linalg.cholesky(P)  # already zero above the diagonal
+    Z = L.clone()
+    Z.diagonal(dim1=-2, dim2=-1).copy_(torch.log(L.diagonal(dim1=-2, dim2=-1)))
+    return Z
 
 
 def cholesky_exp(X: Tensor) -> Tensor:
@@ -51,7 +53,8 @@ def cholesky_exp(X: Tensor) -> Tensor:
 
     Only the lower triangle of ``X`` is read.
     """
-    C = torch.tril(X, -1) + torch.diag_embed(torch.exp(torch.diagonal(X, dim1=-2, dim2=-1)))
+    C = torch.tril(X)
+    C.diagonal(dim1=-2, dim2=-1).copy_(torch.exp(X.diagonal(dim1=-2, dim2=-1)))
     return C @ C.transpose(-1, -2)
 
 

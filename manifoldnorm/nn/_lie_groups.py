@@ -158,7 +158,8 @@ class _LCM(SPDLieGroup):
         return mf.cholesky_log(self._pow(X, self.theta))
 
     def undeform(self, Z: Tensor) -> Tensor:
-        return self._pow(mf.sym(mf.cholesky_exp(Z)), 1.0 / self.theta)
+        Y = mf.cholesky_exp(Z)  # C C^T: symmetric up to round-off, no extra symmetrisation pass
+        return Y if self.theta == 1.0 else self._pow(mf.sym(Y), 1.0 / self.theta)
 
     def sqdist_identity(self, Z: Tensor) -> Tensor:
         return Z.square().sum((-1, -2)) / self.theta**2
