@@ -37,11 +37,33 @@ class RefittableNorm(nn.Module):
 
     While ``self.refitting`` is true, ``forward`` replaces the (per-domain) running statistics by the exact
     Fréchet mean and dispersion of the batch and normalizes with them; see
-    :func:`manifoldnorm.nn.refit_domain_norms`.
+    :func:`manifoldnorm.nn.refit_domain_norms`. Subclasses hold ``momentum`` (running statistics) and
+    ``train_momentum`` (statistics training normalizes with) and share their validation and
+    :meth:`set_momentum`.
     """
 
     refitting: bool = False
     domain_aware: bool = False
+    momentum: float
+    train_momentum: float
+
+    def _check_train_momentum(self, value: float) -> float:
+        """Validate a training momentum :math:`\\eta \\in (0, 1]`."""
+        value = check_momentum(value, "train_momentum", type(self).__name__)
+        if value == 0.0:
+            raise ValueError(f"{type(self).__name__}: train_momentum must be > 0 (0 would ignore every batch)")
+        return value
+
+    def set_momentum(self, train: float | None = None, test: float | None = None) -> None:
+        r"""Change the training momentum :math:`\eta` (``train``) and/or the running-statistics momentum (``test``).
+
+        Used by momentum schedules (:func:`manifoldnorm.nn.set_norm_momentum`,
+        :class:`manifoldnorm.lit.callbacks.MomentumSchedule`).
+        """
+        if train is not None:
+            self.train_momentum = self._check_train_momentum(train)
+        if test is not None:
+            self.momentum = check_momentum(test, "momentum", type(self).__name__)
 
 
 class SPDMomentumBatchNorm(RefittableNorm):
@@ -147,18 +169,6 @@ class SPDMomentumBatchNorm(RefittableNorm):
                                    strict=True):
                 getattr(self, name).copy_(value)
 
-    def _check_train_momentum(self, value: float) -> float:
-        value = check_momentum(value, "train_momentum", type(self).__name__)
-        if value == 0.0:
-            raise ValueError(f"{type(self).__name__}: train_momentum must be > 0 (0 would ignore every batch)")
-        return value
-
-    def set_momentum(self, train: float | None = None, test: float | None = None) -> None:
-        r"""Change :math:`\eta` (``train``) and/or :math:`\eta_{\mathrm{test}}` (``test``), for momentum schedules."""
-        if train is not None:
-            self.train_momentum = self._check_train_momentum(train)
-        if test is not None:
-            self.momentum = check_momentum(test, "momentum", type(self).__name__)
 
     # math ------------------------------------------------------------------------------------------------------
     def _factor(self, var: Tensor, dtype: torch.dtype) -> Tensor:

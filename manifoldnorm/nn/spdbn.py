@@ -88,18 +88,6 @@ class SPDBatchNorm(RefittableNorm):
         self.register_buffer("running_mean", eye.clone())
         self.register_buffer("train_mean", eye.clone())
 
-    def _check_train_momentum(self, value: float) -> float:
-        value = check_momentum(value, "train_momentum", type(self).__name__)
-        if value == 0.0:
-            raise ValueError(f"{type(self).__name__}: train_momentum must be > 0 (0 would ignore every batch)")
-        return value
-
-    def set_momentum(self, train: float | None = None, test: float | None = None) -> None:
-        r"""Change the training momentum :math:`\eta` (``train``) and/or the running-mean momentum (``test``)."""
-        if train is not None:
-            self.train_momentum = self._check_train_momentum(train)
-        if test is not None:
-            self.momentum = check_momentum(test, "momentum", type(self).__name__)
 
     def reset_running_stats(self) -> None:
         """Running and training means back to the identity."""
