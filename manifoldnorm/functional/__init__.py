@@ -35,7 +35,9 @@ from .spd_bw import (
 )
 from .spd_pullback import (
     cholesky_exp,
+    cholesky_exp_ref,
     cholesky_log,
+    cholesky_log_ref,
     distance_lcm,
     distance_lem,
     geodesic_lcm,
@@ -73,7 +75,8 @@ __all__ = [
     "project_so3", "so3_exp", "so3_exp_ref", "so3_hat", "so3_log", "so3_log_ref", "so3_vee",
     "METRICS", "check_metric", "distance", "expmap", "geodesic", "logmap", "mean",
     "congruence", "distance_aim", "expmap_aim", "geodesic_aim", "logmap_aim", "mean_aim",
-    "cholesky_exp", "cholesky_log", "distance_lcm", "distance_lem", "geodesic_lcm", "geodesic_lem",
+    "cholesky_exp", "cholesky_exp_ref", "cholesky_log", "cholesky_log_ref", "distance_lcm", "distance_lem",
+    "geodesic_lcm", "geodesic_lem",
     "mean_lcm", "mean_lem",
     "SymEig", "sym", "sym_eig", "sym_expm", "sym_expm_ref", "sym_funcm", "sym_funcm_ref", "sym_invm", "sym_invsqrtm",
     "sym_invsqrtm_ref", "sym_logm", "sym_logm_ref", "sym_powm", "sym_powm_ref", "sym_reeig", "sym_reeig_ref",

@@ -27,10 +27,50 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from manifoldnorm import functional as mf
 
 __all__ = ["SPDLieGroup", "make_group", "cholesky_group_inverse", "LIE_METRICS"]
+
+
+class _SqFrob(torch.autograd.Function):
+    r""":math:`\|Z\|_F^2` over the last two dims; backward :math:`2\bar g Z` in one pass (``Z.square().sum()``
+    takes three passes over ``Z`` in its backward)."""
+
+    @staticmethod
+    def forward(ctx, Z: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(Z)
+        return torch.linalg.vector_norm(Z, dim=(-2, -1)).square()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        (Z,) = ctx.saved_tensors
+        return Z * (2.0 * g).unsqueeze(-1).unsqueeze(-1)
+
+
+def sq_frobenius(Z: Tensor) -> Tensor:
+    """Squared Frobenius norms ``(..., n, n) -> (...)`` with a one-pass backward."""
+    return _SqFrob.apply(Z)
+
+
+class _ChannelScale(torch.autograd.Function):
+    r""":math:`c\,Z` with one factor per channel; the factor's gradient :math:`\sum \bar Y \circ Z` is a
+    reduction, without the full-size product the generic ``MulBackward`` materialises."""
+
+    @staticmethod
+    def forward(ctx, Z: Tensor, c: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(Z, c)
+        return _per_channel(c) * Z
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        Z, c = ctx.saved_tensors
+        gZ = _per_channel(c) * g if ctx.needs_input_grad[0] else None
+        gc = None
+        if ctx.needs_input_grad[1]:
+            gc = torch.linalg.vecdot(g.flatten(-2), Z.flatten(-2)).sum_to_size(c.shape)
+        return gZ, gc
 
 
 def _per_channel(c: Tensor) -> Tensor:
@@ -69,9 +109,17 @@ class SPDLieGroup:
         """Squared distance of each codomain element to the identity, ``(..., n, n)`` -> ``(...)``."""
         raise NotImplementedError
 
-    def dispersion(self, Z: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        """Squared distances to the identity and a scaling function ``c -> Exp_E(c Log_E Z)`` sharing work."""
-        return self.sqdist_identity(Z), lambda c: self.scale(Z, c)
+    def dispersion(self, Z: Tensor) -> tuple[Tensor, Callable[..., Tensor]]:
+        """Squared distances to the identity and a scaling function sharing work with them.
+
+        The function maps ``c`` to :math:`\\mathrm{Exp}_E(c\\,\\mathrm{Log}_E Z)` and ``(c, B)`` (``B`` in the
+        codomain) to the biased output :math:`\\phi^{-1}(B \\odot \\mathrm{Exp}_E(c\\,\\mathrm{Log}_E Z))`, which a
+        group may compute in one fused step.
+        """
+        return self.sqdist_identity(Z), lambda c, B=None: self._finish(self.scale(Z, c), B)
+
+    def _finish(self, Zs: Tensor, B: Tensor | None) -> Tensor:
+        return Zs if B is None else self.undeform(self.translate(B, Zs))
 
     def geodesic(self, R: Tensor, M: Tensor, t: float) -> Tensor:
         """Point ``t`` on the geodesic from ``R`` to ``M`` (codomain); a straight line for the flat metrics."""
@@ -88,7 +136,7 @@ class SPDLieGroup:
 
     def scale(self, Z: Tensor, c: Tensor) -> Tensor:
         r""":math:`\\mathrm{Exp}_E(c\\,\\mathrm{Log}_E Z)` with one factor per channel (``(C,)`` or ``(N, C)``)."""
-        return _per_channel(c) * Z
+        return _ChannelScale.apply(Z, c)
 
 
 class _AIM(SPDLieGroup):
@@ -117,7 +165,7 @@ class _AIM(SPDLieGroup):
     def dispersion(self, Z: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         # one eigh serves the variance (eigenvalues) and the scaling Z^c
         E = mf.sym_eig(Z)
-        return self._sqdist_from_eigvals(E.eigvals()), lambda c: E.powm(c)
+        return self._sqdist_from_eigvals(E.eigvals()), lambda c, B=None: self._finish(E.powm(c), B)
 
     def geodesic(self, R: Tensor, M: Tensor, t: float) -> Tensor:
         return mf.geodesic_aim(R, M, t)
@@ -145,7 +193,7 @@ class _LEM(SPDLieGroup):
         return mf.sym_expm(Z)
 
     def sqdist_identity(self, Z: Tensor) -> Tensor:
-        d2 = self.alpha * Z.square().sum((-1, -2))
+        d2 = self.alpha * sq_frobenius(Z)
         if self.beta != 0.0:
             d2 = d2 + self.beta * torch.diagonal(Z, dim1=-2, dim2=-1).sum(-1).square()
         return d2
@@ -162,7 +210,42 @@ class _LCM(SPDLieGroup):
         return Y if self.theta == 1.0 else self._pow(mf.sym(Y), 1.0 / self.theta)
 
     def sqdist_identity(self, Z: Tensor) -> Tensor:
-        return Z.square().sum((-1, -2)) / self.theta**2
+        return sq_frobenius(Z) / self.theta**2
+
+    def dispersion(self, Z: Tensor) -> tuple[Tensor, Callable[..., Tensor]]:
+        if self.theta != 1.0:
+            return super().dispersion(Z)
+
+        def scaler(c: Tensor, B: Tensor | None = None) -> Tensor:
+            return self.scale(Z, c) if B is None else _LCMFinish.apply(Z, c, B)
+
+        return self.sqdist_identity(Z), scaler
+
+
+class _LCMFinish(torch.autograd.Function):
+    r""":math:`\psi^{-1}(cZ + B) = CC^\top`, :math:`C = \lfloor cZ + B\rfloor + \exp\mathbb{D}(cZ + B)`, for
+    lower-triangular ``Z`` ``(N, C, n, n)`` and ``B``, per-channel ``c``: scaling, bias and the Cholesky
+    exponential in one step, so at n ~ 100 the forward makes one full-size buffer besides the output."""
+
+    @staticmethod
+    def forward(ctx, Z: Tensor, c: Tensor, B: Tensor) -> Tensor:  # type: ignore[override]
+        C = torch.addcmul(B, _per_channel(c), Z)
+        C.diagonal(dim1=-2, dim2=-1).exp_()
+        ctx.save_for_backward(Z, c, C)
+        ctx.b_shape = B.shape
+        return C @ C.mT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gY: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        Z, c, C = ctx.saved_tensors
+        gC = ((gY + gY.mT) @ C).tril_()
+        gC.diagonal(dim1=-2, dim2=-1).mul_(C.diagonal(dim1=-2, dim2=-1))
+        gZ = _per_channel(c) * gC if ctx.needs_input_grad[0] else None
+        gc = torch.linalg.vecdot(gC.flatten(-2), Z.flatten(-2)).sum_to_size(c.shape) if ctx.needs_input_grad[1] \
+            else None
+        gB = gC.sum_to_size(ctx.b_shape) if ctx.needs_input_grad[2] else None
+        return gZ, gc, gB
 
 
 def cholesky_group_inverse(P: Tensor) -> Tensor:

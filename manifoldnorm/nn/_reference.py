@@ -43,7 +43,7 @@ def liebn_reference(X: Tensor, metric: str, theta: float, alpha: float, beta: fl
         phi, phi_inv = mf.sym_logm_ref, mf.sym_expm_ref
     elif metric == "lcm":
         def phi(A: Tensor) -> Tensor:
-            return mf.cholesky_log(pw(A, theta))
+            return mf.cholesky_log_ref(pw(A, theta))
 
         def phi_inv(Z: Tensor) -> Tensor:
             C = torch.tril(Z, -1) + torch.diag_embed(torch.exp(torch.diagonal(Z, dim1=-2, dim2=-1)))

@@ -209,14 +209,15 @@ class LieBatchNorm(RefittableNorm):
         with autocast_off(x4):
             cdt, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
             Z = self.group.deform(x4.to(cdt))
+            B = self.group.deform(self.weight.to(cdt))
             if self.refitting:
-                Zs = self._refit_group(Z, None)
+                y = self._refit_group(Z, None, B)
             elif self.training:
-                Zs = self._train_group(Z, None)
+                y = self._train_group(Z, None, B)
             else:
                 R, r = self._get_stats(None, cdt)[:2]
                 Zs = self.group.scale(self.group.center(Z, self.group.deform(R)), self._factor(r, cdt))
-            y = self._bias(Zs, cdt)
+                y = self.group.undeform(self.group.translate(B, Zs))
         return from_channels(y.to(odt), x)
 
     def _factor(self, var: Tensor, dtype: torch.dtype) -> Tensor:
@@ -228,8 +229,11 @@ class LieBatchNorm(RefittableNorm):
                 return self.group.mean(Z.detach(), self.karcher_steps)
         return self.group.mean(Z, self.karcher_steps)
 
-    def _train_group(self, Z: Tensor, d: int | None) -> Tensor:
-        """Centre and scale one group ``(N, C, n, n)`` of deformed inputs; update the statistics of slot ``d``."""
+    def _train_group(self, Z: Tensor, d: int | None, B: Tensor | None = None) -> Tensor:
+        """Centre and scale one group ``(N, C, n, n)`` of deformed inputs; update the statistics of slot ``d``.
+
+        Returns the centred and scaled codomain elements, or with ``B`` (the deformed bias) the layer output.
+        """
         g = self.group
         R, r, T, t = self._get_stats(d, Z.dtype)
         M = self._batch_mean(Z)
@@ -241,7 +245,7 @@ class LieBatchNorm(RefittableNorm):
         degenerate = v_eta.detach() < self.eps
         if Z.shape[0] == 1 and eta == 1.0:
             degenerate = torch.ones_like(degenerate)
-        out = scaler(self._factor(torch.where(degenerate, r, v_eta), Z.dtype))
+        out = scaler(self._factor(torch.where(degenerate, r, v_eta), Z.dtype), B)
         with torch.no_grad():
             m = self.momentum
             R_new = g.undeform(g.geodesic(g.deform(R), M.detach(), m))
@@ -251,7 +255,7 @@ class LieBatchNorm(RefittableNorm):
         return out
 
     @torch.no_grad()
-    def _refit_group(self, Z: Tensor, d: int | None) -> Tensor:
+    def _refit_group(self, Z: Tensor, d: int | None, B: Tensor | None = None) -> Tensor:
         """Exact Fréchet mean and dispersion of one group (full Karcher flow) become its statistics."""
         g = self.group
         M = g.mean(Z, self.refit_karcher_steps, tol=None)
@@ -259,7 +263,7 @@ class LieBatchNorm(RefittableNorm):
         v = d2.mean(dim=0)
         R = g.undeform(M)
         self._set_stats(d, (R, v, R.clone(), v.clone()))
-        return scaler(self._factor(v, Z.dtype))
+        return scaler(self._factor(v, Z.dtype), B)
 
     def _bias(self, Zs: Tensor, dtype: torch.dtype) -> Tensor:
         r""":math:`\phi^{-1}(\phi(B) \odot \hat Z)` for centred and scaled codomain elements ``Zs``."""
