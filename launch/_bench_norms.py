@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from functools import partial
 from collections.abc import Callable, Sequence
 
 import torch
@@ -213,11 +214,63 @@ def bench_norms(norms: Sequence[str], sizes: Sequence[tuple[int, int]], dtypes: 
     return rows, overhead
 
 
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append((time.process_time() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _lem_chain(X: torch.Tensor, G: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    lam, U = torch.linalg.eigh(X)
+    S = 0.7 * ((U * lam.log().unsqueeze(-2)) @ U.mT) + K
+    mu, V = torch.linalg.eigh(S)
+    (V * mu.exp().unsqueeze(-2)) @ V.mT
+    P = U.mT @ V
+    return U @ (P @ (V.mT @ G @ V) @ P.mT) @ U.mT
+
+
+def floor_rows(sizes: Sequence[tuple[int, int]], repeats: int | None) -> list[dict]:
+    """Lower bounds set by the dense kernels at each size with published times (float64, one thread).
+
+    Times ``torch.linalg.eigh`` and one batched product of the ``(N, n, n)`` batch, and the bare chain that any
+    exact LEM-LieBN forward+backward must run: ``eigh(X)``, :math:`\\log X = U\\log\\Lambda U^\\top`,
+    ``eigh`` of the scaled and biased result, its exponential, and the seven products of a Daleckii–Krein backward
+    that chains both decompositions (:math:`U_S^\\top \\bar Y U_S`, :math:`P = U_X^\\top U_S`,
+    :math:`P(\\cdot)P^\\top`, :math:`U_X(\\cdot)U_X^\\top`), without any elementwise work. The chain is the
+    floor of a LEM layer on this machine: when it exceeds the target, no exact float64 implementation meets it.
+    """
+    rows = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n, N in sizes:
+            published = PUBLISHED.get((n, N), {}).get("liebn_lem")
+            if published is None:
+                continue
+            _, X, G = make_case("liebn_lem", n, N)
+            K = 0.1 * (G[0] + G[0].mT)
+            reps = repeats or (25 if n < 50 else 7)
+
+            rows.append({"n": n, "N": N, "eigh_ms": round(_median_ms(partial(torch.linalg.eigh, X), reps), 3),
+                         "bmm_ms": round(_median_ms(partial(torch.bmm, X, X), reps), 3),
+                         "lem_chain_ms": round(_median_ms(partial(_lem_chain, X, G, K), reps), 3),
+                         "lem_published_ms": published,
+                         "lem_target_ms": round(DEFAULT_TARGET * published, 3)})
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def markdown(rows: list[dict], overhead: list[dict]) -> str:
+def markdown(rows: list[dict], overhead: list[dict], floors: Sequence[dict] = ()) -> str:
     lines = ["| norm | n | N | dtype | threads | ms | published ms | ratio | target | met | out rel err "
              "| grad rel err | wall ms |", "|" + "---|" * 13]
     for r in rows:
@@ -234,4 +287,10 @@ def markdown(rows: list[dict], overhead: list[dict]) -> str:
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {o['norm']} | {o['n']} | {o['N']} | {o['dtype']} | {o['ms_validate_false']:.2f} "
                   f"| {o['ms_validate_true']:.2f} | {o['overhead_ms']:+.2f} |" for o in overhead]
+    if floors:
+        lines += ["", "Kernel floor (float64, one thread; bare LEM chain = 2 eigh + 9 products, no elementwise work):",
+                  "", "| n | N | eigh ms | bmm ms | bare LEM chain ms | LEM target ms | chain / target |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {f['n']} | {f['N']} | {f['eigh_ms']:.2f} | {f['bmm_ms']:.2f} | {f['lem_chain_ms']:.2f} "
+                  f"| {f['lem_target_ms']:g} | {f['lem_chain_ms'] / f['lem_target_ms']:.2f} |" for f in floors]
     return "\n".join(lines)

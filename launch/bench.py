@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from _bench_norms import QUICK_SIZES, SIZES, bench_norms, default_norms, markdown, parse_size
+from _bench_norms import QUICK_SIZES, SIZES, bench_norms, default_norms, floor_rows, markdown, parse_size
 
 from manifoldnorm import functional as mf
 
@@ -131,8 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         repeats = args.repeats or (5 if args.quick else None)
         dtypes = [getattr(torch, d) for d in args.dtypes]
         rows, overhead = bench_norms(norms, sizes, dtypes, threads, repeats)
-        print(markdown(rows, overhead))
-        meta.update(timer="time.process_time (process CPU, all threads)", validate=False, overhead=overhead)
+        floors = floor_rows(sizes, repeats) if torch.float64 in dtypes else []
+        print(markdown(rows, overhead, floors))
+        meta.update(timer="time.process_time (process CPU, all threads)", validate=False, overhead=overhead,
+                    floors=floors)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
     print(f"wrote {out}")

@@ -253,11 +253,20 @@ def _exponent(X: Tensor, p: Tensor | float | None, cdtype: torch.dtype) -> Tenso
     return pt
 
 
+def _needs_graph(*ts: object) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
+
+
 def _apply(X: Tensor, specs: Sequence[_Spec], p: Tensor | float | None = None) -> tuple[Tensor, ...]:
     _check_input(X)
     dtype = X.dtype
     cdtype = _compute_dtype(dtype)
     with _no_autocast(X):
+        if not _needs_graph(X, p):  # statistics, running averages: no autograd Function to build
+            lam, U = torch.linalg.eigh(X.to(cdtype))
+            pt = _exponent(X, p, cdtype)
+            pe = pt.unsqueeze(-1) if pt.dim() > 0 else pt
+            return tuple(_reconstruct(U, spec.f(lam, pe)).to(dtype) for spec in specs)
         outs = _SymEig.apply(X.to(cdtype), _exponent(X, p, cdtype), tuple(specs))
     return tuple(o.to(dtype) for o in outs)
 
@@ -288,6 +297,10 @@ class SymEig:
         return _EigvalsFromEig.apply(self._Xc, self.lam, self.U).to(self.dtype)
 
     def _apply(self, spec: _Spec, p: Tensor | float | None = None) -> Tensor:
+        if not _needs_graph(self.X, p):
+            pt = _exponent(self.X, p, self._cdtype)
+            with _no_autocast(self.X):
+                return _reconstruct(self.U, spec.f(self.lam, pt.unsqueeze(-1) if pt.dim() > 0 else pt)).to(self.dtype)
         with _no_autocast(self.X):
             out = _FromEig.apply(self._Xc, _exponent(self.X, p, self._cdtype), self.lam, self.U, (spec,))[0]
         return out.to(self.dtype)

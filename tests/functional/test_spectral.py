@@ -156,3 +156,21 @@ def test_gradient_near_identity_matches_finite_differences(name: str, scale: flo
     h = 1e-5
     fd = ((fast(X.detach() + h * H) - fast(X.detach() - h * H)) * G).sum() / (2 * h)
     torch.testing.assert_close((X.grad * H).sum(), fd, rtol=1e-8, atol=1e-9)
+
+
+def test_no_grad_path_equals_autograd_path() -> None:
+    """Without a graph to build, spectral functions skip the autograd Function; the values are the same."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
+    X = A @ A.mT + torch.eye(5, dtype=torch.float64)
+    p = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    Xg = X.clone().requires_grad_()
+    for fn in (mf.sym_logm, mf.sym_sqrtm, mf.sym_invsqrtm, lambda Y: mf.sym_powm(Y, p)):
+        with torch.no_grad():
+            fast = fn(X)
+        assert fast.grad_fn is None
+        slow = fn(Xg)
+        assert slow.grad_fn is not None
+        torch.testing.assert_close(fast, slow.detach(), rtol=1e-14, atol=1e-14)
+    E = mf.sym_eig(X)
+    torch.testing.assert_close(E.powm(p), mf.sym_eig(Xg).powm(p).detach(), rtol=1e-14, atol=1e-14)

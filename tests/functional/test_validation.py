@@ -39,3 +39,12 @@ def test_roundoff_asymmetry_is_accepted() -> None:
     X = random_spd(2, n=6, cond=1e4)
     X = X + 1e-13 * torch.randn_like(X)
     mf.check_spd(X)
+
+
+def test_check_finite_accepts_large_finite_values_whose_sum_overflows() -> None:
+    from manifoldnorm.functional.validation import check_finite
+
+    X = torch.full((4,), 1e308, dtype=torch.float64)
+    assert check_finite(X) is X
+    with pytest.raises(ValueError, match="1 NaN and 1 Inf"):
+        check_finite(torch.tensor([1e308, float("nan"), float("-inf")], dtype=torch.float64))
