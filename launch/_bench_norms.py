@@ -25,8 +25,8 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from functools import partial
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
