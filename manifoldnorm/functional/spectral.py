@@ -118,8 +118,9 @@ def _loewner(lam: Tensor, flam: Tensor, spec: _Spec, p: Tensor, scale: float = 1
     """Loewner matrix of divided differences, exact on (near) ties.
 
     Well separated pairs (the vast majority) take the quotient :math:`(f_i - f_j)/(\\lambda_i - \\lambda_j)`, three
-    elementwise passes; pairs closer than a relative gap (the diagonal, clusters) are gathered and evaluated with
-    the cancellation-free closed form of the function (or the midpoint derivative for user functions).
+    elementwise passes; the diagonal is the derivative :math:`f'(\\lambda_i)`; off-diagonal pairs closer than a
+    relative gap (clusters, repeated eigenvalues) are gathered and evaluated with the cancellation-free closed form
+    of the function (or the midpoint derivative for user functions).
     """
     li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
     sf = flam if scale == 1.0 else scale * flam
@@ -128,10 +129,15 @@ def _loewner(lam: Tensor, flam: Tensor, spec: _Spec, p: Tensor, scale: float = 1
     diff = li - lj
     out = fi - fj
     out.div_(diff)
+    # the diagonal is the derivative itself: written directly, no gather
+    pe = p.unsqueeze(-1) if p.dim() > 0 else p
+    dfl = spec.df(lam, pe)
+    out.diagonal(dim1=-2, dim2=-1).copy_(dfl if scale == 1.0 else scale * dfl)
     size = lam.abs() if spec.relative_gap else lam.abs().clamp_min(1.0)
     near = diff.abs_() <= (_SPLIT.get(lam.dtype, 1e-4) * size).unsqueeze(-2)
-    idx = near.nonzero(as_tuple=True)
-    if idx[0].numel():
+    near.diagonal(dim1=-2, dim2=-1).fill_(False)
+    if bool(near.any()):
+        idx = near.nonzero(as_tuple=True)
         shape = out.shape
         b = idx[:-2]
         i, j = idx[-2], idx[-1]
