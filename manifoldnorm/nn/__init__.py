@@ -1,10 +1,22 @@
-"""Stateful building blocks for SPD networks: SPDNet layers, Riemannian batch norms, the norm registry.
+"""Stateful building blocks: SPDNet layers, Riemannian and Euclidean norm layers, the norm registry.
 
 No Lightning or Hydra imports here: every layer works in a plain PyTorch loop.
 """
 
 from .adapt import refit_domain_norms, refit_mode, refittable_norms
 from .domain_liebn import DomainLieBatchNorm
+from .euclidean import (
+    CRMSNorm,
+    Derf,
+    DyT,
+    EigenLR,
+    HypersphereNorm,
+    LayerNorm,
+    QKNorm,
+    RMSNorm,
+    SyncBatchNorm,
+    normalize_weights_,
+)
 from .gbwbn import GBWBatchNorm
 from .liebn import LieBatchNorm
 from .momentum_bn import DomainSPDBatchNorm, RefittableNorm, SPDMomentumBatchNorm
@@ -29,7 +41,8 @@ __all__ = [
     "LieBatchNorm", "DomainLieBatchNorm", "GBWBatchNorm",
     "SPDBatchNorm", "SPDMomentumBatchNorm", "DomainSPDBatchNorm", "RefittableNorm", "SO3BatchNorm",
     "kobler_momentum", "set_norm_momentum",
-    "IdentityNorm", "EuclideanBatchNorm",
+    "IdentityNorm", "EuclideanBatchNorm", "SyncBatchNorm", "LayerNorm", "RMSNorm", "QKNorm", "CRMSNorm", "DyT", "Derf",
+    "HypersphereNorm", "EigenLR", "normalize_weights_",
     "KINDS", "NormInfo", "register_norm", "get_norm_layer", "get_norm_info", "create_norm_layer", "list_norms",
     "refit_domain_norms", "refit_mode", "refittable_norms",
 ]

@@ -98,7 +98,7 @@ def test_spdnet_arguments_and_input_errors():
     with pytest.raises(ValueError, match="cannot fill a spd slot"):
         SPDNet(5, (3,), 2, norm_layer="batchnorm")
     with pytest.raises(ValueError, match="valid names"):
-        SPDNet(5, (3,), 2, norm_layer="layernorm")
+        SPDNet(5, (3,), 2, norm_layer="no_such_norm")
     with pytest.raises(TypeError, match="momentun"):
         SPDNet(5, (3,), 2, norm_kwargs={"momentun": 0.1})
     with pytest.raises(ValueError, match="must not exceed"):
