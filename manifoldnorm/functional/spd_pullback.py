@@ -89,9 +89,15 @@ class _CholeskyExp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gY: Tensor) -> Tensor:  # type: ignore[override]
         (C,) = ctx.saved_tensors
-        gC = ((gY + gY.mT) @ C).tril_()
-        gC.diagonal(dim1=-2, dim2=-1).mul_(C.diagonal(dim1=-2, dim2=-1))
-        return gC
+        return cholesky_exp_grad(gY, C)
+
+
+def cholesky_exp_grad(gY: Tensor, C: Tensor) -> Tensor:
+    r"""Gradient of :math:`\psi^{-1}` with respect to its (lower-triangular) argument, given :math:`C` and
+    :math:`\bar Y`: :math:`\lfloor(\bar Y + \bar Y^\top) C\rfloor` with the diagonal times :math:`C_{ii}`."""
+    gC = ((gY + gY.mT) @ C).tril_()
+    gC.diagonal(dim1=-2, dim2=-1).mul_(C.diagonal(dim1=-2, dim2=-1))
+    return gC
 
 
 def cholesky_log(P: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from manifoldnorm import functional as mf
+from manifoldnorm.functional.spd_pullback import cholesky_exp_grad
 
 __all__ = ["SPDLieGroup", "make_group", "cholesky_group_inverse", "LIE_METRICS"]
 
@@ -239,8 +240,7 @@ class _LCMFinish(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gY: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         Z, c, C = ctx.saved_tensors
-        gC = ((gY + gY.mT) @ C).tril_()
-        gC.diagonal(dim1=-2, dim2=-1).mul_(C.diagonal(dim1=-2, dim2=-1))
+        gC = cholesky_exp_grad(gY, C)
         gZ = _per_channel(c) * gC if ctx.needs_input_grad[0] else None
         gc = torch.linalg.vecdot(gC.flatten(-2), Z.flatten(-2)).sum_to_size(c.shape) if ctx.needs_input_grad[1] \
             else None
