@@ -6,18 +6,21 @@ No Lightning or Hydra imports here: every layer works in a plain PyTorch loop.
 from .adapt import refit_domain_norms, refit_mode, refittable_norms
 from .domain_liebn import DomainLieBatchNorm
 from .euclidean import (
+    BatchNorm,
     CRMSNorm,
     Derf,
     DyT,
     EigenLR,
     EvoNormB0,
     EvoNormS0,
+    GroupNorm,
     HypersphereNorm,
     LayerNorm,
     PowerNorm,
     QKNorm,
     RMSNorm,
     SyncBatchNorm,
+    adapt_layout,
     normalize_weights_,
 )
 from .gbwbn import GBWBatchNorm
@@ -25,7 +28,6 @@ from .liebn import LieBatchNorm
 from .momentum_bn import DomainSPDBatchNorm, RefittableNorm, SPDMomentumBatchNorm
 from .registry import (
     KINDS,
-    EuclideanBatchNorm,
     IdentityNorm,
     NormInfo,
     create_norm_layer,
@@ -44,8 +46,9 @@ __all__ = [
     "LieBatchNorm", "DomainLieBatchNorm", "GBWBatchNorm",
     "SPDBatchNorm", "SPDMomentumBatchNorm", "DomainSPDBatchNorm", "RefittableNorm", "SO3BatchNorm",
     "kobler_momentum", "set_norm_momentum",
-    "IdentityNorm", "EuclideanBatchNorm", "SyncBatchNorm", "LayerNorm", "RMSNorm", "QKNorm", "CRMSNorm", "DyT", "Derf",
-    "HypersphereNorm", "EigenLR", "normalize_weights_", "EvoNormB0", "EvoNormS0", "PowerNorm",
+    "IdentityNorm", "BatchNorm", "GroupNorm", "SyncBatchNorm", "LayerNorm", "RMSNorm", "QKNorm", "CRMSNorm",
+    "DyT", "Derf",
+    "HypersphereNorm", "EigenLR", "normalize_weights_", "EvoNormB0", "EvoNormS0", "PowerNorm", "adapt_layout",
     "KINDS", "NormInfo", "register_norm", "get_norm_layer", "get_norm_info", "create_norm_layer", "list_norms",
     "refit_domain_norms", "refit_mode", "refittable_norms",
 ]

@@ -35,7 +35,6 @@ __all__ = [
     "create_norm_layer",
     "list_norms",
     "IdentityNorm",
-    "EuclideanBatchNorm",
 ]
 
 KINDS: tuple[str, ...] = ("spd", "lie", "euclidean")
@@ -203,6 +202,8 @@ def create_norm_layer(spec: NormSpec, num_features: int, *, expect: str | None =
 class IdentityNorm(nn.Module):
     """No normalization: returns its input; accepts (and ignores) ``num_features`` and ``domain``."""
 
+    feature_dim = None  # any layout
+
     def __init__(self, num_features: int | None = None) -> None:
         super().__init__()
         self.num_features = num_features
@@ -210,12 +211,6 @@ class IdentityNorm(nn.Module):
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         return x
 
-
-class EuclideanBatchNorm(nn.BatchNorm1d):
-    """``torch.nn.BatchNorm1d`` with the norm-slot signature ``forward(x, domain=None)`` (domain ignored)."""
-
-    def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        return super().forward(x)
 
 
 register_norm("liebn_aim", "lie")(functools.partial(LieBatchNorm, metric="aim"))
@@ -231,4 +226,3 @@ register_norm("gbwbn", "spd")(GBWBatchNorm)
 register_norm("spdmbn", "spd")(SPDMomentumBatchNorm)
 register_norm("spddsmbn", "spd")(DomainSPDBatchNorm)
 register_norm("none", "euclidean", inputs=("spd", "euclidean"))(IdentityNorm)
-register_norm("batchnorm", "euclidean")(EuclideanBatchNorm)

@@ -1,10 +1,14 @@
-"""Euclidean normalization layers (registry kind ``euclidean``): batch, layer, RMS and normalization-free norms."""
+"""Euclidean normalization layers (registry kind ``euclidean``): batch, group, layer, RMS and normalization-free
+norms, and :func:`adapt_layout`, which lets a model hold a norm of either feature layout."""
 
 from .batch_free import EvoNormB0, EvoNormS0, PowerNorm
+from .layout import MovedFeatures, adapt_layout, feature_dim_of
 from .pointwise import CRMSNorm, Derf, DyT, EigenLR, HypersphereNorm, LayerNorm, QKNorm, RMSNorm, normalize_weights_
+from .standard import BatchNorm, GroupNorm
 from .sync_bn import SyncBatchNorm, all_reduce_sum
 
 __all__ = [
-    "LayerNorm", "RMSNorm", "QKNorm", "CRMSNorm", "DyT", "Derf", "HypersphereNorm", "EigenLR", "normalize_weights_",
-    "SyncBatchNorm", "all_reduce_sum", "EvoNormB0", "EvoNormS0", "PowerNorm",
+    "BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm", "QKNorm", "CRMSNorm", "DyT", "Derf", "HypersphereNorm", "EigenLR",
+    "normalize_weights_", "SyncBatchNorm", "all_reduce_sum", "EvoNormB0", "EvoNormS0", "PowerNorm",
+    "adapt_layout", "feature_dim_of", "MovedFeatures",
 ]

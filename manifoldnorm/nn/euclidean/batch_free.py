@@ -84,6 +84,8 @@ class EvoNormB0(nn.Module):
     single value and is 0, so the second argument of the max is :math:`v_1 x + \sqrt{\epsilon}`.
     """
 
+    feature_dim = 1
+
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -156,6 +158,8 @@ class EvoNormS0(nn.Module):
     accepted and ignored. Each group must hold more than one value per sample (``C / groups * prod(spatial)
     > 1``), otherwise a ValueError is raised (the variance of one value is 0).
     """
+
+    feature_dim = 1
 
     def __init__(self, num_features: int, *, groups: int = 32, eps: float = 1e-5,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
@@ -265,6 +269,8 @@ class PowerNorm(nn.Module):
     Statistics are taken over all tokens of the batch (no padding mask). ``eps`` is added inside the square
     root. :math:`\nu` is read and updated when the backward runs, not when the forward runs.
     """
+
+    feature_dim = -1
 
     def __init__(self, num_features: int, *, alpha: float = 0.9, eps: float = 1e-5, warmup_iters: int = 0,
                  approx_backward: bool = True, dtype: torch.dtype | None = None,

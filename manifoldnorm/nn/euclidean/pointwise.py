@@ -89,6 +89,8 @@ class LayerNorm(nn.LayerNorm):
     Parameters are cast to the input dtype, so a float64 input through a float32 layer stays float64.
     """
 
+    feature_dim = -1
+
     def __init__(self, num_features: int, *, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         check_positive_int(num_features, "num_features", "LayerNorm")
@@ -128,6 +130,8 @@ class RMSNorm(nn.RMSNorm):
     ``eps`` is added inside the root (the paper's Eq. 4 has none); no re-centering bias (the paper's optional
     bias is omitted, as in common use). Parameters are cast to the input dtype.
     """
+
+    feature_dim = -1
 
     def __init__(self, num_features: int, *, eps: float = 1e-6, elementwise_affine: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
@@ -202,6 +206,8 @@ class CRMSNorm(nn.Module):
     ``x``: ``(..., C)`` -> ``(..., C)``; ``domain`` is accepted and ignored.
     """
 
+    feature_dim = -1
+
     def __init__(self, num_features: int, *, eps: float = 1e-6, elementwise_affine: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -225,6 +231,8 @@ class CRMSNorm(nn.Module):
 
 class _ScalarSquash(nn.Module):
     """Shared parameters of DyT/Derf: scalar ``alpha``, per-feature ``weight`` (ones) and ``bias`` (zeros)."""
+
+    feature_dim = -1
 
     def __init__(self, num_features: int, alpha0: float, elementwise_affine: bool,
                  dtype: torch.dtype | None, device: torch.device | str | None) -> None:
@@ -344,6 +352,8 @@ class HypersphereNorm(nn.Module):
     ------
     ``x``: ``(..., C)`` -> ``(..., C)``; ``domain`` is accepted and ignored.
     """
+
+    feature_dim = -1
 
     def __init__(self, num_features: int, *, eps: float = 1e-12, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:

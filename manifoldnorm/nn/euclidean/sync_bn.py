@@ -111,6 +111,8 @@ class SyncBatchNorm(nn.Module):
     gradients); data-parallel wrappers that average gradients over processes scale them accordingly.
     """
 
+    feature_dim = 1
+
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
