@@ -1,4 +1,12 @@
-"""Benchmarks: ``python launch/bench.py {spectral,norms} [--quick] [--out outputs/bench_<suite>.json]``.
+"""Benchmarks: ``python launch/bench.py {spectral,norms,sweep,layers} [--quick] [--out outputs/bench_<suite>.json]``.
+
+``sweep`` and ``layers`` (see ``launch/_bench_euclid.py``) cover the Euclidean norms: a norm sweep of the
+``lm_char`` and ``cnn_digits`` experiments over 3 seeds (table + PNG of validation curves), and forward+backward
+time of every Euclidean norm layer relative to torch's LayerNorm and RMSNorm::
+
+    python launch/bench.py sweep                      # 4 LM norms + 5 CNN norms x 3 seeds, 2 runs at a time
+    python launch/bench.py sweep --experiments lm_char --norms layernorm dyt --seeds 0 1
+    python launch/bench.py layers                     # widths 256, 768, 1024 on 2048 tokens, float32
 
 ``norms`` (see ``launch/_bench_norms.py``) times forward+backward of every registered SPD/Lie norm layer over a
 grid of sizes, dtypes and thread counts, beside the published reference times, with the relative error of output
@@ -28,9 +36,23 @@ import time
 from pathlib import Path
 
 import torch
+from _bench_euclid import (
+    EXPERIMENTS,
+    LAYER_TOKENS,
+    LAYER_WIDTHS,
+    SWEEP_NORMS,
+    bench_layers,
+    layer_norms,
+    layers_markdown,
+    plot_sweep,
+    run_sweep,
+    summarize,
+    sweep_markdown,
+)
 from _bench_norms import QUICK_SIZES, SIZES, bench_norms, default_norms, floor_rows, markdown, parse_size
 
 from manifoldnorm import functional as mf
+from manifoldnorm.nn import list_norms
 
 
 def _svd_loop_logm(X: torch.Tensor) -> torch.Tensor:
@@ -101,19 +123,43 @@ def _markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["spectral", "norms"])
+    parser.add_argument("suite", choices=["spectral", "norms", "sweep", "layers"])
     parser.add_argument("--quick", action="store_true", help="one size, few repeats (smoke run)")
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="torch thread counts (spectral: the first; norms: default 1 2, --quick: 1)")
-    parser.add_argument("--norms", nargs="+", default=None, help="norm names (default: every SPD/Lie norm)")
+    parser.add_argument("--norms", nargs="+", default=None,
+                        help="norm names (norms: every SPD/Lie norm; layers: every Euclidean norm; sweep: per "
+                             "experiment, see SWEEP_NORMS)")
     parser.add_argument("--sizes", nargs="+", default=None, help="norms: nxN sizes, e.g. 20x32 93x128")
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default: adaptive)")
+    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="sweep: runs at a time")
+    parser.add_argument("--override", nargs="*", default=[], help="sweep: extra Hydra overrides for every run")
+    parser.add_argument("--widths", type=int, nargs="+", default=list(LAYER_WIDTHS), help="layers: feature widths")
+    parser.add_argument("--tokens", type=int, default=LAYER_TOKENS, help="layers: rows of the input")
+    parser.add_argument("--plot", type=Path, default=None, help="sweep: PNG path (default: next to --out)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     out = args.out or Path("outputs") / f"bench_{args.suite}.json"
     meta = {"suite": args.suite, "torch": torch.__version__}
-    if args.suite == "spectral":
+    if args.suite == "sweep":
+        rows = _sweep(parser, args, out, meta)
+    elif args.suite == "layers":
+        known = layer_norms()
+        norms = args.norms or known
+        unknown = sorted(set(norms) - set(known))
+        if unknown:
+            parser.error(f"unknown norm(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+        torch.set_num_threads((args.threads or [1])[0])
+        widths = [64] if args.quick else args.widths
+        tokens = 256 if args.quick else args.tokens
+        rows = bench_layers(norms, widths, tokens, getattr(torch, args.dtypes[-1] if args.dtypes else "float32"),
+                            3 if args.quick else args.repeats)
+        meta.update(timer="time.process_time", threads=torch.get_num_threads())
+        print(layers_markdown(rows))
+    elif args.suite == "spectral":
         torch.set_num_threads((args.threads or [1])[0])
         rows = bench_spectral(args.quick)
         print(_markdown(rows))
@@ -138,6 +184,26 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
+
+
+def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Path, meta: dict) -> list[dict]:
+    known = set(list_norms(kind="euclidean"))
+    norms = {e: tuple(args.norms) if args.norms else SWEEP_NORMS[e] for e in args.experiments}
+    unknown = sorted({n for ns in norms.values() for n in ns} - known)
+    if unknown:
+        parser.error(f"unknown norm(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    seeds = [0] if args.quick else args.seeds
+    threads = (args.threads or [1])[0]
+    t0 = time.perf_counter()
+    runs = run_sweep(args.experiments, norms, seeds, out.parent / f"{out.stem}_runs", args.jobs, threads,
+                     args.quick, args.override)
+    summary = summarize(runs)
+    png = plot_sweep(runs, args.plot or out.with_suffix(".png"))
+    print(sweep_markdown(summary))
+    print(f"wrote {png}")
+    meta.update(seeds=seeds, jobs=args.jobs, threads_per_run=threads, quick=args.quick, overrides=args.override,
+                total_wall_s=time.perf_counter() - t0, plot=str(png), runs=runs)
+    return summary
 
 
 if __name__ == "__main__":
