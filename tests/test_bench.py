@@ -61,3 +61,21 @@ def test_norms_bench_quick(tmp_path: Path) -> None:
                 continue
             tol = 1e-6 if r["dtype"] == "float64" else 1e-3
             assert r["out_rel_err"] < tol and r["grad_rel_err"] < tol, r
+
+
+def test_layers_bench_quick(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "launch"))
+    from _bench_euclid import layer_norms
+
+    out = tmp_path / "layers.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench.py"), "layers", "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert "| torch_layer_norm |" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["norm"] for r in rows} == {*layer_norms(), "torch_layer_norm", "torch_rms_norm"}
+    assert "layernorm" in layer_norms() and "none" not in layer_norms()
+    for r in rows:
+        assert r["ms"] > 0 and r["x_layernorm"] == pytest.approx(
+            r["ms"] / next(b["ms"] for b in rows if b["norm"] == "torch_layer_norm"), rel=1e-9)

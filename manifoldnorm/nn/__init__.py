@@ -6,6 +6,7 @@ No Lightning or Hydra imports here: every layer works in a plain PyTorch loop.
 from .adapt import refit_domain_norms, refit_mode, refittable_norms
 from .domain_liebn import DomainLieBatchNorm
 from .euclidean import (
+    BatchChannelNorm,
     BatchNorm,
     CRMSNorm,
     Derf,
@@ -20,8 +21,14 @@ from .euclidean import (
     QKNorm,
     RMSNorm,
     SyncBatchNorm,
+    WeightStandardization,
+    WSConv2d,
+    WSLinear,
     adapt_layout,
     normalize_weights_,
+    spectral_norm,
+    weight_norm,
+    weight_std,
 )
 from .gbwbn import GBWBatchNorm
 from .liebn import LieBatchNorm
@@ -49,6 +56,7 @@ __all__ = [
     "IdentityNorm", "BatchNorm", "GroupNorm", "SyncBatchNorm", "LayerNorm", "RMSNorm", "QKNorm", "CRMSNorm",
     "DyT", "Derf",
     "HypersphereNorm", "EigenLR", "normalize_weights_", "EvoNormB0", "EvoNormS0", "PowerNorm", "adapt_layout",
+    "BatchChannelNorm", "weight_norm", "weight_std", "spectral_norm", "WeightStandardization", "WSConv2d", "WSLinear",
     "KINDS", "NormInfo", "register_norm", "get_norm_layer", "get_norm_info", "create_norm_layer", "list_norms",
     "refit_domain_norms", "refit_mode", "refittable_norms",
 ]

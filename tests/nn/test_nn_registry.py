@@ -36,8 +36,11 @@ def test_list_norms_by_kind_and_metadata():
 @pytest.mark.parametrize("name", list_norms())
 def test_every_registered_name_builds_and_round_trips_metadata(name):
     info = get_norm_info(name)
-    layer = create_norm_layer(name, 3)
-    assert isinstance(layer, nn.Module)
+    if info.inputs == ("weight",):  # a weight reparametrization: built on the module it reparametrizes
+        linear = nn.Linear(3, 4)
+        assert create_norm_layer(name, linear) is linear and hasattr(linear, "parametrizations")
+    else:
+        assert isinstance(create_norm_layer(name, 3), nn.Module)
     assert get_norm_layer(name) is info.factory
     assert get_norm_info(name.upper()) is info  # case-insensitive look-up
 
