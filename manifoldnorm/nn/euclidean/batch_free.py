@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .._common import check_momentum, check_positive_int
 from ..registry import register_norm
@@ -197,23 +198,25 @@ class _PowerNormalize(torch.autograd.Function):
     """``x_hat = x / sqrt(psi2 + eps)`` with the approximate backward of PowerNorm (see :class:`PowerNorm`)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, psi2: Tensor, nu: Tensor, alpha: float, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, psi2: Tensor, nu: Tensor, alpha_bkw: float,  # type: ignore[override]
+                eps: float) -> Tensor:
         inv = (psi2.to(x.dtype) + eps).rsqrt()
         x_hat = x * inv
         ctx.save_for_backward(x_hat, inv)
         ctx.nu = nu
-        ctx.alpha = alpha
+        ctx.alpha_bkw = alpha_bkw
         return x_hat
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x_hat, inv = ctx.saved_tensors
         nu = ctx.nu
         g_tilde = grad - nu.to(grad.dtype) * x_hat
         grad_x = g_tilde * inv
         with torch.no_grad():
-            gamma_b = (x_hat * g_tilde).reshape(-1, x_hat.shape[-1]).mean(0).to(nu.dtype)
-            nu.mul_(1.0 - (1.0 - ctx.alpha) * gamma_b).add_((1.0 - ctx.alpha) * gamma_b)
+            gamma = (x_hat * g_tilde).reshape(-1, x_hat.shape[-1]).mean(0).to(nu.dtype)
+            nu.add_((1.0 - ctx.alpha_bkw) * gamma)
         return grad_x, None, None, None, None
 
 
@@ -233,22 +236,32 @@ class PowerNorm(nn.Module):
 
     .. math::
         \tilde g = g - \nu_{t-1} \odot \hat x,\qquad \frac{\partial L}{\partial x} = \frac{\tilde g}
-        {\sqrt{\psi_{t-1}^2 + \epsilon}},\qquad \Gamma_B = \tfrac1B \textstyle\sum_i \hat x_i \odot \tilde g_i,
-        \qquad \nu_t = \nu_{t-1}\big(1 - (1-\alpha)\Gamma_B\big) + (1-\alpha)\Gamma_B
+        {\sqrt{\psi_{t-1}^2 + \epsilon}},\qquad \tilde\Gamma = \tfrac1B \textstyle\sum_i \hat x_i \odot
+        \tilde g_i, \qquad \nu_t = \nu_{t-1} + (1-\alpha_b)\,\tilde\Gamma
 
+    equivalently :math:`\nu_t = \nu_{t-1}\big(1 - (1-\alpha_b)\Gamma\big) + (1-\alpha_b)\Lambda` with
+    :math:`\Gamma = \tfrac1B\sum_i \hat x_i^2`, :math:`\Lambda = \tfrac1B\sum_i \hat x_i \odot g_i`: an
+    exponential average of the projection :math:`\Lambda` that the exact batch backward would subtract.
     :math:`\nu` is updated in place during the backward. Gradients of :math:`\gamma, \beta` are exact. In eval
     mode (and with ``approx_backward=False``) :math:`\hat x = x / \sqrt{\psi^2 + \epsilon}` with :math:`\psi^2`
     a constant and the exact gradient is used.
 
     Shen, Yao, Gholami, Mahoney, Keutzer, "PowerNorm: Rethinking Batch Normalization in Transformers",
-    ICML 2020, Algorithm 1.
+    ICML 2020, the Power Normalization algorithm (Algorithm 2; Algorithm 1 is batch normalization): forward
+    lines :math:`\hat X = X/\psi_{t-1}`, :math:`\psi_t^2` update; backward lines :math:`\tilde g`,
+    :math:`\tilde\Gamma`, :math:`\nu_t`. The authors' ``MaskPowerNorm`` (``mask_powernorm.py``) stores
+    ``ema_gz`` :math:`= \nu / (1-\alpha_b)` and computes ``g - (1 - abkw) * ema_gz * z``,
+    ``ema_gz += mean(approx_grad_g * z)``: the same recursion.
 
     Parameters
     ----------
     num_features : int
         Feature size ``C`` (last dim).
     alpha : float, default 0.9
-        Running-average factor of :math:`\psi^2` and :math:`\nu`, in ``[0, 1]`` (weight of the OLD value).
+        Running-average factor of :math:`\psi^2`, in ``[0, 1]`` (weight of the OLD value).
+    alpha_bkw : float or None, default None
+        :math:`\alpha_b` of the :math:`\nu` update, in ``[0, 1]``; ``None`` uses ``alpha`` (the paper's single
+        :math:`\alpha`; the authors' code has separate ``alpha_fwd``/``alpha_bkw``, both 0.9 by default).
     eps : float, default 1e-5
     warmup_iters : int, default 0
         For the first ``warmup_iters`` training forwards, normalize by the batch quadratic mean
@@ -267,18 +280,27 @@ class PowerNorm(nn.Module):
     Deviations
     ----------
     Statistics are taken over all tokens of the batch (no padding mask). ``eps`` is added inside the square
-    root. :math:`\nu` is read and updated when the backward runs, not when the forward runs.
+    root. :math:`\nu` is read and updated when the backward runs, not when the forward runs. Differences
+    from the authors' code: (i) after warmup the code divides the backward by the batch quadratic mean
+    :math:`\sqrt{\psi_B^2 + \epsilon}` although its forward divides by :math:`\sqrt{\psi_{t-1}^2 + \epsilon}`;
+    we divide by the forward's scale, as the chain rule of :math:`\hat x = x/\psi_{t-1}` requires. (ii) The
+    code first rescales every token by its own root mean square over channel groups (``GroupScaling1D``), a step
+    the paper does not describe; not done here. (iii) During warmup the code keeps the approximate backward
+    (updating :math:`\nu`) and updates :math:`\psi^2` twice per step (a cumulative average, then the exponential
+    one); here warmup uses the exact gradient through :math:`\psi_B`, leaves :math:`\nu` unchanged and applies
+    only the exponential update.
     """
 
     feature_dim = -1
 
-    def __init__(self, num_features: int, *, alpha: float = 0.9, eps: float = 1e-5, warmup_iters: int = 0,
-                 approx_backward: bool = True, dtype: torch.dtype | None = None,
+    def __init__(self, num_features: int, *, alpha: float = 0.9, alpha_bkw: float | None = None, eps: float = 1e-5,
+                 warmup_iters: int = 0, approx_backward: bool = True, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         owner = "PowerNorm"
         self.num_features = check_positive_int(num_features, "num_features", owner)
         self.alpha = check_momentum(alpha, "alpha", owner)
+        self.alpha_bkw = self.alpha if alpha_bkw is None else check_momentum(alpha_bkw, "alpha_bkw", owner)
         self.eps = _check_eps(eps, owner)
         if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
             raise ValueError(f"{owner}: warmup_iters must be a non-negative int, got {warmup_iters!r}")
@@ -292,8 +314,8 @@ class PowerNorm(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, alpha={self.alpha}, eps={self.eps}, warmup_iters={self.warmup_iters}, "
-                f"approx_backward={self.approx_backward}")
+        return (f"{self.num_features}, alpha={self.alpha}, alpha_bkw={self.alpha_bkw}, eps={self.eps}, "
+                f"warmup_iters={self.warmup_iters}, approx_backward={self.approx_backward}")
 
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         _check_tensor(x, "PowerNorm")
@@ -314,7 +336,7 @@ class PowerNorm(nn.Module):
         if warm:
             x_hat = x * (psi2_batch + self.eps).rsqrt()
         elif self.approx_backward:
-            x_hat = _PowerNormalize.apply(x, psi2_prev, self.running_grad, self.alpha, self.eps)
+            x_hat = _PowerNormalize.apply(x, psi2_prev, self.running_grad, self.alpha_bkw, self.eps)
         else:
             x_hat = x * (psi2_prev.to(x.dtype) + self.eps).rsqrt()
         return x_hat * w + b

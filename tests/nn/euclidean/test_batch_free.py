@@ -207,12 +207,55 @@ def test_powernorm_approximate_backward_and_nu_update() -> None:
     (layer(x) * up).sum().backward()
     s = torch.sqrt(psi2 + 1e-5)
     x_hat = x.detach() / s
-    g_tilde = layer.weight.detach() * up - nu0 * x_hat
+    g = layer.weight.detach() * up
+    g_tilde = g - nu0 * x_hat
     torch.testing.assert_close(x.grad, g_tilde / s)
     gam = (x_hat * g_tilde).sum((0, 1)) / 15
-    torch.testing.assert_close(layer.running_grad, nu0 * (1 - 0.3 * gam) + 0.3 * gam)
+    torch.testing.assert_close(layer.running_grad, nu0 + 0.3 * gam)
+    # the same update written with Gamma = mean(x_hat^2) and Lambda = mean(x_hat * g)
+    big_gamma, lam = (x_hat ** 2).sum((0, 1)) / 15, (x_hat * g).sum((0, 1)) / 15
+    torch.testing.assert_close(layer.running_grad, nu0 * (1 - 0.3 * big_gamma) + 0.3 * lam)
     torch.testing.assert_close(layer.weight.grad, (up * x_hat).sum((0, 1)))
     torch.testing.assert_close(layer.bias.grad, up.sum((0, 1)))
+
+
+def test_powernorm_backward_matches_the_authors_ema_gz_recursion_over_three_steps() -> None:
+    # mask_powernorm.py keeps ema_gz = nu / (1 - abkw): approx = g - (1 - abkw) * ema_gz * z,
+    # ema_gz += mean(approx * z); its forward (after warmup) divides by sqrt(running_phi + eps) before the update
+    layer = _power(66, alpha=0.8, alpha_bkw=0.6).train()
+    a_f, a_b = 0.8, 0.6
+    ema_gz = _rand(4, seed=67, scale=0.5)
+    with torch.no_grad():
+        layer.running_grad.copy_((1 - a_b) * ema_gz)
+    phi = layer.running_phi.clone()
+    w = layer.weight.detach()
+    for step in range(3):
+        x = _rand(2, 3, 4, seed=70 + step).requires_grad_()
+        up = _rand(2, 3, 4, seed=80 + step)
+        layer.zero_grad()
+        (layer(x) * up).sum().backward()
+        z = x.detach() / torch.sqrt(phi + 1e-5)
+        approx = up * w - (1 - a_b) * ema_gz * z
+        ema_gz = ema_gz + (approx * z).sum((0, 1)) / 6
+        torch.testing.assert_close(x.grad, approx / torch.sqrt(phi + 1e-5))
+        torch.testing.assert_close(layer.running_grad, (1 - a_b) * ema_gz)
+        phi = a_f * phi + (1 - a_f) * (x.detach() ** 2).sum((0, 1)) / 6
+        torch.testing.assert_close(layer.running_phi, phi)
+
+
+def test_powernorm_backward_is_homogeneous_in_the_gradient() -> None:
+    # scaling the incoming gradient and the state nu by c scales the input gradient and the new nu by c
+    c = 7.0
+    results = []
+    for factor in (1.0, c):
+        layer = _power(68, alpha=0.5).train()
+        with torch.no_grad():
+            layer.running_grad.copy_(factor * _rand(4, seed=69, scale=0.5))
+        x = _rand(3, 4, seed=90).requires_grad_()
+        (layer(x) * (factor * _rand(3, 4, seed=91))).sum().backward()
+        results.append((x.grad, layer.running_grad.clone()))
+    torch.testing.assert_close(results[1][0], c * results[0][0])
+    torch.testing.assert_close(results[1][1], c * results[0][1])
 
 
 def test_powernorm_approximate_backward_with_zero_nu_is_the_fixed_psi_gradient() -> None:
@@ -310,5 +353,7 @@ def test_bad_options_raise() -> None:
         EvoNormB0(4, momentum=1.5)
     with pytest.raises(ValueError, match="alpha"):
         PowerNorm(4, alpha=-0.1)
+    with pytest.raises(ValueError, match="alpha_bkw"):
+        PowerNorm(4, alpha_bkw=1.5)
     with pytest.raises(ValueError, match="warmup_iters"):
         PowerNorm(4, warmup_iters=-1)
