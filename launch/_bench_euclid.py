@@ -165,16 +165,22 @@ def plot_sweep(runs: Sequence[dict], path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- layers
-def _time(fn, x: torch.Tensor, g: torch.Tensor, repeats: int | None) -> float:
-    def step() -> float:
-        xr = x.clone().requires_grad_()
-        t0 = time.process_time()
-        (fn(xr) * g).sum().backward()
-        return time.process_time() - t0
+def _step(fn, x: torch.Tensor, g: torch.Tensor) -> float:
+    xr = x.clone().requires_grad_()
+    t0 = time.process_time()
+    (fn(xr) * g).sum().backward()
+    return time.process_time() - t0
 
-    first = max(step(), step(), 1e-6)
-    n = repeats or int(min(max(BUDGET_S / first, 5), 50))
-    return 1e3 * statistics.median(step() for _ in range(n))
+
+def _time_interleaved(fns: dict, x: torch.Tensor, g: torch.Tensor, repeats: int | None) -> dict[str, float]:
+    """Median ms per function; the repeats run round-robin so that slow phases of the machine hit all alike."""
+    first = {k: max(_step(f, x, g), _step(f, x, g), 1e-6) for k, f in fns.items()}
+    rounds = repeats or int(min(max(BUDGET_S * len(fns) / sum(first.values()), 7), 60))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            times[k].append(_step(f, x, g))
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def bench_layers(norms: Sequence[str], widths: Sequence[int], tokens: int, dtype: torch.dtype,
@@ -185,18 +191,14 @@ def bench_layers(norms: Sequence[str], widths: Sequence[int], tokens: int, dtype
         gen = torch.Generator().manual_seed(width)
         x = torch.randn(tokens, width, generator=gen, dtype=dtype)
         g = torch.randn(tokens, width, generator=gen, dtype=dtype)
-        base = {"torch_layer_norm": _time(torch.nn.LayerNorm(width, eps=1e-5, dtype=dtype), x, g, repeats),
-                "torch_rms_norm": _time(torch.nn.RMSNorm(width, eps=1e-6, dtype=dtype), x, g, repeats)}
-        for name, ms in base.items():
+        fns = {"torch_layer_norm": torch.nn.LayerNorm(width, eps=1e-5, dtype=dtype),
+               "torch_rms_norm": torch.nn.RMSNorm(width, eps=1e-6, dtype=dtype)}
+        fns.update({name: create_norm_layer(name, width).to(dtype).train() for name in norms})
+        ms = _time_interleaved(fns, x, g, repeats)
+        for name in fns:
             rows.append({"norm": name, "width": width, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
-                         "ms": ms, "x_layernorm": ms / base["torch_layer_norm"],
-                         "x_rmsnorm": ms / base["torch_rms_norm"]})
-        for name in norms:
-            layer = create_norm_layer(name, width).to(dtype).train()
-            ms = _time(layer, x, g, repeats)
-            rows.append({"norm": name, "width": width, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
-                         "ms": ms, "x_layernorm": ms / base["torch_layer_norm"],
-                         "x_rmsnorm": ms / base["torch_rms_norm"]})
+                         "ms": ms[name], "x_layernorm": ms[name] / ms["torch_layer_norm"],
+                         "x_rmsnorm": ms[name] / ms["torch_rms_norm"]})
     return rows
 
 

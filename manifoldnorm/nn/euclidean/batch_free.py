@@ -123,12 +123,12 @@ class EvoNormB0(nn.Module):
             batch_var = self.running_var.to(x.dtype)
         batch_std = (batch_var + self.eps).sqrt().reshape(1, -1, *([1] * len(spatial)))
         if spatial:
-            inst_var = x.var(dim=spatial, unbiased=False, keepdim=True)
-        else:
-            inst_var = torch.zeros_like(x)
-        gate = _per_channel(self.v1, x) * x + (inst_var + self.eps).sqrt()
-        den = torch.maximum(batch_std.expand_as(gate), gate)
-        return x / den * _per_channel(self.weight, x) + _per_channel(self.bias, x)
+            inst_std = (x.var(dim=spatial, unbiased=False, keepdim=True) + self.eps).sqrt()
+            gate = torch.addcmul(inst_std, _per_channel(self.v1, x), x)
+        else:  # no spatial dims: the instance variance of one value is 0
+            gate = _per_channel(self.v1, x) * x + math.sqrt(self.eps)
+        den = torch.maximum(batch_std, gate)
+        return torch.addcmul(_per_channel(self.bias, x), x / den, _per_channel(self.weight, x))
 
 
 class EvoNormS0(nn.Module):
@@ -188,10 +188,10 @@ class EvoNormS0(nn.Module):
             raise ValueError(f"EvoNormS0: each of the {self.groups} groups holds {per_group} value per sample "
                              f"for input of shape {tuple(x.shape)}; use fewer groups or spatial inputs")
         xg = x.reshape(x.shape[0], self.groups, -1)
-        std = (xg.var(dim=-1, unbiased=False, keepdim=True) + self.eps).sqrt()
-        den = std.expand_as(xg).reshape(x.shape)
+        inv_std = torch.rsqrt(xg.var(dim=-1, unbiased=False, keepdim=True) + self.eps)
         num = x * torch.sigmoid(_per_channel(self.v1, x) * x)
-        return num / den * _per_channel(self.weight, x) + _per_channel(self.bias, x)
+        y = (num.reshape(xg.shape) * inv_std).reshape(x.shape)  # the group std, broadcast without a copy
+        return torch.addcmul(_per_channel(self.bias, x), y, _per_channel(self.weight, x))
 
 
 class _PowerNormalize(torch.autograd.Function):

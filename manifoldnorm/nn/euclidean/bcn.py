@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._common import check_momentum, check_positive_int
@@ -147,8 +148,11 @@ class BatchChannelNorm(nn.Module):
         if not self.estimated_stats and n <= 1:
             raise ValueError(f"BatchChannelNorm: expected more than 1 value per channel when training with batch "
                              f"statistics, got input of shape {tuple(x.shape)}")
-        mean_b = x.mean(dim=dims)
-        var_b = x.var(dim=dims, unbiased=False)
+        if self.estimated_stats:  # the estimates carry no gradient: one fused pass without a graph
+            with torch.no_grad():
+                var_b, mean_b = torch.var_mean(x, dim=dims, unbiased=False)
+        else:
+            var_b, mean_b = torch.var_mean(x, dim=dims, unbiased=False)
         r = self.momentum
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
@@ -162,13 +166,11 @@ class BatchChannelNorm(nn.Module):
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         self._check_input(x)
         mean, var = self._batch_stats(x)
-        xb = (x - _per_channel(mean, x)) / _per_channel((var + self.eps).sqrt(), x)
-        xb = xb * _per_channel(self.batch_weight, x) + _per_channel(self.batch_bias, x)
-        xg = xb.reshape(x.shape[0], self.num_groups, -1)
-        g_mean = xg.mean(dim=-1, keepdim=True)
-        g_var = xg.var(dim=-1, unbiased=False, keepdim=True)
-        xc = ((xg - g_mean) / (g_var + self.eps).sqrt()).reshape(x.shape)
-        return xc * _per_channel(self.weight, x) + _per_channel(self.bias, x)
+        # batch part as one per-channel affine map (scale, shift are C-vectors), then a fused group norm
+        scale = self.batch_weight.to(x.dtype) * torch.rsqrt(var + self.eps)
+        shift = self.batch_bias.to(x.dtype) - mean * scale
+        xb = torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
+        return F.group_norm(xb, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 register_norm("bcn", "euclidean")(BatchChannelNorm)
