@@ -1,16 +1,27 @@
-"""Data for manifoldnorm: simulated and MOABB motor-imagery EEG, preprocessing, splits, array datasets.
+"""Data for manifoldnorm: simulated and MOABB motor-imagery EEG, preprocessing, splits, array datasets;
+character-level text and small image classification sets.
 
-No Lightning or Hydra here; MOABB/MNE are imported lazily by :func:`load_moabb` only.
+No Lightning or Hydra here; MOABB/MNE are imported lazily by :func:`load_moabb` only, scikit-learn by
+:func:`load_digits_images` and Pillow by :func:`load_image_folder`.
 """
 
 from .arrays import ArrayDataset, ValidatedArrays, load_arrays, validate_arrays
 from .cache import default_cache_dir
+from .images import (
+    ImageDataset,
+    Images,
+    load_digits_images,
+    load_image_arrays,
+    load_image_folder,
+    stratified_split,
+)
 from .moabb import load_moabb
 from .montage import BCI2A_CHANNELS, channel_positions, channel_positions_2d
 from .preprocess import COV_ESTIMATORS, bandpass, covariances, recenter, riemannian_mean
 from .rotations import simulate_rotation_sequences
 from .simulate import CLASS_NAMES, SimulationParams, load_simulated, simulate_motor_imagery
 from .splits import PROTOCOLS, Split, split_indices, target_domains
+from .text import TEXT_SOURCES, CharVocab, CharWindows, RandomWindowSampler, eval_starts, load_text, split_text
 from .types import EEGData, domain_ids
 
 __all__ = [
@@ -39,4 +50,17 @@ __all__ = [
     "split_indices",
     "target_domains",
     "validate_arrays",
+    "TEXT_SOURCES",
+    "CharVocab",
+    "CharWindows",
+    "RandomWindowSampler",
+    "eval_starts",
+    "load_text",
+    "split_text",
+    "ImageDataset",
+    "Images",
+    "load_digits_images",
+    "load_image_arrays",
+    "load_image_folder",
+    "stratified_split",
 ]

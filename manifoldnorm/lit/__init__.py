@@ -1,6 +1,18 @@
-"""Lightning integration: the classification module, the EEG data module and the run helpers."""
+"""Lightning integration: the classification and language-model modules, the EEG, image and text data modules
+and the run helpers."""
 
 from manifoldnorm.lit.datamodule import REPRESENTATIONS, SOURCES, EEGDataModule
+from manifoldnorm.lit.images import IMAGE_SOURCES, ImageDataModule
+from manifoldnorm.lit.lm import CharLMDataModule, LanguageModelModule
 from manifoldnorm.lit.module import ClassificationModule
 
-__all__ = ["ClassificationModule", "EEGDataModule", "SOURCES", "REPRESENTATIONS"]
+__all__ = [
+    "ClassificationModule",
+    "EEGDataModule",
+    "SOURCES",
+    "REPRESENTATIONS",
+    "CharLMDataModule",
+    "LanguageModelModule",
+    "ImageDataModule",
+    "IMAGE_SOURCES",
+]

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from manifoldnorm.lit import run
 from manifoldnorm.models import SPDNet, TSMNet
-from manifoldnorm.nn import get_norm_info, list_norms
+from manifoldnorm.nn import get_norm_info, get_norm_layer, list_norms
 from manifoldnorm.optim import CompositeOptimizer
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -70,7 +70,7 @@ def test_run_dir_keyed_on_slurm_job_id(cfg_of, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_every_data_option_instantiates(cfg_of, tmp_path: Path) -> None:
-    assert options("data") == {"eeg_sim", "eeg_moabb", "arrays"}
+    assert options("data") == {"eeg_sim", "eeg_moabb", "arrays", "char_text", "digits"}
     dm = run.build_datamodule(cfg := cfg_of("data=eeg_sim", *TINY_DATA, info=False))
     assert cfg.data_info.n_channels == 22 and cfg.data_info.num_domains == 4
     assert instantiate(cfg_of("data=eeg_moabb").data).source == "moabb"  # no download without setup
@@ -79,15 +79,41 @@ def test_every_data_option_instantiates(cfg_of, tmp_path: Path) -> None:
              subject=np.zeros(16), session=np.repeat([0, 1], 8), sfreq=128.0)
     dm = run.build_datamodule(cfg := cfg_of("data=arrays", f"data.path={tmp_path / 'd.npz'}", info=False))
     assert dm.info()["n_channels"] == 3 and cfg.data_info.num_classes == 2
+    run.build_datamodule(cfg := cfg_of("data=digits", info=False))
+    assert (cfg.data_info.in_channels, cfg.data_info.num_classes, list(cfg.data_info.image_size)) == (1, 10, [8, 8])
+    run.build_datamodule(cfg := cfg_of("data=char_text", info=False))
+    assert cfg.data_info.vocab_size > 90 and cfg.data_info.block_size == cfg.data.block_size
 
 
-@pytest.mark.parametrize("model", sorted(options("model")))
-def test_every_model_norm_pair_instantiates_and_runs(cfg_of, model: str) -> None:
-    # every SPD-input norm of the registry has a config, and every config names a registered norm
+SPD_MODELS = ("spdnet", "tsmnet")
+EUCLIDEAN_MODELS = ("gpt", "resnet")
+
+
+def _norm_configs(space: str) -> set[str]:
+    return {k for k in options("norm") if space in get_norm_info(k).inputs}
+
+
+def test_norm_configs_are_registry_keys_and_cover_the_registry() -> None:
+    # every config file is named after the registry key it builds, and every slot-fillable norm has one
+    assert options("norm") <= set(list_norms())
     spd_input = {k for k in list_norms(kind="spd") + list_norms(kind="lie") if "spd" in get_norm_info(k).inputs}
-    assert options("norm") == spd_input | {"none"}
+    assert _norm_configs("spd") == spd_input | {"none"}
+    euclidean = {k for k in list_norms(kind="euclidean") if "euclidean" in get_norm_info(k).inputs}
+    assert _norm_configs("euclidean") == euclidean - {"ngpt_norm", "qknorm"}  # used inside GPT only
+    for name in options("norm"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            built = instantiate(compose("train", overrides=[f"norm={name}"]).norm)
+        registered = get_norm_layer(name)
+        fixed = getattr(registered, "keywords", {})  # e.g. metric="lcm" of liebn_lcm
+        assert built.func is getattr(registered, "func", registered), name
+        assert all(built.keywords.get(k) == v for k, v in fixed.items()), name
+
+
+@pytest.mark.parametrize("model", SPD_MODELS)
+def test_every_model_norm_pair_instantiates_and_runs(cfg_of, model: str) -> None:
+    assert options("model") == {*SPD_MODELS, *EUCLIDEAN_MODELS}
     g = torch.Generator().manual_seed(0)
-    for norm in sorted(options("norm")):
+    for norm in sorted(_norm_configs("spd")):
         cfg = cfg_of(f"model={model}", f"norm={norm}", "model.dims=[4]" if model == "spdnet" else "model.spd_dims=[4]")
         if model == "tsmnet":
             assert cfg.data.representation == "raw"
@@ -99,6 +125,34 @@ def test_every_model_norm_pair_instantiates_and_runs(cfg_of, model: str) -> None
         assert isinstance(module.model, SPDNet if model == "spdnet" else TSMNet)
         out = module(x, domain=torch.tensor([0, 0, 1, 1, 2, 2]))
         assert out.shape == (6, 4) and torch.isfinite(out).all(), (model, norm)
+
+
+@pytest.mark.parametrize("model", EUCLIDEAN_MODELS)
+def test_every_euclidean_norm_fills_both_euclidean_models(cfg_of, model: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    if model == "gpt":
+        experiment, info = "lm_char", {"vocab_size": 11, "block_size": 8}
+        tiny = ["model.n_layer=1", "model.d_model=16", "model.n_head=2"]
+        x, shape = torch.randint(0, 11, (4, 8), generator=g), (4, 8, 11)
+    else:
+        experiment, info = "cnn_digits", {"in_channels": 1, "num_classes": 10, "image_size": 8}
+        tiny = ["model.widths=[8,16]", "model.blocks_per_stage=1"]
+        x, shape = torch.randn(4, 1, 8, 8, generator=g), (4, 10)
+    def build(norm: str):
+        cfg = cfg_of(f"+experiment={experiment}", f"norm={norm}", *tiny, info=False)
+        with open_dict(cfg):
+            cfg.data_info = info
+        return run.build_module(cfg)
+
+    for norm in sorted(_norm_configs("euclidean")):
+        module = build(norm)
+        out = module(x)
+        assert out.shape == shape and torch.isfinite(out).all(), (model, norm)
+        out.square().mean().backward()
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
+        assert all(gr is not None and torch.isfinite(gr).all() for gr in grads if gr is not None), (model, norm)
+    with pytest.raises(run.ConfigError, match="cannot fill a euclidean slot"):
+        build("liebn_aim")
 
 
 def test_every_optimizer_and_scheduler_option(cfg_of) -> None:

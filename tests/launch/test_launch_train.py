@@ -99,7 +99,15 @@ def test_invalid_value_reports_our_error(cache: Path, tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and "InstantiationException" not in proc.stderr
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+EEG_EXPERIMENTS = ("spd_eeg", "tsm_eeg")  # lm_char and cnn_digits: tests/launch/test_euclidean_experiments.py
+
+
+def test_every_experiment_is_tested() -> None:
+    assert {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")} == {*EEG_EXPERIMENTS, "lm_char",
+                                                                               "cnn_digits"}
+
+
+@pytest.mark.parametrize("experiment", EEG_EXPERIMENTS)
 def test_every_experiment_runs_on_tiny_data(experiment: str, cache: Path, tmp_path: Path) -> None:
     tiny = [o for o in TINY if not o.startswith("model.")]
     proc = train(f"+experiment={experiment}", "logger=none", *tiny, f"hydra.run.dir={tmp_path}", cache=cache)
