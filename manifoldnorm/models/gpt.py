@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor, nn
 
 from manifoldnorm.nn import normalize_weights_ as _normalize_along
-from manifoldnorm.nn.registry import NormSpec
+from manifoldnorm.nn.registry import NormSpec, get_norm_layer
 
 from ._gpt_blocks import NORMALIZED_OUTPUT, Block, NGPTBlock, apply_norm, make_norm
 
@@ -70,6 +71,24 @@ def _fraction(value: float, name: str, *, upper_open: bool) -> float:
     if not ok:
         raise ValueError(f"GPT: {name} must lie in [0, 1{')' if upper_open else ']'}, got {value}")
     return value
+
+
+def _embed_scale(spec: str | float, norm_layer: NormSpec | None) -> float | None:
+    """Initial value of the embedding scalar, or None for no scalar (see ``GPT``'s ``embed_scale``)."""
+    if isinstance(spec, str):
+        if spec == "none":
+            return None
+        if spec != "auto":
+            raise ValueError(f"GPT: embed_scale must be 'auto', 'none' or a positive number, got {spec!r}")
+        if norm_layer is None:
+            return None
+        factory = get_norm_layer(norm_layer)
+        while isinstance(factory, functools.partial):
+            factory = factory.func
+        return 1.0 / _INIT_STD if getattr(factory, "normalization_free", False) else None
+    if isinstance(spec, bool) or not isinstance(spec, (int, float)) or not (math.isfinite(spec) and spec > 0):
+        raise ValueError(f"GPT: embed_scale must be 'auto', 'none' or a positive number, got {spec!r}")
+    return float(spec)
 
 
 class GPT(nn.Module):
@@ -134,6 +153,15 @@ class GPT(nn.Module):
         Biases in the linear layers (not allowed with nGPT).
     tie_weights : bool, default True
         Share the token embedding and the head's weight.
+    embed_scale : "auto", "none" or float, default "auto"
+        A learnable scalar multiplying the summed token + position embedding. A float gives its initial value;
+        ``"none"`` leaves the embedding unscaled; ``"auto"`` uses ``1 / 0.02`` (unit-scale hidden states at
+        init) when the norm is statistics-free (its class sets ``normalization_free = True``: DyT, Derf) and no
+        scalar otherwise. Reason: a statistics-free norm sees the raw scale of the residual stream, and its
+        ``alpha0`` is set for unit-scale inputs (what a LayerNorm would hand on). With the 0.02 embedding init
+        the inputs are 50x smaller, DyT/Derf act as tiny linear maps, and Adam inflates the residual stream until
+        the final norm saturates: on ``lm_char`` such a model stays at the unigram loss (3.3 nats, measured),
+        while with the scalar it trains (see the README's sweep).
 
     Notes
     -----
@@ -152,7 +180,8 @@ class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, *, n_layer: int = 4, n_head: int = 4, d_model: int = 128,
                  mlp_ratio: float = 4, dropout: float = 0.0, norm_layer: NormSpec = "layernorm",
                  placement: str = "pre", qk_norm: bool = False, mix_ln_ratio: float = 0.25,
-                 mode: str = "standard", bias: bool = False, tie_weights: bool = True) -> None:
+                 mode: str = "standard", bias: bool = False, tie_weights: bool = True,
+                 embed_scale: str | float = "auto") -> None:
         super().__init__()
         self.vocab_size = _positive_int(vocab_size, "vocab_size")
         self.block_size = _positive_int(block_size, "block_size")
@@ -175,6 +204,8 @@ class GPT(nn.Module):
         if placement not in PLACEMENTS:
             raise ValueError(f"GPT: unknown placement {placement!r}; valid placements: {', '.join(PLACEMENTS)}")
         self.mode, self.placement = mode, placement
+        init_scale = _embed_scale(embed_scale, norm_layer if mode == "standard" else None)
+        self.embed_scale = None if init_scale is None else nn.Parameter(torch.tensor(float(init_scale)))
 
         self.wte = nn.Embedding(vocab_size, d_model)
         self.wpe = nn.Embedding(block_size, d_model)
@@ -279,7 +310,10 @@ class GPT(nn.Module):
         """Final hidden states ``(B, T, d_model)`` (after the final norm), the input of the head."""
         self._check_idx(idx)
         pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx) + self.wpe(pos)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale.to(x.dtype)
+        x = self.drop(x)
         if self.mode == "ngpt":
             x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
         else:

@@ -404,3 +404,35 @@ def test_errors():
         m(torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="token ids must lie"):
         m(torch.full((1, 4), V))
+
+
+def test_embed_scale_auto_for_statistics_free_norms() -> None:
+    import functools
+
+    from manifoldnorm.nn import DyT
+
+    kw = dict(n_layer=1, n_head=2, d_model=8)
+    for norm in ("dyt", "derf", functools.partial(DyT, alpha0=0.2), DyT):
+        m = GPT(11, 6, norm_layer=norm, **kw)
+        assert m.embed_scale is not None and float(m.embed_scale) == pytest.approx(50.0)
+    assert GPT(11, 6, norm_layer="layernorm", **kw).embed_scale is None
+    assert GPT(11, 6, norm_layer="dyt", embed_scale="none", **kw).embed_scale is None
+    assert float(GPT(11, 6, norm_layer="layernorm", embed_scale=3.0, **kw).embed_scale) == 3.0
+    assert GPT(11, 6, mode="ngpt", **kw).embed_scale is None
+    for bad in ("sqrt", 0.0, -1.0, True, float("nan")):
+        with pytest.raises(ValueError, match="embed_scale"):
+            GPT(11, 6, embed_scale=bad, **kw)
+
+
+def test_embed_scale_multiplies_the_embedding_and_learns() -> None:
+    torch.manual_seed(0)
+    m = GPT(11, 6, n_layer=1, n_head=2, d_model=8, norm_layer="dyt", embed_scale=2.5).double()
+    ref = GPT(11, 6, n_layer=1, n_head=2, d_model=8, norm_layer="dyt", embed_scale="none").double()
+    ref.load_state_dict({k: v for k, v in m.state_dict().items() if k != "embed_scale"})
+    with torch.no_grad():
+        ref.wte.weight.mul_(2.5)
+        ref.wpe.weight.mul_(2.5)
+    idx = torch.randint(0, 11, (2, 6))
+    torch.testing.assert_close(m.hidden_states(idx), ref.hidden_states(idx))
+    m(idx).sum().backward()
+    assert m.embed_scale.grad is not None and m.embed_scale.grad.abs() > 0

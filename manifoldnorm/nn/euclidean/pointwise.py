@@ -233,6 +233,7 @@ class _ScalarSquash(nn.Module):
     """Shared parameters of DyT/Derf: scalar ``alpha``, per-feature ``weight`` (ones) and ``bias`` (zeros)."""
 
     feature_dim = -1
+    normalization_free = True  # no statistics: sees the raw scale of its input (models may rescale, see GPT)
 
     def __init__(self, num_features: int, alpha0: float, elementwise_affine: bool,
                  dtype: torch.dtype | None, device: torch.device | str | None) -> None:
