@@ -79,3 +79,29 @@ def test_layers_bench_quick(tmp_path: Path) -> None:
     for r in rows:
         assert r["ms"] > 0 and r["x_layernorm"] == pytest.approx(
             r["ms"] / next(b["ms"] for b in rows if b["norm"] == "torch_layer_norm"), rel=1e-9)
+
+
+def test_sweep_bench_quick(tmp_path: Path) -> None:
+    """The sweep pipeline end to end (seconds-long runs: a smoke test, not a result)."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    from _bench_euclid import SWEEP_NORMS
+
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench.py"), "sweep", "--quick", "--norms", "layernorm", "none",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=True,
+    )
+    assert "| lm_char | layernorm | 1 |" in proc.stdout and "| cnn_digits | none | 1 |" in proc.stdout
+    report = json.loads(out.read_text())
+    assert {(r["experiment"], r["norm"]) for r in report["rows"]} == {
+        (e, n) for e in ("lm_char", "cnn_digits") for n in ("layernorm", "none")}
+    assert set(SWEEP_NORMS["lm_char"]) == {"layernorm", "rmsnorm", "dyt", "derf"}
+    for r in report["rows"]:
+        low, high = (0.0, 8.0) if r["experiment"] == "lm_char" else (0.0, 1.0)
+        assert low < r["final"][0] <= high and r["test"] is not None and r["steps"] > 0
+    for run in report["runs"]:  # the curves the plot is drawn from
+        key = "val/bpc" if run["experiment"] == "lm_char" else "val/acc"
+        assert len(run["curves"][key]) == 2  # two validation epochs
+    png = tmp_path / "sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
