@@ -2,7 +2,8 @@
 
 :func:`create_optimizer` splits a model's parameters by ordered rules: ``geoopt.ManifoldParameter`` s
 (Stiefel BiMap weights, SPD biases) go to a Riemannian optimizer, everything else to a Euclidean one, and
-one :class:`CompositeOptimizer` drives both.
+one :class:`CompositeOptimizer` drives both. Normalized optimizers for matrix parameters: :class:`Muon`,
+:class:`NorMuon` (registry keys ``muon``, ``normuon``).
 """
 
 from manifoldnorm.optim.compose import (
@@ -13,6 +14,7 @@ from manifoldnorm.optim.compose import (
     create_optimizer,
     is_manifold_parameter,
 )
+from manifoldnorm.optim.muon import Muon, NorMuon, adjust_lr, muon_update, newton_schulz, normuon_update
 from manifoldnorm.optim.registry import (
     OptimizerInfo,
     build_optimizer,
@@ -22,6 +24,12 @@ from manifoldnorm.optim.registry import (
 )
 
 __all__ = [
+    "Muon",
+    "NorMuon",
+    "adjust_lr",
+    "muon_update",
+    "newton_schulz",
+    "normuon_update",
     "DEFAULT_MANIFOLD",
     "DEFAULT_REST",
     "CompositeOptimizer",

@@ -1,0 +1,402 @@
+"""Muon and NorMuon: momentum orthogonalized by Newton–Schulz, optionally with neuron-wise normalization.
+
+Both optimizers update matrices only (Linear weights ``(out, in)``; conv weights are treated as
+``(out, in·kh·kw)`` throughout and reshaped back at the end). Biases, gains and other vectors belong to AdamW.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from manifoldnorm.optim._newton_schulz import (
+    NS_COEFFICIENTS,
+    adjust_lr,
+    as_matrix,
+    check_adjust_mode,
+    newton_schulz,
+    resolve_dtype,
+)
+from manifoldnorm.optim.registry import register_optimizer
+
+__all__ = ["Muon", "NorMuon", "muon_update", "normuon_update", "adjust_lr", "newton_schulz"]
+
+
+def _orthogonalized_momentum(
+    grad: Tensor, momentum_buffer: Tensor, beta: float, nesterov: bool, ns_steps: int,
+    ns_coefficients: Sequence[float], ns_eps: float, ns_dtype: torch.dtype | None,
+) -> Tensor:
+    """EMA momentum (in place on the buffer), Nesterov blend, Newton–Schulz of the ``(out, -1)`` matrix."""
+    momentum_buffer.lerp_(grad, 1 - beta)
+    u = grad.lerp(momentum_buffer, beta) if nesterov else momentum_buffer
+    u = as_matrix(u)
+    return newton_schulz(u.to(ns_dtype or u.dtype), ns_steps, ns_coefficients, ns_eps)
+
+
+def muon_update(
+    grad: Tensor,
+    momentum_buffer: Tensor,
+    *,
+    beta: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_coefficients: Sequence[float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    ns_dtype: torch.dtype | None = None,
+) -> Tensor:
+    r"""Muon's orthogonalized direction for one weight (Jordan et al., 2024; ``torch.optim.Muon``).
+
+    .. math::
+
+        M_t = \beta M_{t-1} + (1-\beta) G_t, \qquad
+        U_t = \begin{cases} (1-\beta) G_t + \beta M_t & \text{nesterov} \\ M_t & \text{otherwise}\end{cases},
+        \qquad O_t = \mathrm{NS}_5(U_t)
+
+    The optimizer then steps :math:`W \leftarrow W(1 - \eta\lambda) - \mathrm{adjust\_lr}(\eta)\, O_t`.
+
+    Parameters
+    ----------
+    grad : Tensor, shape (out, in) or (out, in, kh, kw, ...)
+        Gradient; read only. Conv gradients are orthogonalized as the matrix ``(out, in·kh·kw)``.
+    momentum_buffer : Tensor, same shape as ``grad``
+        :math:`M_{t-1}`, overwritten in place with :math:`M_t`.
+    beta : float
+        Momentum coefficient :math:`\beta`.
+    nesterov : bool
+        Use the Nesterov blend :math:`U_t` above instead of :math:`M_t`.
+    ns_steps, ns_coefficients, eps
+        Passed to :func:`newton_schulz`.
+    ns_dtype : torch.dtype, optional
+        Precision of the Newton–Schulz iteration (default: that of ``grad``; ``torch.bfloat16`` reproduces
+        ``torch.optim.Muon`` bit for bit).
+
+    Returns
+    -------
+    Tensor
+        :math:`O_t` with the shape and dtype of ``grad`` (no learning rate or shape scaling applied).
+
+    Notes
+    -----
+    Deviations: the momentum is the EMA of the reference code, not the accumulation :math:`M_t = \mu M_{t-1} + G_t`
+    written in the Muon blog post and in ``torch.optim.Muon``'s docstring (equal after Newton–Schulz up to
+    :math:`\varepsilon`). Conv weights are flattened to ``(out, in·kh·kw)`` (``torch.optim.Muon`` rejects them).
+    """
+    O = _orthogonalized_momentum(grad, momentum_buffer, beta, nesterov, ns_steps, ns_coefficients, eps, ns_dtype)
+    return O.reshape(grad.shape).to(grad.dtype)
+
+
+def normuon_update(
+    grad: Tensor,
+    momentum_buffer: Tensor,
+    second_moment: Tensor,
+    *,
+    beta: float = 0.95,
+    beta2: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_coefficients: Sequence[float] = NS_COEFFICIENTS,
+    eps: float = 1e-8,
+    ns_eps: float = 1e-7,
+    ns_dtype: torch.dtype | None = None,
+    adjust_lr_fn: str | None = "original",
+) -> Tensor:
+    r"""NorMuon's direction for one weight: Muon's :math:`O_t`, then neuron-wise (row) normalization.
+
+    Li, Liu, Liang, Chen, Zhao (2025), "NorMuon: Making Muon more efficient and scalable", Algorithm 1. With
+    :math:`O_t` from :func:`muon_update` viewed as an ``(m, n)`` matrix, row :math:`i` = output neuron :math:`i`:
+
+    .. math::
+
+        v_t = \beta_2 v_{t-1} + (1-\beta_2)\,\tfrac{1}{n}\textstyle\sum_j (O_t)_{ij}^2, \qquad
+        \hat O_t = \operatorname{diag}(\sqrt{v_t} + \epsilon)^{-1} O_t,
+
+    then :math:`\hat O_t` is rescaled to a Frobenius norm set by ``adjust_lr_fn``:
+
+    * ``"original"`` (default, the authors' code): :math:`U_t = \hat O_t \cdot
+      \frac{\lVert O_t\rVert_F}{\lVert \hat O_t\rVert_F} \sqrt{\max(1, m/n)}` -- Muon's norm and shape scaling,
+      so learning rates are in Muon units and carry over from Muon;
+    * ``"match_rms_adamw"`` (the paper's step size): :math:`U_t = \hat O_t \cdot
+      \frac{0.2\sqrt{mn}}{\lVert \hat O_t\rVert_F}`, an update of RMS exactly 0.2, so AdamW learning rates carry over.
+
+    If :math:`\hat O_t = 0` (all-zero gradients and momentum) the result is zero, not 0/0.
+
+    Parameters
+    ----------
+    grad, momentum_buffer, beta, nesterov, ns_steps, ns_coefficients, ns_dtype
+        As in :func:`muon_update` (``ns_eps`` is its ``eps``); the momentum buffer is updated in place.
+    second_moment : Tensor, shape (out,)
+        :math:`v_{t-1}`, overwritten in place with :math:`v_t`. Its dtype is kept (the optimizer uses float32);
+        the normalization computes in at least float32.
+    beta2 : float
+        Decay :math:`\beta_2` of the second moment.
+    eps : float
+        :math:`\epsilon` added to :math:`\sqrt{v_t}`.
+    adjust_lr_fn : {"original", "match_rms_adamw"} or None
+        Scaling of the result (``None`` = ``"original"``).
+
+    Returns
+    -------
+    Tensor
+        :math:`U_t` with the shape and dtype of ``grad``; the optimizer steps :math:`W \leftarrow W(1-\eta\lambda)
+        - \eta U_t`.
+
+    Notes
+    -----
+    Deviations: the paper's Algorithm 1 uses the plain momentum :math:`M_t`; the default here (as the authors'
+    code and Muon) is the Nesterov blend (``nesterov=False`` gives the paper's form). No bias correction of
+    :math:`v_t` (as paper and code; it would cancel in the norm restore except through :math:`\epsilon`).
+    :math:`\epsilon` = 1e-8 outside the square root as in the paper's formula (the authors' code adds 1e-10).
+    Conv weights are normalized per output neuron of the flattened ``(out, in·kh·kw)`` matrix, with the shape
+    scaling of that matrix (the authors' code normalizes 4-D updates along ``kw`` only).
+    """
+    mode = check_adjust_mode(adjust_lr_fn)
+    if grad.dim() >= 2 and second_moment.shape != grad.shape[:1]:
+        raise ValueError(f"second_moment must have shape ({grad.shape[0]},) for a gradient of shape "
+                         f"{tuple(grad.shape)}, got {tuple(second_moment.shape)}")
+    O = _orthogonalized_momentum(grad, momentum_buffer, beta, nesterov, ns_steps, ns_coefficients, ns_eps,
+                                 ns_dtype)
+    m, n = O.shape
+    work = torch.promote_types(O.dtype, torch.float32)
+    O = O.to(work)
+    second_moment.lerp_(O.square().mean(dim=-1).to(second_moment.dtype), 1 - beta2)
+    O_hat = O / (second_moment.to(work).sqrt() + eps).unsqueeze(-1)
+    norm_hat = torch.linalg.vector_norm(O_hat)
+    if mode == "original":
+        target = torch.linalg.vector_norm(O) * math.sqrt(max(1.0, m / n))
+    else:
+        target = torch.full_like(norm_hat, 0.2 * math.sqrt(m * n))
+    positive = norm_hat > 0
+    scale = torch.where(positive, target / torch.where(positive, norm_hat, torch.ones_like(norm_hat)), 0.0)
+    return (O_hat * scale).reshape(grad.shape).to(grad.dtype)
+
+
+class _MatrixOptimizer(torch.optim.Optimizer):
+    """Shared validation: every parameter is a real matrix (ndim >= 2), in every group added later too."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            as_matrix(p, type(self).__name__)
+            if torch.is_complex(p):
+                raise TypeError(f"{type(self).__name__} does not support complex parameters")
+        super().add_param_group(param_group)
+
+    def _params_with_grad(self, group: Mapping[str, Any]) -> Iterable[Tensor]:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+            yield p
+
+
+def _check_common(lr: float, weight_decay: float, momentum: float, ns_steps: int, eps: float) -> None:
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+        raise ValueError(f"ns_steps must be a positive int, got {ns_steps!r}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+
+
+class Muon(_MatrixOptimizer):
+    r"""Muon: SGD with EMA/Nesterov momentum orthogonalized by Newton–Schulz (Jordan et al., 2024).
+
+    Per matrix :math:`W` of shape ``(m, n)`` (conv weights as ``(m, in·kh·kw)``), with :math:`O_t` from
+    :func:`muon_update`:
+
+    .. math::
+
+        W_t = W_{t-1}(1 - \eta\lambda) - \mathrm{adjust\_lr}(\eta, m, n)\, O_t
+
+    Same defaults and semantics as ``torch.optim.Muon``; with ``ns_dtype=torch.bfloat16`` it reproduces it
+    exactly on 2-D parameters.
+
+    Parameters
+    ----------
+    params : iterable
+        Matrices (ndim >= 2) or parameter groups; vectors raise a ValueError (send them to AdamW).
+    lr : float, default 1e-3
+        :math:`\eta`, before the shape adjustment.
+    weight_decay : float, default 0.1
+        Decoupled weight decay :math:`\lambda`, multiplied by the *unadjusted* :math:`\eta`.
+    momentum : float, default 0.95
+        EMA coefficient :math:`\beta` of the momentum.
+    nesterov : bool, default True
+        Orthogonalize the Nesterov blend instead of the momentum.
+    ns_coefficients : tuple of three floats, default (3.4445, -4.775, 2.0315)
+        Newton–Schulz polynomial, see :func:`newton_schulz`.
+    eps : float, default 1e-7
+        Lower bound of the Frobenius norm in the Newton–Schulz normalization.
+    ns_steps : int, default 5
+        Newton–Schulz steps.
+    adjust_lr_fn : {None, "original", "match_rms_adamw"}
+        Shape adjustment of the learning rate, see :func:`adjust_lr` (``None`` = ``"original"``).
+    ns_dtype : torch.dtype or str, optional
+        Precision of Newton–Schulz (default: the parameter's dtype). ``torch.optim.Muon`` always uses bfloat16.
+
+    Notes
+    -----
+    Deviations from ``torch.optim.Muon``: conv (ndim > 2) weights are accepted and flattened; ``p.grad`` is never
+    written (also not with ``nesterov=False`` and bfloat16, where torch 2.13 normalizes its momentum buffer in
+    place); Newton–Schulz precision is selectable (default full precision instead of bfloat16).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        ns_dtype: torch.dtype | str | None = None,
+    ) -> None:
+        _check_common(lr, weight_decay, momentum, ns_steps, eps)
+        check_adjust_mode(adjust_lr_fn)
+        if len(ns_coefficients) != 3:
+            raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {tuple(ns_coefficients)}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                        adjust_lr_fn=adjust_lr_fn, ns_dtype=resolve_dtype(ns_dtype))
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the loss (gradients enabled)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = float(group["lr"]), group["weight_decay"]
+            for p in self._params_with_grad(group):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                O = muon_update(p.grad, state["momentum_buffer"], beta=group["momentum"],
+                                nesterov=group["nesterov"], ns_steps=group["ns_steps"],
+                                ns_coefficients=group["ns_coefficients"], eps=group["eps"],
+                                ns_dtype=group["ns_dtype"])
+                p.mul_(1 - lr * wd)
+                p.add_(O, alpha=-adjust_lr(lr, p.shape, group["adjust_lr_fn"]))
+        return loss
+
+
+class NorMuon(_MatrixOptimizer):
+    r"""NorMuon: Muon with a neuron-wise (row) second-moment normalization (Li et al., 2025, Algorithm 1).
+
+    Per matrix, with :math:`U_t` from :func:`normuon_update`:
+
+    .. math::
+
+        W_t = W_{t-1}(1 - \eta\lambda) - \eta\, U_t
+
+    State per matrix: the momentum (parameter dtype) and :math:`v \in \mathbb{R}^{\text{out}}` in float32 whatever
+    the parameter dtype (kept float32 through ``load_state_dict``).
+
+    Parameters
+    ----------
+    params : iterable
+        Matrices (ndim >= 2) or parameter groups; vectors raise a ValueError (send them to AdamW).
+    lr : float, default 0.02
+        :math:`\eta`; in Muon units with ``adjust_lr_fn="original"``, in AdamW units with ``"match_rms_adamw"``.
+    weight_decay : float, default 0.0
+        Decoupled weight decay :math:`\lambda` (multiplied by :math:`\eta`).
+    momentum : float, default 0.95
+        :math:`\beta_1`, EMA coefficient of the momentum.
+    beta2 : float, default 0.95
+        :math:`\beta_2`, EMA coefficient of the row second moment.
+    nesterov : bool, default True
+        Orthogonalize the Nesterov blend (authors' code) instead of the momentum (paper's Algorithm 1).
+    ns_coefficients, ns_steps, ns_eps, ns_dtype
+        Newton–Schulz settings as in :class:`Muon` (``ns_eps`` is Muon's ``eps``).
+    eps : float, default 1e-8
+        :math:`\epsilon` added to :math:`\sqrt{v}`.
+    adjust_lr_fn : {"original", "match_rms_adamw"} or None, default "original"
+        ``"original"``: restore Muon's Frobenius norm and shape scaling (authors' code; Muon hyperparameters carry
+        over). ``"match_rms_adamw"``: update RMS 0.2 (the paper's step size; AdamW hyperparameters carry over).
+
+    Notes
+    -----
+    Deviations: see :func:`normuon_update`. Defaults (``lr=0.02``, ``weight_decay=0``) are the authors' code's.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.02,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        beta2: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = 1e-8,
+        ns_eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = "original",
+        ns_dtype: torch.dtype | str | None = None,
+    ) -> None:
+        _check_common(lr, weight_decay, momentum, ns_steps, ns_eps)
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
+        if not eps > 0.0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        check_adjust_mode(adjust_lr_fn)
+        if len(ns_coefficients) != 3:
+            raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {tuple(ns_coefficients)}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_eps=ns_eps, ns_steps=ns_steps,
+                        adjust_lr_fn=adjust_lr_fn, ns_dtype=resolve_dtype(ns_dtype))
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the loss (gradients enabled)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = float(group["lr"]), group["weight_decay"]
+            for p in self._params_with_grad(group):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["second_moment"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+                U = normuon_update(p.grad, state["momentum_buffer"], state["second_moment"],
+                                   beta=group["momentum"], beta2=group["beta2"], nesterov=group["nesterov"],
+                                   ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"],
+                                   eps=group["eps"], ns_eps=group["ns_eps"], ns_dtype=group["ns_dtype"],
+                                   adjust_lr_fn=group["adjust_lr_fn"])
+                p.mul_(1 - lr * wd)
+                p.add_(U, alpha=-lr)
+        return loss
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict; the second moments stay float32 (the base class would cast them to the param dtype)."""
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        id_to_param = dict(zip(saved_ids, params, strict=False))  # lengths: checked by the base class
+        moments = {id_to_param[k]: s["second_moment"] for k, s in state_dict["state"].items()
+                   if k in id_to_param and "second_moment" in s}
+        super().load_state_dict(state_dict)
+        for p, v in moments.items():
+            self.state[p]["second_moment"] = v.to(device=p.device, dtype=torch.float32, copy=True)
+
+
+register_optimizer("muon", Muon, "euclidean")
+register_optimizer("normuon", NorMuon, "euclidean")
