@@ -7,6 +7,7 @@ automatic optimisation, gradient clipping and checkpointing see one optimizer.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -232,10 +233,26 @@ def _spec(spec: Mapping[str, Any], role: str) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
+_NOT_HIDDEN = re.compile(r"(^|\.)(lm_head|head|classifier|wte|wpe|embed\w*|embedding\w*)(\.|$)")
+
+
+def hidden_matrices(model: nn.Module | Iterable[tuple[str, Tensor]]) -> set[int]:
+    """``id`` s of the hidden matrix parameters: ndim >= 2 (conv kernels included), not an ``nn.Embedding`` weight
+    and not named like an embedding or output head (``wte``, ``wpe``, ``embed*``, ``head``, ``lm_head``,
+    ``classifier``). These are what normalized optimizers (Muon, NorMuon, ...) are meant for."""
+    if isinstance(model, nn.Module):
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        named = list(model.named_parameters())
+    else:
+        embeddings, named = set(), list(model)
+    return {id(p) for n, p in named if p.ndim >= 2 and id(p) not in embeddings and not _NOT_HIDDEN.search(n)}
+
+
 def create_optimizer(
     model: nn.Module | Iterable[tuple[str, Tensor]],
     manifold: Mapping[str, Any] | None = DEFAULT_MANIFOLD,
     rest: Mapping[str, Any] = DEFAULT_REST,
+    matrix: Mapping[str, Any] | None = None,
 ) -> CompositeOptimizer:
     """Build a :class:`CompositeOptimizer` for ``model``: manifold parameters and the rest, each its own optimizer.
 
@@ -249,11 +266,16 @@ def create_optimizer(
         them to ``rest``, which then must be Riemannian.
     rest : mapping
         ``{"name": <registry key>, **kwargs}`` for every other parameter; default AdamW.
+    matrix : mapping or None
+        ``{"name": <registry key>, **kwargs}`` for the hidden matrices (:func:`hidden_matrices`) that are not
+        manifold parameters, e.g. ``{"name": "normuon", "lr": 0.02}``; ``None`` (default) sends them to ``rest``.
+        Rules apply in the order manifold, matrix, rest; the first match wins.
 
     Returns
     -------
     CompositeOptimizer
-        Sub-optimizers named ``"manifold"`` and ``"rest"``; one whose parameter set is empty is omitted.
+        Sub-optimizers named ``"manifold"``, ``"matrix"`` and ``"rest"``; one whose parameter set is empty is
+        omitted.
 
     Raises
     ------
@@ -270,6 +292,12 @@ def create_optimizer(
     if manifold is not None:
         specs["manifold"] = _spec(manifold, "manifold")
         rules.append(Rule("manifold", is_manifold_parameter))
+    if matrix is not None:
+        hidden = hidden_matrices(named)
+        if isinstance(model, nn.Module):
+            hidden &= hidden_matrices(model)
+        specs["matrix"] = _spec(matrix, "matrix")
+        rules.append(Rule("matrix", lambda n, p: id(p) in hidden))
     specs["rest"] = _spec(rest, "rest")
     rules.append(Rule("rest", _always))
 

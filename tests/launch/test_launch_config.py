@@ -156,7 +156,12 @@ def test_every_euclidean_norm_fills_both_euclidean_models(cfg_of, model: str) ->
 
 
 def test_every_optimizer_and_scheduler_option(cfg_of) -> None:
-    assert options("optimizer") == {"riemannian_adam", "adamw"}
+    assert options("optimizer") == {"riemannian_adam", "adamw", "muon", "normuon"}
+    for name in ("muon", "normuon"):  # manifold parameters keep Riemannian Adam, hidden matrices get the new one
+        opt = run.build_module(cfg_of(f"optimizer={name}", "model.dims=[4]")).configure_optimizers()
+        assert set(opt.optimizers) == {"manifold", "rest"}  # SPDNet: no Euclidean hidden matrix
+        assert type(instantiate(cfg_of(f"optimizer={name}").optimizer)(torch.nn.Linear(3, 2)).optimizers["matrix"]
+                    ).__name__.lower() == name
     module = run.build_module(cfg_of("optimizer=riemannian_adam", "model.dims=[4]"))
     opt = module.configure_optimizers()
     assert isinstance(opt, CompositeOptimizer) and set(opt.optimizers) == {"manifold", "rest"}
