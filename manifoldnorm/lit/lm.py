@@ -20,12 +20,10 @@ from manifoldnorm.data.text import (
     load_text,
     split_text,
 )
-from manifoldnorm.optim import create_optimizer
+from manifoldnorm.lit.module import OptimizerFactory, SchedulerFactory, optimizers_for
 
 __all__ = ["CharLMDataModule", "LanguageModelModule"]
 
-OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 _INTERVALS = ("epoch", "step")
 LN2 = math.log(2.0)
 
@@ -249,16 +247,5 @@ class LanguageModelModule(pl.LightningModule):
         return idx
 
     def configure_optimizers(self) -> Any:
-        factory = self.optimizer_factory or create_optimizer
-        optimizer = factory(self.model)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": scheduler,
-                "interval": self.hparams.scheduler_interval,
-                "monitor": self.hparams.scheduler_monitor,
-            },
-        }
+        return optimizers_for(self.model, self.optimizer_factory, self.scheduler_factory,
+                              self.hparams.scheduler_interval, self.hparams.scheduler_monitor)

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from manifoldnorm.nn import refit_domain_norms, refittable_norms
 from manifoldnorm.optim import create_optimizer
 
-__all__ = ["ClassificationModule"]
+__all__ = ["ClassificationModule", "optimizers_for"]
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -30,6 +30,15 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
         },
         prefix=prefix,
     )
+
+
+def optimizers_for(model: nn.Module, optimizer: OptimizerFactory | None, scheduler: SchedulerFactory | None,
+                   interval: str, monitor: str) -> Any:
+    """What ``configure_optimizers`` returns: the optimizer (default :func:`create_optimizer`), with its scheduler."""
+    opt = (optimizer or create_optimizer)(model)
+    if scheduler is None:
+        return opt
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt), "interval": interval, "monitor": monitor}}
 
 
 class ClassificationModule(pl.LightningModule):
@@ -139,16 +148,5 @@ class ClassificationModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
-        factory = self.optimizer_factory or create_optimizer
-        optimizer = factory(self.model)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": scheduler,
-                "interval": self.hparams.scheduler_interval,
-                "monitor": self.hparams.scheduler_monitor,
-            },
-        }
+        return optimizers_for(self.model, self.optimizer_factory, self.scheduler_factory,
+                              self.hparams.scheduler_interval, self.hparams.scheduler_monitor)
