@@ -3,9 +3,11 @@
 :func:`create_optimizer` splits a model's parameters by ordered rules: ``geoopt.ManifoldParameter`` s
 (Stiefel BiMap weights, SPD biases) go to a Riemannian optimizer, everything else to a Euclidean one, and
 one :class:`CompositeOptimizer` drives both. Normalized optimizers for matrix parameters: :class:`Muon`,
-:class:`NorMuon` (registry keys ``muon``, ``normuon``).
+:class:`NorMuon`, :class:`Conda`, :class:`SinkGD`; :class:`AdamP`/:class:`SGDP` for scale-invariant weights
+(registry keys ``muon``, ``normuon``, ``conda``, ``sinkgd``, ``adamp``, ``sgdp``).
 """
 
+from manifoldnorm.optim.adamp import SGDP, AdamP, adamp_update, projection, sgdp_update
 from manifoldnorm.optim.compose import (
     DEFAULT_MANIFOLD,
     DEFAULT_REST,
@@ -14,6 +16,7 @@ from manifoldnorm.optim.compose import (
     create_optimizer,
     is_manifold_parameter,
 )
+from manifoldnorm.optim.conda import Conda, conda_basis, conda_update
 from manifoldnorm.optim.muon import Muon, NorMuon, adjust_lr, muon_update, newton_schulz, normuon_update
 from manifoldnorm.optim.registry import (
     OptimizerInfo,
@@ -22,8 +25,20 @@ from manifoldnorm.optim.registry import (
     list_optimizers,
     register_optimizer,
 )
+from manifoldnorm.optim.sinkgd import SinkGD, sinkgd_update, sinkhorn_normalize
 
 __all__ = [
+    "AdamP",
+    "SGDP",
+    "Conda",
+    "SinkGD",
+    "adamp_update",
+    "sgdp_update",
+    "projection",
+    "conda_basis",
+    "conda_update",
+    "sinkgd_update",
+    "sinkhorn_normalize",
     "Muon",
     "NorMuon",
     "adjust_lr",

@@ -109,7 +109,7 @@ def test_euclidean_only_model_gets_only_rest_optimizer() -> None:
 
 def test_unknown_names_and_keywords_list_valid_ones() -> None:
     model = TinyManifoldNet()
-    with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; valid optimizers: adam, adamw"):
+    with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; valid optimizers: adam, .*adamw"):
         create_optimizer(model, rest={"name": "lion"})
     with pytest.raises(ValueError, match="unknown optimizer 'radam'"):
         create_optimizer(nn.Linear(2, 2), manifold={"name": "radam"})  # checked even if unused
