@@ -10,13 +10,14 @@ vectors (ndim < 2) are never projected.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from manifoldnorm.optim._base import StepOptimizer
 from manifoldnorm.optim.registry import register_optimizer
 
 __all__ = ["AdamP", "SGDP", "projection", "adamp_update", "sgdp_update"]
@@ -221,16 +222,11 @@ def _check(lr: float, weight_decay: float, eps: float, delta: float, wd_ratio: f
         raise ValueError(f"wd_ratio must be in [0, 1], got {wd_ratio}")
 
 
-class _ProjectedOptimizer(torch.optim.Optimizer):
-    def _params_with_grad(self, group: dict[str, Any]) -> Iterable[Tensor]:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-            if torch.is_complex(p):
-                raise TypeError(f"{type(self).__name__} does not support complex parameters")
-            yield p
+class _ProjectedOptimizer(StepOptimizer):
+    def _check(self, p: Tensor) -> None:
+        super()._check(p)
+        if torch.is_complex(p):
+            raise TypeError(f"{type(self).__name__} does not support complex parameters")
 
 
 class AdamP(_ProjectedOptimizer):
@@ -278,29 +274,20 @@ class AdamP(_ProjectedOptimizer):
                         wd_ratio=wd_ratio, nesterov=nesterov)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the loss (gradients enabled)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd = float(group["lr"]), group["weight_decay"]
-            for p in self._params_with_grad(group):
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                q, ratio = adamp_update(p.grad, state["exp_avg"], state["exp_avg_sq"], p, state["step"],
-                                        betas=group["betas"], eps=group["eps"], delta=group["delta"],
-                                        wd_ratio=group["wd_ratio"], nesterov=group["nesterov"])
-                if wd > 0:
-                    p.mul_(1 - lr * wd * ratio)
-                p.add_(q, alpha=-lr)
-        return loss
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        q, ratio = adamp_update(p.grad, state["exp_avg"], state["exp_avg_sq"], p, state["step"],
+                                betas=group["betas"], eps=group["eps"], delta=group["delta"],
+                                wd_ratio=group["wd_ratio"], nesterov=group["nesterov"])
+        if wd > 0:
+            p.mul_(1 - lr * wd * ratio)
+        p.add_(q, alpha=-lr)
 
 
 class SGDP(_ProjectedOptimizer):
@@ -356,29 +343,20 @@ class SGDP(_ProjectedOptimizer):
                         nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the loss (gradients enabled)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd, mu = float(group["lr"]), group["weight_decay"], group["momentum"]
-            for p in self._params_with_grad(group):
-                buf = None
-                if mu != 0:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    buf = state["momentum_buffer"]
-                q, ratio = sgdp_update(p.grad, buf, p, momentum=mu, dampening=group["dampening"],
-                                       nesterov=group["nesterov"], delta=group["delta"],
-                                       wd_ratio=group["wd_ratio"], eps=group["eps"])
-                if wd != 0:
-                    p.mul_(1 - lr * wd * ratio / (1 - mu))
-                p.add_(q, alpha=-lr)
-        return loss
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        lr, wd, mu = float(group["lr"]), group["weight_decay"], group["momentum"]
+        buf = None
+        if mu != 0:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+        q, ratio = sgdp_update(p.grad, buf, p, momentum=mu, dampening=group["dampening"],
+                               nesterov=group["nesterov"], delta=group["delta"],
+                               wd_ratio=group["wd_ratio"], eps=group["eps"])
+        if wd != 0:
+            p.mul_(1 - lr * wd * ratio / (1 - mu))
+        p.add_(q, alpha=-lr)
 
 
 register_optimizer("adamp", AdamP, "euclidean")

@@ -7,14 +7,14 @@ end). Biases, gains and other vectors belong to AdamW.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from manifoldnorm.optim._base import MatrixOptimizer
 from manifoldnorm.optim._newton_schulz import as_matrix
-from manifoldnorm.optim.muon import _MatrixOptimizer
 from manifoldnorm.optim.registry import register_optimizer
 
 __all__ = ["Conda", "conda_update", "conda_basis"]
@@ -163,7 +163,7 @@ def conda_update(
     return (scale * D).reshape(grad.shape).to(grad.dtype), basis
 
 
-class Conda(_MatrixOptimizer):
+class Conda(MatrixOptimizer):
     r"""Conda: Adam in the periodically refreshed singular basis of the first moment (Wang et al., 2025).
 
     Per matrix :math:`W` (conv weights as ``(out, in·kh·kw)``), with :math:`D_t` from :func:`conda_update`:
@@ -227,30 +227,21 @@ class Conda(_MatrixOptimizer):
                         update_proj_gap=update_proj_gap, scale=scale)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the loss (gradients enabled)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd = float(group["lr"]), group["weight_decay"]
-            for p in self._params_with_grad(group):
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros(as_matrix(p, "Conda").shape, dtype=p.dtype, device=p.device)
-                    state["basis"] = None
-                state["step"] += 1
-                D, state["basis"] = conda_update(
-                    p.grad, state["exp_avg"], state["exp_avg_sq"], state["basis"], state["step"],
-                    betas=group["betas"], eps=group["eps"], update_proj_gap=group["update_proj_gap"],
-                    scale=group["scale"])
-                p.mul_(1 - lr * wd)
-                p.add_(D, alpha=-lr)
-        return loss
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros(as_matrix(p, "Conda").shape, dtype=p.dtype, device=p.device)
+            state["basis"] = None
+        state["step"] += 1
+        D, state["basis"] = conda_update(
+            p.grad, state["exp_avg"], state["exp_avg_sq"], state["basis"], state["step"],
+            betas=group["betas"], eps=group["eps"], update_proj_gap=group["update_proj_gap"],
+            scale=group["scale"])
+        p.mul_(1 - lr * wd)
+        p.add_(D, alpha=-lr)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict; each basis keeps its saved precision (the base class would cast it to the weight's)."""

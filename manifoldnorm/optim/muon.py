@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from manifoldnorm.optim._base import MatrixOptimizer
 from manifoldnorm.optim._newton_schulz import (
     NS_COEFFICIENTS,
     adjust_lr,
@@ -175,27 +176,6 @@ def normuon_update(
     return (O_hat * scale).reshape(grad.shape).to(grad.dtype)
 
 
-class _MatrixOptimizer(torch.optim.Optimizer):
-    """Shared validation: every parameter is a real matrix (ndim >= 2), in every group added later too."""
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        for p in params:
-            as_matrix(p, type(self).__name__)
-            if torch.is_complex(p):
-                raise TypeError(f"{type(self).__name__} does not support complex parameters")
-        super().add_param_group(param_group)
-
-    def _params_with_grad(self, group: Mapping[str, Any]) -> Iterable[Tensor]:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-            yield p
-
-
 def _check_common(lr: float, weight_decay: float, momentum: float, ns_steps: int, eps: float) -> None:
     if not lr >= 0.0:
         raise ValueError(f"lr must be >= 0, got {lr}")
@@ -209,7 +189,7 @@ def _check_common(lr: float, weight_decay: float, momentum: float, ns_steps: int
         raise ValueError(f"eps must be > 0, got {eps}")
 
 
-class Muon(_MatrixOptimizer):
+class Muon(MatrixOptimizer):
     r"""Muon: SGD with EMA/Nesterov momentum orthogonalized by Newton–Schulz (Jordan et al., 2024).
 
     Per matrix :math:`W` of shape ``(m, n)`` (conv weights as ``(m, in·kh·kw)``), with :math:`O_t` from
@@ -274,29 +254,20 @@ class Muon(_MatrixOptimizer):
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=resolve_dtype(ns_dtype))
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the loss (gradients enabled)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd = float(group["lr"]), group["weight_decay"]
-            for p in self._params_with_grad(group):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                O = muon_update(p.grad, state["momentum_buffer"], beta=group["momentum"],
-                                nesterov=group["nesterov"], ns_steps=group["ns_steps"],
-                                ns_coefficients=group["ns_coefficients"], eps=group["eps"],
-                                ns_dtype=group["ns_dtype"])
-                p.mul_(1 - lr * wd)
-                p.add_(O, alpha=-adjust_lr(lr, p.shape, group["adjust_lr_fn"]))
-        return loss
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        O = muon_update(p.grad, state["momentum_buffer"], beta=group["momentum"],
+                        nesterov=group["nesterov"], ns_steps=group["ns_steps"],
+                        ns_coefficients=group["ns_coefficients"], eps=group["eps"],
+                        ns_dtype=group["ns_dtype"])
+        p.mul_(1 - lr * wd)
+        p.add_(O, alpha=-adjust_lr(lr, p.shape, group["adjust_lr_fn"]))
 
 
-class NorMuon(_MatrixOptimizer):
+class NorMuon(MatrixOptimizer):
     r"""NorMuon: Muon with a neuron-wise (row) second-moment normalization (Li et al., 2025, Algorithm 1).
 
     Per matrix, with :math:`U_t` from :func:`normuon_update`:
@@ -363,28 +334,19 @@ class NorMuon(_MatrixOptimizer):
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=resolve_dtype(ns_dtype))
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the loss (gradients enabled)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd = float(group["lr"]), group["weight_decay"]
-            for p in self._params_with_grad(group):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["second_moment"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-                U = normuon_update(p.grad, state["momentum_buffer"], state["second_moment"],
-                                   beta=group["momentum"], beta2=group["beta2"], nesterov=group["nesterov"],
-                                   ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"],
-                                   eps=group["eps"], ns_eps=group["ns_eps"], ns_dtype=group["ns_dtype"],
-                                   adjust_lr_fn=group["adjust_lr_fn"])
-                p.mul_(1 - lr * wd)
-                p.add_(U, alpha=-lr)
-        return loss
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["second_moment"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+        U = normuon_update(p.grad, state["momentum_buffer"], state["second_moment"],
+                           beta=group["momentum"], beta2=group["beta2"], nesterov=group["nesterov"],
+                           ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"],
+                           eps=group["eps"], ns_eps=group["ns_eps"], ns_dtype=group["ns_dtype"],
+                           adjust_lr_fn=group["adjust_lr_fn"])
+        p.mul_(1 - lr * wd)
+        p.add_(U, alpha=-lr)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict; the second moments stay float32 (the base class would cast them to the param dtype)."""

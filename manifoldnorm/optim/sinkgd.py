@@ -7,14 +7,14 @@ end). Biases, gains and other vectors belong to AdamW.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from manifoldnorm.optim._base import MatrixOptimizer
 from manifoldnorm.optim._newton_schulz import as_matrix
-from manifoldnorm.optim.muon import _MatrixOptimizer
 from manifoldnorm.optim.registry import register_optimizer
 
 __all__ = ["SinkGD", "sinkhorn_normalize", "sinkgd_update"]
@@ -106,7 +106,7 @@ def sinkgd_update(grad: Tensor, iters: int = 5, eps: float = 1e-8) -> Tensor:
     return sinkhorn_normalize(as_matrix(grad, "SinkGD"), iters, eps).reshape(grad.shape)
 
 
-class SinkGD(_MatrixOptimizer):
+class SinkGD(MatrixOptimizer):
     r"""SinkGD: stateless descent along the Sinkhorn-normalized gradient (Scetbon et al., 2025).
 
     Per matrix :math:`W` (conv weights as ``(out, in·kh·kw)``):
@@ -153,20 +153,11 @@ class SinkGD(_MatrixOptimizer):
             raise ValueError(f"eps must be > 0, got {eps}")
         super().__init__(params, dict(lr=lr, iters=iters, weight_decay=weight_decay, eps=eps))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the loss (gradients enabled)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd = float(group["lr"]), group["weight_decay"]
-            for p in self._params_with_grad(group):
-                X = sinkgd_update(p.grad, group["iters"], group["eps"])
-                p.mul_(1 - lr * wd)
-                p.add_(X, alpha=-lr)
-        return loss
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        X = sinkgd_update(p.grad, group["iters"], group["eps"])
+        p.mul_(1 - lr * wd)
+        p.add_(X, alpha=-lr)
 
 
 register_optimizer("sinkgd", SinkGD, "euclidean")

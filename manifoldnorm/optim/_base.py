@@ -1,0 +1,56 @@
+"""The step loop the library's optimizers share: closure, parameters with a gradient, one update per parameter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from manifoldnorm.optim._newton_schulz import as_matrix
+
+__all__ = ["StepOptimizer", "MatrixOptimizer"]
+
+
+class StepOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` whose step updates each parameter with a gradient by :meth:`_update`.
+
+    ``step`` evaluates the closure (gradients enabled), skips parameters without a gradient, rejects sparse
+    gradients (and what :meth:`_check` rejects), and calls ``_update(p, group)`` under ``torch.no_grad``.
+    """
+
+    def _check(self, p: Tensor) -> None:
+        if p.grad.is_sparse:
+            raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the loss (gradients enabled)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._check(p)
+                self._update(p, group)
+        return loss
+
+
+class MatrixOptimizer(StepOptimizer):
+    """Shared validation: every parameter is a real matrix (ndim >= 2), in every group added later too."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            as_matrix(p, type(self).__name__)
+            if torch.is_complex(p):
+                raise TypeError(f"{type(self).__name__} does not support complex parameters")
+        super().add_param_group(param_group)
