@@ -58,20 +58,28 @@ def layer_norms() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------- sweep
-def _run_one(experiment: str, norm: str, seed: int, out: Path, threads: int, extra: Sequence[str]) -> dict:
-    run_dir = out / experiment / norm / f"seed{seed}"
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), f"+experiment={experiment}", f"norm={norm}",
-           f"seed={seed}", "logger=csv", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
-           "trainer.enable_model_summary=false", f"hydra.run.dir={run_dir}", *extra]
+def run_job(job: dict, out: Path, threads: int) -> dict:
+    """One ``launch/train.py`` run of ``job`` = {experiment, label, seed, overrides, meta} in a fresh process."""
+    experiment, label, seed = job["experiment"], job["label"], job["seed"]
+    run_dir = out / experiment / label / f"seed{seed}"
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), f"+experiment={experiment}", f"seed={seed}",
+           "logger=csv", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
+           "trainer.enable_model_summary=false", f"hydra.run.dir={run_dir}", *job["overrides"]]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"run {experiment}/{norm}/seed{seed} failed (exit {proc.returncode}):\n"
+        raise RuntimeError(f"run {experiment}/{label}/seed{seed} failed (exit {proc.returncode}):\n"
                            f"{' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return {"experiment": experiment, "norm": norm, "seed": seed, "wall_s": wall, **read_metrics(run_dir)}
+    return {"experiment": experiment, "seed": seed, "wall_s": wall, **job.get("meta", {}), **read_metrics(run_dir)}
+
+
+def run_sweep_jobs(job_list: Sequence[dict], out: Path, jobs: int, threads: int) -> list[dict]:
+    """Run every job of ``job_list`` (see :func:`run_job`), ``jobs`` at a time; results in the same order."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda job: run_job(job, out, threads), job_list))
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -95,11 +103,10 @@ def read_metrics(run_dir: Path) -> dict:
 
 def run_sweep(experiments: Sequence[str], norms: dict[str, Sequence[str]], seeds: Sequence[int], out: Path,
               jobs: int, threads: int, quick: bool, extra: Sequence[str] = ()) -> list[dict]:
-    grid = [(e, n, s) for e in experiments for n in norms[e] for s in seeds]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_run_one, e, n, s, out, threads, (*(QUICK[e] if quick else ()), *extra))
-                   for e, n, s in grid]
-        return [f.result() for f in futures]
+    grid = [{"experiment": e, "label": n, "seed": s, "meta": {"norm": n},
+             "overrides": (f"norm={n}", *(QUICK[e] if quick else ()), *extra)}
+            for e in experiments for n in norms[e] for s in seeds]
+    return run_sweep_jobs(grid, out, jobs, threads)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

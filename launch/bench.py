@@ -1,4 +1,11 @@
-"""Benchmarks: ``python launch/bench.py {spectral,norms,sweep,layers} [--quick] [--out outputs/bench_<suite>.json]``.
+"""Benchmarks: ``python launch/bench.py {spectral,norms,sweep,layers,optim} [--quick] [--out <json>]``.
+
+``optim`` (see ``launch/_bench_optim.py``) trains ``lm_char`` with AdamW, Muon, NorMuon, Conda and SinkGD: a
+3-point lr search on seed 0, the best lr on seeds 1 and 2; final val loss, steps to reach AdamW's final val loss,
+``optimizer.step()`` time relative to AdamW and optimizer state bytes per parameter, plus a PNG of the curves::
+
+    python launch/bench.py optim                      # 25 runs of 3000 steps, 2 at a time (about 40 min on 2 cores)
+    python launch/bench.py optim --optimizers adamw normuon --seeds 0 1
 
 ``sweep`` and ``layers`` (see ``launch/_bench_euclid.py``) cover the Euclidean norms: a norm sweep of the
 ``lm_char`` and ``cnn_digits`` experiments over 3 seeds (table + PNG of validation curves), and forward+backward
@@ -50,6 +57,7 @@ from _bench_euclid import (
     sweep_markdown,
 )
 from _bench_norms import QUICK_SIZES, SIZES, bench_norms, default_norms, floor_rows, markdown, parse_size
+from _bench_optim import OPTIMIZERS, optim_markdown, plot_optim, step_cost, summarize_optim, train_runs
 
 from manifoldnorm import functional as mf
 from manifoldnorm.nn import list_norms
@@ -123,7 +131,7 @@ def _markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["spectral", "norms", "sweep", "layers"])
+    parser.add_argument("suite", choices=["spectral", "norms", "sweep", "layers", "optim"])
     parser.add_argument("--quick", action="store_true", help="one size, few repeats (smoke run)")
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="torch thread counts (spectral: the first; norms: default 1 2, --quick: 1)")
@@ -140,12 +148,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=list(LAYER_WIDTHS), help="layers: feature widths")
     parser.add_argument("--tokens", type=int, default=LAYER_TOKENS, help="layers: rows of the input")
     parser.add_argument("--plot", type=Path, default=None, help="sweep: PNG path (default: next to --out)")
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS),
+                        help="optim: optimizer configs to compare (adamw is the reference)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     out = args.out or Path("outputs") / f"bench_{args.suite}.json"
     meta = {"suite": args.suite, "torch": torch.__version__}
     if args.suite == "sweep":
         rows = _sweep(parser, args, out, meta)
+    elif args.suite == "optim":
+        rows = _optim(args, out, meta)
     elif args.suite == "layers":
         known = layer_norms()
         norms = args.norms or known
@@ -204,6 +216,23 @@ def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Path,
     meta.update(seeds=seeds, jobs=args.jobs, threads_per_run=threads, quick=args.quick, overrides=args.override,
                 total_wall_s=time.perf_counter() - t0, plot=str(png), runs=runs)
     return summary
+
+
+def _optim(args: argparse.Namespace, out: Path, meta: dict) -> list[dict]:
+    seeds = [0] if args.quick else args.seeds
+    threads = (args.threads or [1])[0]
+    t0 = time.perf_counter()
+    runs, best = train_runs(args.optimizers, seeds, out.parent / f"{out.stem}_runs", args.jobs, threads,
+                            args.quick, args.override)
+    torch.set_num_threads(1)
+    cost = step_cost(args.optimizers, args.quick, args.repeats)
+    rows = summarize_optim(runs, best, cost)
+    png = plot_optim(runs, best, args.plot or out.with_suffix(".png"))
+    print(optim_markdown(rows))
+    print(f"wrote {png}")
+    meta.update(seeds=seeds, jobs=args.jobs, threads_per_run=threads, quick=args.quick, overrides=args.override,
+                timer="time.process_time, 1 thread", total_wall_s=time.perf_counter() - t0, plot=str(png), runs=runs)
+    return rows
 
 
 if __name__ == "__main__":

@@ -248,4 +248,4 @@ class LanguageModelModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return optimizers_for(self.model, self.optimizer_factory, self.scheduler_factory,
-                              self.hparams.scheduler_interval, self.hparams.scheduler_monitor)
+                              self.hparams.scheduler_interval, self.hparams.scheduler_monitor, self._trainer)

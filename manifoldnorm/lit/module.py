@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from manifoldnorm.nn import refit_domain_norms, refittable_norms
 from manifoldnorm.optim import create_optimizer
 
-__all__ = ["ClassificationModule", "optimizers_for"]
+__all__ = ["ClassificationModule", "RunLengthUnknown", "optimizers_for"]
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -33,12 +35,38 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
 
 
 def optimizers_for(model: nn.Module, optimizer: OptimizerFactory | None, scheduler: SchedulerFactory | None,
-                   interval: str, monitor: str) -> Any:
-    """What ``configure_optimizers`` returns: the optimizer (default :func:`create_optimizer`), with its scheduler."""
+                   interval: str, monitor: str, trainer: pl.Trainer | None = None) -> Any:
+    """What ``configure_optimizers`` returns: the optimizer (default :func:`create_optimizer`), with its scheduler.
+
+    A scheduler factory that leaves ``total_steps`` unset (``functools.partial`` / Hydra ``_partial_`` with
+    ``total_steps: null``, e.g. :class:`~manifoldnorm.optim.WarmupCosine`) gets the run's length in scheduler
+    steps from ``trainer``: ``estimated_stepping_batches`` for ``interval="step"``, ``max_epochs`` for ``"epoch"``.
+    """
     opt = (optimizer or create_optimizer)(model)
     if scheduler is None:
         return opt
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt), "interval": interval, "monitor": monitor}}
+    kwargs = {}
+    if _wants_total_steps(scheduler):
+        if trainer is None:
+            raise RunLengthUnknown("the scheduler needs total_steps, but it is not set and no trainer is attached to "
+                             "derive it from; set total_steps in its config")
+        total = trainer.estimated_stepping_batches if interval == "step" else trainer.max_epochs
+        if total is None or total < 1 or total == float("inf"):
+            raise ValueError(f"cannot derive the scheduler's total_steps from the trainer (got {total}); set "
+                             f"trainer.max_epochs/max_steps or the scheduler's total_steps")
+        kwargs["total_steps"] = int(total)
+    sched = scheduler(opt, **kwargs)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval, "monitor": monitor}}
+
+
+class RunLengthUnknown(ValueError):
+    """A scheduler's ``total_steps`` must come from a trainer, and none is attached yet."""
+
+
+def _wants_total_steps(factory: SchedulerFactory) -> bool:
+    if not isinstance(factory, functools.partial) or factory.keywords.get("total_steps", 0) is not None:
+        return False
+    return "total_steps" in inspect.signature(factory.func).parameters
 
 
 class ClassificationModule(pl.LightningModule):
@@ -149,4 +177,4 @@ class ClassificationModule(pl.LightningModule):
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
         return optimizers_for(self.model, self.optimizer_factory, self.scheduler_factory,
-                              self.hparams.scheduler_interval, self.hparams.scheduler_monitor)
+                              self.hparams.scheduler_interval, self.hparams.scheduler_monitor, self._trainer)

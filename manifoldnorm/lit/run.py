@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from manifoldnorm.lit.module import RunLengthUnknown
+
 __all__ = [
     "ConfigError",
     "config_errors",
@@ -80,7 +82,10 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
         model = instantiate(cfg.model)
     with config_errors("module/optimizer/scheduler"):
         module = instantiate(cfg.module, model=model)
-        module.configure_optimizers()  # unknown optimizer names or arguments fail here, not mid-fit
+        try:  # unknown optimizer names or arguments fail here, not mid-fit
+            module.configure_optimizers()
+        except RunLengthUnknown:  # the optimizer is built; the scheduler's length comes from the trainer in fit
+            pass
     return module
 
 

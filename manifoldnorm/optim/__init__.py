@@ -14,6 +14,7 @@ from manifoldnorm.optim.compose import (
     CompositeOptimizer,
     Rule,
     create_optimizer,
+    hidden_matrices,
     is_manifold_parameter,
 )
 from manifoldnorm.optim.conda import Conda, conda_basis, conda_update
@@ -25,6 +26,7 @@ from manifoldnorm.optim.registry import (
     list_optimizers,
     register_optimizer,
 )
+from manifoldnorm.optim.schedules import WarmupCosine, warmup_cosine_factor
 from manifoldnorm.optim.sinkgd import SinkGD, sinkgd_update, sinkhorn_normalize
 
 __all__ = [
@@ -52,8 +54,11 @@ __all__ = [
     "Rule",
     "build_optimizer",
     "create_optimizer",
+    "hidden_matrices",
     "get_optimizer",
     "is_manifold_parameter",
     "list_optimizers",
     "register_optimizer",
+    "WarmupCosine",
+    "warmup_cosine_factor",
 ]

@@ -8,6 +8,7 @@ automatic optimisation, gradient clipping and checkpointing see one optimizer.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -18,12 +19,13 @@ import torch
 from geoopt.optim.mixin import OptimMixin
 from torch import Tensor, nn
 
-from manifoldnorm.optim.registry import build_optimizer, get_optimizer, list_optimizers
+from manifoldnorm.optim.registry import _plain, build_optimizer, get_optimizer, list_optimizers
 
 __all__ = [
     "Rule",
     "CompositeOptimizer",
     "create_optimizer",
+    "hidden_matrices",
     "is_manifold_parameter",
     "DEFAULT_MANIFOLD",
     "DEFAULT_REST",
@@ -248,13 +250,67 @@ def hidden_matrices(model: nn.Module | Iterable[tuple[str, Tensor]]) -> set[int]
     return {id(p) for n, p in named if p.ndim >= 2 and id(p) not in embeddings and not _NOT_HIDDEN.search(n)}
 
 
+_ROLES = ("manifold", "matrix", "rest")
+
+
+@dataclass(frozen=True)
+class _NameRule:
+    """A parsed entry of ``create_optimizer(rules=...)``."""
+
+    key: str
+    pattern: re.Pattern
+    spec: tuple[str, dict[str, Any]] | None  # own sub-optimizer: (registry name, kwargs)
+    into: str | None  # or: a separate parameter group of this sub-optimizer
+    overrides: dict[str, Any]
+
+
+def _parse_rules(rules: Sequence[Mapping[str, Any]]) -> list[_NameRule]:
+    parsed: list[_NameRule] = []
+    keys = list(_ROLES)
+    for i, rule in enumerate(rules):
+        where = f"rules[{i}]"
+        if not isinstance(rule, Mapping):
+            raise TypeError(f"{where}: expected a mapping with 'match' and 'name' or 'into', got {type(rule).__name__}")
+        entry = dict(rule)
+        pattern = entry.pop("match", None)
+        if not isinstance(pattern, str):
+            raise ValueError(f"{where}: 'match' must be a regular expression (searched in parameter names), "
+                             f"got {pattern!r}")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{where}: invalid regular expression {pattern!r}: {err}") from None
+        into = entry.pop("into", None)
+        key = entry.pop("key", None)
+        if (into is None) == ("name" not in entry):
+            raise ValueError(f"{where}: give either 'name' (a sub-optimizer of its own; valid optimizers: "
+                             f"{', '.join(list_optimizers())}) or 'into' (a parameter group of one of "
+                             f"{', '.join(keys)})")
+        if into is not None:
+            if key is not None:
+                raise ValueError(f"{where}: 'key' names a sub-optimizer of its own; it cannot go with 'into'")
+            if into not in keys:
+                raise ValueError(f"{where}: unknown sub-optimizer {into!r} for 'into'; valid: {', '.join(keys)}")
+            parsed.append(_NameRule(f"{into}[{i}]", compiled, None, into, entry))
+            continue
+        key = f"rule{i}" if key is None else str(key)
+        if key in keys:
+            raise ValueError(f"{where}: sub-optimizer key {key!r} is already used; taken: {', '.join(keys)}")
+        keys.append(key)
+        parsed.append(_NameRule(key, compiled, _spec(entry, where), None, {}))
+    return parsed
+
+
 def create_optimizer(
     model: nn.Module | Iterable[tuple[str, Tensor]],
     manifold: Mapping[str, Any] | None = DEFAULT_MANIFOLD,
     rest: Mapping[str, Any] = DEFAULT_REST,
     matrix: Mapping[str, Any] | None = None,
+    rules: Sequence[Mapping[str, Any]] = (),
 ) -> CompositeOptimizer:
-    """Build a :class:`CompositeOptimizer` for ``model``: manifold parameters and the rest, each its own optimizer.
+    r"""Build a :class:`CompositeOptimizer` for ``model`` from ordered rules: first match wins, every parameter claimed.
+
+    Rules are tried in the order: the name ``rules`` (as given), ``manifold``, ``matrix``, ``rest``.
 
     Parameters
     ----------
@@ -269,46 +325,86 @@ def create_optimizer(
     matrix : mapping or None
         ``{"name": <registry key>, **kwargs}`` for the hidden matrices (:func:`hidden_matrices`) that are not
         manifold parameters, e.g. ``{"name": "normuon", "lr": 0.02}``; ``None`` (default) sends them to ``rest``.
-        Rules apply in the order manifold, matrix, rest; the first match wins.
+    rules : sequence of mappings
+        Rules by parameter name, tried before the three above. Each has ``"match"``, a regular expression
+        searched (:func:`re.search`) in the dotted parameter name, and either
+
+        * ``"name"`` (+ keyword arguments, optional ``"key"``): a sub-optimizer of its own, named ``key``
+          (default ``"rule<i>"``), e.g. ``{"match": r"^blocks\.0\.", "name": "sgd", "lr": 0.1}``; or
+        * ``"into"``: one of ``"manifold"``, ``"matrix"``, ``"rest"``, plus group options that override that
+          sub-optimizer's arguments for the matched parameters (a separate parameter group), e.g.
+          ``{"match": r"\.bias$|norm", "into": "rest", "weight_decay": 0.0}``.
+
+        A rule that matches no trainable parameter gives a warning (usually a typo).
 
     Returns
     -------
     CompositeOptimizer
-        Sub-optimizers named ``"manifold"``, ``"matrix"`` and ``"rest"``; one whose parameter set is empty is
-        omitted.
+        Sub-optimizers named ``"manifold"``, ``"matrix"``, ``"rest"`` and the rules' keys; one whose parameter set
+        is empty is omitted.
 
     Raises
     ------
     ValueError
-        Unknown optimizer name or keyword (the message lists the valid ones), a manifold parameter routed
-        to a Euclidean optimizer, or no trainable parameters.
+        Unknown optimizer name, keyword or group option (the message lists the valid ones), an invalid regular
+        expression, a manifold parameter routed to a Euclidean optimizer (by any rule), or no trainable
+        parameters.
     """
     named = list(model.named_parameters() if isinstance(model, nn.Module) else model)
     named = [(n, p) for n, p in named if p.requires_grad]
     if not named:
         raise ValueError("create_optimizer: the model has no trainable parameters")
+    name_rules = _parse_rules(rules)
     specs: dict[str, tuple[str, dict[str, Any]]] = {}
-    rules: list[Rule] = []
+    routes: list[Rule] = []
+    for rule in name_rules:  # a rule's key routes to its own optimizer, or to the group of the one it joins
+        if rule.spec is not None:
+            specs[rule.key] = rule.spec
+        routes.append(Rule(rule.key, lambda n, p, pat=rule.pattern: bool(n) and pat.search(n) is not None))
     if manifold is not None:
         specs["manifold"] = _spec(manifold, "manifold")
-        rules.append(Rule("manifold", is_manifold_parameter))
+        routes.append(Rule("manifold", is_manifold_parameter))
     if matrix is not None:
         hidden = hidden_matrices(named)
         if isinstance(model, nn.Module):
             hidden &= hidden_matrices(model)
         specs["matrix"] = _spec(matrix, "matrix")
-        rules.append(Rule("matrix", lambda n, p: id(p) in hidden))
+        routes.append(Rule("matrix", lambda n, p: id(p) in hidden))
     specs["rest"] = _spec(rest, "rest")
-    rules.append(Rule("rest", _always))
+    routes.append(Rule("rest", _always))
+    for rule in name_rules:
+        if rule.into is not None and rule.into not in specs:
+            raise ValueError(f"rule {rule.pattern.pattern!r}: 'into' {rule.into!r}, but that sub-optimizer is not "
+                             f"configured (it is None); configured: {', '.join(specs)}")
 
-    claimed: dict[str, list[Tensor]] = {key: [] for key in specs}
+    claimed: dict[str, list[Tensor]] = {rule.optimizer: [] for rule in routes}
     for n, p in named:
-        claimed[_route(rules, n, p)].append(p)
+        claimed[_route(routes, n, p)].append(p)
+    for rule in name_rules:
+        if not claimed[rule.key]:
+            warnings.warn(f"optimizer rule {rule.pattern.pattern!r} matches no trainable parameter", stacklevel=2)
     names = {id(p): repr(n) for n, p in named}
     optimizers: dict[str, torch.optim.Optimizer] = {}
     for key, (opt_name, kwargs) in specs.items():
-        if not claimed[key]:
+        groups = [{"params": claimed[key]}] if claimed[key] else []
+        joined = [r for r in name_rules if r.into == key and claimed[r.key]]
+        groups += [{"params": claimed[r.key], **_group_options(opt_name, r)} for r in joined]
+        if not groups:
             continue
-        _check_geometry(opt_name, [{"params": claimed[key]}], get_optimizer(opt_name).cls, names)
-        optimizers[key] = build_optimizer(opt_name, claimed[key], **kwargs)
-    return CompositeOptimizer(optimizers, rules)
+        _check_geometry(opt_name, groups, get_optimizer(opt_name).cls, names)
+        optimizers[key] = build_optimizer(opt_name, groups, **kwargs)
+    return CompositeOptimizer(optimizers, [Rule(_owner(r.optimizer), r.match) for r in routes])
+
+
+def _owner(key: str) -> str:
+    """``"rest[2]"`` (a group joined by rule 2) belongs to the sub-optimizer ``"rest"``."""
+    return key.split("[", 1)[0]
+
+
+def _group_options(opt_name: str, rule: _NameRule) -> dict[str, Any]:
+    valid = get_optimizer(opt_name).keyword_names()
+    unknown = sorted(set(rule.overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"rule {rule.pattern.pattern!r}: optimizer {opt_name!r} has no group option(s) "
+                         f"{', '.join(unknown)}; valid: {', '.join(valid)}")
+    return _plain(rule.overrides)

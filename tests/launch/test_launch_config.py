@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -156,25 +157,35 @@ def test_every_euclidean_norm_fills_both_euclidean_models(cfg_of, model: str) ->
 
 
 def test_every_optimizer_and_scheduler_option(cfg_of) -> None:
-    assert options("optimizer") == {"riemannian_adam", "adamw", "muon", "normuon"}
-    for name in ("muon", "normuon"):  # manifold parameters keep Riemannian Adam, hidden matrices get the new one
+    assert options("optimizer") == {"riemannian_adam", "adamw", "adamp", "muon", "normuon", "conda", "sinkgd"}
+    lin = torch.nn.ModuleDict({"body": torch.nn.Linear(3, 4), "head": torch.nn.Linear(4, 2)})
+    for name in sorted(options("optimizer")):
+        # SPDNet: manifold parameters keep Riemannian Adam, the rest gets the chosen optimizer
         opt = run.build_module(cfg_of(f"optimizer={name}", "model.dims=[4]")).configure_optimizers()
-        assert set(opt.optimizers) == {"manifold", "rest"}  # SPDNet: no Euclidean hidden matrix
-        assert type(instantiate(cfg_of(f"optimizer={name}").optimizer)(torch.nn.Linear(3, 2)).optimizers["matrix"]
-                    ).__name__.lower() == name
-    module = run.build_module(cfg_of("optimizer=riemannian_adam", "model.dims=[4]"))
-    opt = module.configure_optimizers()
-    assert isinstance(opt, CompositeOptimizer) and set(opt.optimizers) == {"manifold", "rest"}
-    # adamw: fine for a Euclidean model, rejected for SPDNet's Stiefel weights
-    factory = instantiate(cfg_of("optimizer=adamw").optimizer)
-    assert list(factory(torch.nn.Linear(3, 2)).optimizers) == ["rest"]
-    with pytest.raises(run.ConfigError, match="Euclidean optimizer 'adamw'.*riemannian_adam"):
-        run.build_module(cfg_of("optimizer=adamw", "model.dims=[4]"))
+        assert isinstance(opt, CompositeOptimizer) and set(opt.optimizers) == {"manifold", "rest"}, name
+        assert type(opt.optimizers["manifold"]).__name__ == "RiemannianAdam"
+        euclid = instantiate(cfg_of(f"optimizer={name}").optimizer)(lin)
+        matrix = euclid.optimizers.get("matrix")
+        rest = type(euclid.optimizers["rest"]).__name__.lower()
+        if name in ("muon", "normuon", "conda", "sinkgd"):  # hidden matrix: body.weight; head: rest
+            assert type(matrix).__name__.lower() == name and len(matrix.param_groups[0]["params"]) == 1
+            assert rest == "adamw"
+        else:
+            assert matrix is None and rest == ("adamp" if name == "adamp" else "adamw"), name
+    rules = "optimizer.rules=[{match: '\\.bias$', into: rest, weight_decay: 0.0}]"
+    opt = instantiate(cfg_of("optimizer=adamw", rules).optimizer)(lin)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1.0e-4, 0.0]
     for sched in sorted(options("scheduler")):
         module = run.build_module(cfg_of(f"scheduler={sched}", "model.dims=[4]"))
+        if sched == "warmup_cosine":  # total_steps comes from the trainer (max_epochs here)
+            with pytest.raises(ValueError, match="total_steps"):
+                module.configure_optimizers()
+            module.trainer = Trainer(max_epochs=7, logger=False, enable_checkpointing=False)
         conf = module.configure_optimizers()
         assert isinstance(conf["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.LRScheduler)
         assert conf["lr_scheduler"]["scheduler"].optimizer is conf["optimizer"]
+        if sched == "warmup_cosine":
+            assert conf["lr_scheduler"]["scheduler"].total_steps == 7
 
 
 def test_every_trainer_logger_callbacks_option(cfg_of, tmp_path: Path) -> None:
