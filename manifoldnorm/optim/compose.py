@@ -207,7 +207,8 @@ def _route(rules: Sequence[Rule], name: str, param: Tensor) -> str:
 
 
 def _check_geometry(
-    opt_name: str, groups: Iterable[Mapping[str, Any]], opt: Any, names: Mapping[int, str] | None = None
+    opt_name: str, groups: Iterable[Mapping[str, Any]], opt: Any, names: Mapping[int, str] | None = None,
+    key: str | None = None,
 ) -> None:
     if isinstance(opt, OptimMixin) or (isinstance(opt, type) and issubclass(opt, OptimMixin)):
         return
@@ -218,7 +219,8 @@ def _check_geometry(
                 label = (names or {}).get(id(p), f"of shape {tuple(p.shape)}")
                 raise ValueError(
                     f"parameter {label} is a geoopt.ManifoldParameter on {type(p.manifold).__name__} but would "
-                    f"be updated by the Euclidean optimizer {opt_name!r}, which leaves the manifold; route "
+                    f"be updated by the Euclidean optimizer {opt_name!r}"
+                    f"{'' if key is None else f' (sub-optimizer {key!r})'}, which leaves the manifold; route "
                     f"manifold parameters to a Riemannian optimizer "
                     f"({', '.join(list_optimizers('riemannian'))})"
                 )
@@ -391,7 +393,7 @@ def create_optimizer(
         groups += [{"params": claimed[r.key], **_group_options(opt_name, r)} for r in joined]
         if not groups:
             continue
-        _check_geometry(opt_name, groups, get_optimizer(opt_name).cls, names)
+        _check_geometry(opt_name, groups, get_optimizer(opt_name).cls, names, key)
         optimizers[key] = build_optimizer(opt_name, groups, **kwargs)
     return CompositeOptimizer(optimizers, [Rule(_owner(r.optimizer), r.match) for r in routes])
 
