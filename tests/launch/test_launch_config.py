@@ -220,3 +220,32 @@ def test_resolved_config_is_saved_and_logged(cfg_of, tmp_path: Path) -> None:
     assert saved.data_info.n_channels == 22 and saved.model.in_dim == 22
     assert saved.model.norm_layer.metric == "aim" and resolved["task_name"] == "spd_eeg"
     assert loggers[0].experiment.hparams["model"]["dims"] == [16]
+
+
+@pytest.mark.parametrize("model", EUCLIDEAN_MODELS)
+def test_every_optimizer_config_steps_the_euclidean_models(cfg_of, model: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    if model == "gpt":
+        experiment, info = "lm_char", {"vocab_size": 11, "block_size": 8}
+        tiny = ["model.n_layer=1", "model.d_model=16", "model.n_head=2"]
+        x = torch.randint(0, 11, (4, 8), generator=g)
+    else:
+        experiment, info = "cnn_digits", {"in_channels": 1, "num_classes": 10, "image_size": 8}
+        tiny = ["model.widths=[8,16]", "model.blocks_per_stage=1"]
+        x = torch.randn(4, 1, 8, 8, generator=g)
+    for name in sorted(options("optimizer")):
+        cfg = cfg_of(f"+experiment={experiment}", f"optimizer={name}", *tiny, info=False)
+        with open_dict(cfg):
+            cfg.data_info = info
+        module = run.build_module(cfg)
+        conf = module.configure_optimizers()
+        opt = conf["optimizer"] if isinstance(conf, dict) else conf
+        matrix = opt.optimizers.get("matrix")
+        if name in ("muon", "normuon", "conda", "sinkgd"):  # the hidden (attention/MLP or conv) weights
+            assert type(matrix).__name__.lower() == name and all(
+                p.ndim >= 2 for gr in matrix.param_groups for p in gr["params"])
+        before = [p.detach().clone() for p in module.parameters()]
+        module(x).square().mean().backward()
+        opt.step()
+        moved = [not torch.equal(a, p) for a, p in zip(before, module.parameters(), strict=True)]
+        assert all(torch.isfinite(p).all() for p in module.parameters()) and sum(moved) > len(moved) // 2, name
