@@ -2,6 +2,8 @@
 
 Both optimizers update matrices only (Linear weights ``(out, in)``; conv weights are treated as
 ``(out, in·kh·kw)`` throughout and reshaped back at the end). Biases, gains and other vectors belong to AdamW.
+Under DDP the Newton–Schulz iterations are split over the ranks by whole matrices
+(:class:`~manifoldnorm.optim._sharding.ShardedMatrixOptimizer`, ``docs/distributed_optimizers.md``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from manifoldnorm.optim._base import MatrixOptimizer
 from manifoldnorm.optim._newton_schulz import (
     NS_COEFFICIENTS,
     adjust_lr,
@@ -23,20 +24,48 @@ from manifoldnorm.optim._newton_schulz import (
     newton_schulz,
     resolve_dtype,
 )
+from manifoldnorm.optim._sharding import ShardedMatrixOptimizer
 from manifoldnorm.optim.registry import register_optimizer
 
 __all__ = ["Muon", "NorMuon", "muon_update", "normuon_update", "adjust_lr", "newton_schulz"]
 
 
-def _orthogonalized_momentum(
-    grad: Tensor, momentum_buffer: Tensor, beta: float, nesterov: bool, ns_steps: int,
-    ns_coefficients: Sequence[float], ns_eps: float, ns_dtype: torch.dtype | None,
-) -> Tensor:
-    """EMA momentum (in place on the buffer), Nesterov blend, Newton–Schulz of the ``(out, -1)`` matrix."""
+def _blend(grad: Tensor, momentum_buffer: Tensor, beta: float, nesterov: bool) -> Tensor:
+    """The direction to orthogonalize, as the ``(out, -1)`` matrix: Nesterov blend or the momentum itself."""
+    return as_matrix(grad.lerp(momentum_buffer, beta) if nesterov else momentum_buffer)
+
+
+def _momentum_direction(grad: Tensor, momentum_buffer: Tensor, beta: float, nesterov: bool) -> Tensor:
+    """EMA momentum (in place on the buffer), then :func:`_blend`."""
     momentum_buffer.lerp_(grad, 1 - beta)
-    u = grad.lerp(momentum_buffer, beta) if nesterov else momentum_buffer
-    u = as_matrix(u)
-    return newton_schulz(u.to(ns_dtype or u.dtype), ns_steps, ns_coefficients, ns_eps)
+    return _blend(grad, momentum_buffer, beta, nesterov)
+
+
+def _orthogonalize(
+    u: Tensor, ns_steps: int, ns_coefficients: Sequence[float], ns_eps: float, ns_dtype: torch.dtype | None,
+) -> Tensor:
+    """Newton–Schulz of the matrix ``u`` in ``ns_dtype`` (default: its own), contiguous (a fixed memory layout
+    keeps the reductions that follow bit-reproducible wherever the result was computed)."""
+    return newton_schulz(u.to(ns_dtype or u.dtype), ns_steps, ns_coefficients, ns_eps).contiguous()
+
+
+def _normuon_finish(
+    O: Tensor, second_moment: Tensor, beta2: float, eps: float, mode: str, shape: torch.Size, dtype: torch.dtype,
+) -> Tensor:
+    """NorMuon after Newton–Schulz: second-moment EMA (in place), row normalization, norm restore and scaling."""
+    m, n = O.shape
+    work = torch.promote_types(O.dtype, torch.float32)
+    O = O.to(work)
+    second_moment.lerp_(O.square().mean(dim=-1).to(second_moment.dtype), 1 - beta2)
+    O_hat = O / (second_moment.to(work).sqrt() + eps).unsqueeze(-1)
+    norm_hat = torch.linalg.vector_norm(O_hat)
+    if mode == "original":
+        target = torch.linalg.vector_norm(O) * math.sqrt(max(1.0, m / n))
+    else:
+        target = torch.full_like(norm_hat, 0.2 * math.sqrt(m * n))
+    positive = norm_hat > 0
+    scale = torch.where(positive, target / torch.where(positive, norm_hat, torch.ones_like(norm_hat)), 0.0)
+    return (O_hat * scale).reshape(shape).to(dtype)
 
 
 def muon_update(
@@ -87,7 +116,8 @@ def muon_update(
     written in the Muon blog post and in ``torch.optim.Muon``'s docstring (equal after Newton–Schulz up to
     :math:`\varepsilon`). Conv weights are flattened to ``(out, in·kh·kw)`` (``torch.optim.Muon`` rejects them).
     """
-    O = _orthogonalized_momentum(grad, momentum_buffer, beta, nesterov, ns_steps, ns_coefficients, eps, ns_dtype)
+    O = _orthogonalize(_momentum_direction(grad, momentum_buffer, beta, nesterov), ns_steps, ns_coefficients, eps,
+                       ns_dtype)
     return O.reshape(grad.shape).to(grad.dtype)
 
 
@@ -159,21 +189,9 @@ def normuon_update(
     if grad.dim() >= 2 and second_moment.shape != grad.shape[:1]:
         raise ValueError(f"second_moment must have shape ({grad.shape[0]},) for a gradient of shape "
                          f"{tuple(grad.shape)}, got {tuple(second_moment.shape)}")
-    O = _orthogonalized_momentum(grad, momentum_buffer, beta, nesterov, ns_steps, ns_coefficients, ns_eps,
-                                 ns_dtype)
-    m, n = O.shape
-    work = torch.promote_types(O.dtype, torch.float32)
-    O = O.to(work)
-    second_moment.lerp_(O.square().mean(dim=-1).to(second_moment.dtype), 1 - beta2)
-    O_hat = O / (second_moment.to(work).sqrt() + eps).unsqueeze(-1)
-    norm_hat = torch.linalg.vector_norm(O_hat)
-    if mode == "original":
-        target = torch.linalg.vector_norm(O) * math.sqrt(max(1.0, m / n))
-    else:
-        target = torch.full_like(norm_hat, 0.2 * math.sqrt(m * n))
-    positive = norm_hat > 0
-    scale = torch.where(positive, target / torch.where(positive, norm_hat, torch.ones_like(norm_hat)), 0.0)
-    return (O_hat * scale).reshape(grad.shape).to(grad.dtype)
+    O = _orthogonalize(_momentum_direction(grad, momentum_buffer, beta, nesterov), ns_steps, ns_coefficients,
+                       ns_eps, ns_dtype)
+    return _normuon_finish(O, second_moment, beta2, eps, mode, grad.shape, grad.dtype)
 
 
 def _check_common(lr: float, weight_decay: float, momentum: float, ns_steps: int, eps: float) -> None:
@@ -189,7 +207,30 @@ def _check_common(lr: float, weight_decay: float, momentum: float, ns_steps: int
         raise ValueError(f"eps must be > 0, got {eps}")
 
 
-class Muon(MatrixOptimizer):
+class _NewtonSchulzOptimizer(ShardedMatrixOptimizer):
+    """Muon's momentum and Newton–Schulz as the three phases of :class:`ShardedMatrixOptimizer`."""
+
+    _ns_eps_key = "eps"
+
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _prepare(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            self._init_state(p, state)
+        state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+
+    def _transform(self, p: Tensor, group: dict[str, Any]) -> Tensor:
+        u = _blend(p.grad, self.state[p]["momentum_buffer"], group["momentum"], group["nesterov"])
+        return _orthogonalize(u, group["ns_steps"], group["ns_coefficients"], group[self._ns_eps_key],
+                              group["ns_dtype"])
+
+    def _transform_spec(self, p: Tensor, group: dict[str, Any]) -> tuple[tuple[int, int], torch.dtype]:
+        return (p.shape[0], math.prod(p.shape[1:])), group["ns_dtype"] or p.grad.dtype
+
+
+class Muon(_NewtonSchulzOptimizer):
     r"""Muon: SGD with EMA/Nesterov momentum orthogonalized by Newton–Schulz (Jordan et al., 2024).
 
     Per matrix :math:`W` of shape ``(m, n)`` (conv weights as ``(m, in·kh·kw)``), with :math:`O_t` from
@@ -224,12 +265,20 @@ class Muon(MatrixOptimizer):
         Shape adjustment of the learning rate, see :func:`adjust_lr` (``None`` = ``"original"``).
     ns_dtype : torch.dtype or str, optional
         Precision of Newton–Schulz (default: the parameter's dtype). ``torch.optim.Muon`` always uses bfloat16.
+    distributed : bool, default True
+        Under an initialised ``torch.distributed`` group of more than one rank (DDP), run each matrix's
+        Newton–Schulz on one rank and all-gather the results: bit-identical to the single-process step, every rank
+        keeps the full state. All ranks must step the same parameters (checked: RuntimeError). Without a process
+        group, or with ``False``, all work is local. See :class:`~manifoldnorm.optim._sharding.ShardedMatrixOptimizer`.
+    process_group : ProcessGroup, optional
+        Group of the exchange (default group if None); an attribute, never part of ``state_dict()``.
 
     Notes
     -----
     Deviations from ``torch.optim.Muon``: conv (ndim > 2) weights are accepted and flattened; ``p.grad`` is never
     written (also not with ``nesterov=False`` and bfloat16, where torch 2.13 normalizes its momentum buffer in
-    place); Newton–Schulz precision is selectable (default full precision instead of bfloat16).
+    place); Newton–Schulz precision is selectable (default full precision instead of bfloat16); under DDP the
+    Newton–Schulz work is split over the ranks.
     """
 
     def __init__(
@@ -244,6 +293,8 @@ class Muon(MatrixOptimizer):
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
         ns_dtype: torch.dtype | str | None = None,
+        distributed: bool = True,
+        process_group: Any = None,
     ) -> None:
         _check_common(lr, weight_decay, momentum, ns_steps, eps)
         check_adjust_mode(adjust_lr_fn)
@@ -253,21 +304,15 @@ class Muon(MatrixOptimizer):
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=resolve_dtype(ns_dtype))
         super().__init__(params, defaults)
+        self._init_sharding(distributed, process_group)
 
-    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _finish(self, p: Tensor, group: dict[str, Any], O: Tensor) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        O = muon_update(p.grad, state["momentum_buffer"], beta=group["momentum"],
-                        nesterov=group["nesterov"], ns_steps=group["ns_steps"],
-                        ns_coefficients=group["ns_coefficients"], eps=group["eps"],
-                        ns_dtype=group["ns_dtype"])
         p.mul_(1 - lr * wd)
-        p.add_(O, alpha=-adjust_lr(lr, p.shape, group["adjust_lr_fn"]))
+        p.add_(O.reshape(p.grad.shape).to(p.grad.dtype), alpha=-adjust_lr(lr, p.shape, group["adjust_lr_fn"]))
 
 
-class NorMuon(MatrixOptimizer):
+class NorMuon(_NewtonSchulzOptimizer):
     r"""NorMuon: Muon with a neuron-wise (row) second-moment normalization (Li et al., 2025, Algorithm 1).
 
     Per matrix, with :math:`U_t` from :func:`normuon_update`:
@@ -301,10 +346,21 @@ class NorMuon(MatrixOptimizer):
         ``"original"``: restore Muon's Frobenius norm and shape scaling (authors' code; Muon hyperparameters carry
         over). ``"match_rms_adamw"``: update RMS 0.2 (the paper's step size; AdamW hyperparameters carry over).
 
+    distributed : bool, default True
+        Under an initialised ``torch.distributed`` group of more than one rank (DDP), run each matrix's
+        Newton–Schulz on one rank and all-gather the results: bit-identical to the single-process step, every rank
+        keeps the full state. All ranks must step the same parameters (checked: RuntimeError). Without a process
+        group, or with ``False``, all work is local. See :class:`~manifoldnorm.optim._sharding.ShardedMatrixOptimizer`.
+    process_group : ProcessGroup, optional
+        Group of the exchange (default group if None); an attribute, never part of ``state_dict()``.
+
     Notes
     -----
     Deviations: see :func:`normuon_update`. Defaults (``lr=0.02``, ``weight_decay=0``) are the authors' code's.
+    Under DDP the Newton–Schulz work is split over the ranks; the second moments are updated on every rank.
     """
+
+    _ns_eps_key = "ns_eps"
 
     def __init__(
         self,
@@ -320,6 +376,8 @@ class NorMuon(MatrixOptimizer):
         ns_steps: int = 5,
         adjust_lr_fn: str | None = "original",
         ns_dtype: torch.dtype | str | None = None,
+        distributed: bool = True,
+        process_group: Any = None,
     ) -> None:
         _check_common(lr, weight_decay, momentum, ns_steps, ns_eps)
         if not 0.0 <= beta2 < 1.0:
@@ -333,18 +391,16 @@ class NorMuon(MatrixOptimizer):
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_eps=ns_eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=resolve_dtype(ns_dtype))
         super().__init__(params, defaults)
+        self._init_sharding(distributed, process_group)
 
-    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        super()._init_state(p, state)
+        state["second_moment"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+
+    def _finish(self, p: Tensor, group: dict[str, Any], O: Tensor) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["second_moment"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-        U = normuon_update(p.grad, state["momentum_buffer"], state["second_moment"],
-                           beta=group["momentum"], beta2=group["beta2"], nesterov=group["nesterov"],
-                           ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"],
-                           eps=group["eps"], ns_eps=group["ns_eps"], ns_dtype=group["ns_dtype"],
-                           adjust_lr_fn=group["adjust_lr_fn"])
+        U = _normuon_finish(O, self.state[p]["second_moment"], group["beta2"], group["eps"],
+                            check_adjust_mode(group["adjust_lr_fn"]), p.grad.shape, p.grad.dtype)
         p.mul_(1 - lr * wd)
         p.add_(U, alpha=-lr)
 
