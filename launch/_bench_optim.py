@@ -36,6 +36,7 @@ BENCH_OVERRIDES = ("data.steps_per_epoch=50", "trainer.max_epochs=60")
 QUICK_OVERRIDES = ("trainer.max_epochs=2", "data.steps_per_epoch=4", "data.val_batches=2", "data.batch_size=4",
                    "model.n_layer=1", "model.d_model=16", "model.n_head=2", "data.block_size=16")
 VAL_KEY = "val/loss"
+THRESHOLDS = (1.6, 1.5, 1.4)  # val losses at which the steps to reach them are reported
 
 
 def _job(name: str, lr: float, seed: int, quick: bool, extra: Sequence[str]) -> dict:
@@ -94,18 +95,22 @@ def summarize_optim(runs: Sequence[dict], best: dict[str, float], cost: dict[str
                      "final_val_loss": statistics.fmean(finals),
                      "final_val_loss_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                      "steps_to_adamw_final": reach, "total_steps": steps[-1],
+                     "steps_to_loss": {f"{t:g}": steps_to_reach(steps, vals, t) for t in THRESHOLDS},
                      "lr_search_final_val_loss": search, **cost.get(name, {})})
     return rows
 
 
 def optim_markdown(rows: Sequence[dict]) -> str:
-    lines = ["| optimizer | lr (searched) | final val loss | steps to AdamW's final | step time vs AdamW "
-             "| state bytes/param (all / matrices) |", "|---|---|---|---|---|---|"]
+    head = " | ".join(f"steps to {t:g}" for t in THRESHOLDS)
+    lines = ["| optimizer | lr (searched) | final val loss | steps to AdamW's final | " + head
+             + " | step time vs AdamW | state bytes/param (all / matrices) |",
+             "|---|---|---|---|" + "---|" * len(THRESHOLDS) + "---|---|"]
     for r in rows:
         reach = "not reached" if r["steps_to_adamw_final"] is None else f"{r['steps_to_adamw_final']:.0f}"
         search = ", ".join(f"{k}: {v:.3f}" for k, v in r["lr_search_final_val_loss"].items())
         lines.append(f"| {r['optimizer']} | {r['lr']:g} ({search}) | {r['final_val_loss']:.3f} ± "
                      f"{r['final_val_loss_std']:.3f} | {reach} / {r['total_steps']} | "
+                     + "".join("– | " if v is None else f"{v:.0f} | " for v in r["steps_to_loss"].values()) +
                      f"{r.get('step_ratio', float('nan')):.2f}× ({r.get('step_ms', float('nan')):.2f} ms) | "
                      f"{r.get('state_bytes_per_param', float('nan')):.1f} / "
                      f"{r.get('matrix_state_bytes_per_param', float('nan')):.1f} |")

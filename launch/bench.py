@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, default=None, help="sweep: PNG path (default: next to --out)")
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS),
                         help="optim: optimizer configs to compare (adamw is the reference)")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="optim: re-summarize the runs saved in this JSON instead of training")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     out = args.out or Path("outputs") / f"bench_{args.suite}.json"
@@ -219,6 +221,16 @@ def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Path,
 
 
 def _optim(args: argparse.Namespace, out: Path, meta: dict) -> list[dict]:
+    if args.from_json:  # summarize saved runs again (no training)
+        saved = json.loads(args.from_json.read_text())
+        best = {r["optimizer"]: r["lr"] for r in saved["rows"]}
+        keys = ("step_ms", "step_ratio", "state_bytes_per_param", "matrix_state_bytes_per_param", "params",
+                "matrix_params")
+        cost = {r["optimizer"]: {k: r[k] for k in keys} for r in saved["rows"]}
+        rows = summarize_optim(saved["runs"], best, cost)
+        print(optim_markdown(rows))
+        meta.update({k: v for k, v in saved.items() if k not in ("rows", "suite", "torch")})
+        return rows
     seeds = [0] if args.quick else args.seeds
     threads = (args.threads or [1])[0]
     t0 = time.perf_counter()
