@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -51,3 +53,79 @@ def weighted_sum(T: Tensor, dim: int, w: Tensor) -> Tensor:
 def default_tol(dtype: torch.dtype) -> float:
     """Default Karcher-flow tolerance on the Frobenius norm of the mean tangent vector."""
     return max(1e-10, 50.0 * float(torch.finfo(dtype).eps))
+
+
+#: ``reduce(t)`` returns the sum of ``t`` over every part of a batch split into parts (e.g. across processes);
+#: it must be called by every part in the same order and keep autograd (the gradient of a sum is a sum).
+BatchSum = Callable[[Tensor], Tensor]
+
+
+def raw_weights(X: Tensor, dim: int, weights: Tensor | None) -> Tensor:
+    """Unnormalised weights aligned with the batch dims ``X.shape[:-2]`` (one per sample if ``None``).
+
+    For a part of a split batch: the weights may all be zero (or the part empty); see :class:`SplitBatchMean`.
+    """
+    size = X.shape[dim]
+    if weights is None:
+        w = torch.ones(size, dtype=X.dtype, device=X.device)
+    else:
+        w = torch.as_tensor(weights, dtype=X.dtype, device=X.device)
+        if w.dim() == 1 and w.shape[0] != size:
+            raise ValueError(f"weights has {w.shape[0]} entries but dimension {dim} has size {size}")
+        if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+            raise ValueError("weights must be finite and non-negative")
+    if w.dim() == 1:
+        shape = [1] * (X.dim() - 2)
+        shape[dim] = size
+        w = w.reshape(shape)
+    return w
+
+
+def _align(t: Tensor, ndim: int) -> Tensor:
+    """Append singleton dims to ``t`` (aligned from the left) until it has ``ndim`` dims."""
+    return t.reshape(*t.shape, *([1] * (ndim - t.dim())))
+
+
+class SplitBatchMean:
+    r"""Weighted means along ``dim`` of a batch split into parts, this part holding the samples given.
+
+    Calling it on a stack ``T`` (batch dims first, then any event dims) returns
+    :math:`\sum_i w_i T_i / \sum_i w_i` over the union of the parts: the local weighted sum goes through
+    ``reduce`` (a :data:`BatchSum`). The total weight travels packed with the first sum (one ``reduce`` call per
+    mean) and is reused by later calls, so every part is weighted by its own count; a part may be empty. The
+    total is checked once (a host synchronisation): zero total weight raises a ValueError on every part alike.
+
+    Parameters
+    ----------
+    w : Tensor
+        Non-negative weights aligned with the leading (batch) dims of the stacks to average.
+    dim : int
+        The batch dimension that is reduced.
+    reduce : callable
+        Sum over the parts (identity for an unsplit batch).
+    """
+
+    def __init__(self, w: Tensor, dim: int, reduce: BatchSum) -> None:
+        self.w, self.dim, self.reduce = w, dim, reduce
+        self.total: Tensor | None = None
+
+    def __call__(self, T: Tensor) -> Tensor:
+        s = (_align(self.w, T.dim()) * T).sum(dim=self.dim)
+        if self.total is None:
+            tot = self.w.sum(dim=self.dim)
+            packed = self.reduce(torch.cat([s.reshape(-1), tot.reshape(-1).to(s.dtype)]))
+            s, tot = packed[:s.numel()].view_as(s), packed[s.numel():].view_as(tot)
+            if not bool((tot > 0).all()):
+                raise ValueError("the batch is empty (or its weights are all zero) on every part it is split "
+                                 "into; a mean needs at least one sample")
+            self.total = tot if self.w.requires_grad else tot.detach()
+        else:
+            s = self.reduce(s)
+        return s / _align(self.total, s.dim())
+
+    @property
+    def count(self) -> Tensor:
+        """Total weight over all parts (after the first call): the global sample count for unit weights."""
+        if self.total is None:
+            raise RuntimeError("SplitBatchMean.count is known after the first mean")
+        return self.total

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._batch import batch_dim, default_tol, normalized_weights
+from ._batch import BatchSum, SplitBatchMean, _align, batch_dim, default_tol, normalized_weights, raw_weights
 from .polar import project_so
 
 __all__ = [
@@ -101,8 +101,9 @@ def so3_vee(S: Tensor) -> Tensor:
 
 
 def _needed(mask: Tensor) -> bool:
-    """Whether a branch must be evaluated: always on accelerators (no host sync), only if used on the CPU."""
-    return mask.device.type != "cpu" or bool(mask.any())
+    """Whether a branch must be evaluated: always on accelerators (no host sync) and for empty stacks (free),
+    only if used on the CPU."""
+    return mask.device.type != "cpu" or mask.numel() == 0 or bool(mask.any())
 
 
 def _select(mask: Tensor, a: Tensor | None, b: Tensor | None) -> Tensor:
@@ -302,6 +303,8 @@ def mean_so3(
     tol: float | None = None,
     init: Tensor | None = None,
     weights: Tensor | None = None,
+    *,
+    reduce: BatchSum | None = None,
 ) -> Tensor:
     r"""Weighted Karcher (geodesic L2) mean of rotations under the bi-invariant metric.
 
@@ -329,6 +332,10 @@ def mean_so3(
         (:func:`mean_so3_chordal`).
     weights : Tensor, optional
         Non-negative weights, shape ``(N,)`` or broadcastable to ``R.shape[:-2]``; normalised to sum to one.
+    reduce : callable, optional
+        For a batch split into parts (e.g. one per process), ``R`` being this part: ``reduce(t)`` sums ``t``
+        over all parts (as in :func:`~manifoldnorm.functional.mean_aim`); the chordal start and every step
+        then average over the union (one ``reduce`` each; the first also carries the total weight).
 
     Returns
     -------
@@ -345,12 +352,18 @@ def mean_so3(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"mean_so3: steps must be an int >= 1, got {steps!r}")
     d = batch_dim(R, dim)
-    w = normalized_weights(R, d, weights).squeeze(-1).movedim(d, 0)
+    if reduce is None:
+        w = normalized_weights(R, d, weights).squeeze(-1).movedim(d, 0)
+
+        def average(T: Tensor) -> Tensor:
+            return (_align(w, T.dim()) * T).sum(dim=0)
+    else:
+        average = SplitBatchMean(raw_weights(R, d, weights).movedim(d, 0), 0, reduce)
     R = R.movedim(d, 0)
     tol = default_tol(R.dtype) if tol is None else float(tol)
-    M = project_so((w.unsqueeze(-1) * R).sum(dim=0)) if init is None else init
+    M = project_so(average(R)) if init is None else init
     for _ in range(steps):
-        T = (w * so3_log(left_mul(M.mT, R))).sum(dim=0)
+        T = average(so3_log(left_mul(M.mT, R)))
         M = M @ so3_exp(T)
         if tol > 0 and float(torch.linalg.vector_norm(T.detach(), dim=-1).max()) <= tol:
             break

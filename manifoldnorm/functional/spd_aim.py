@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._batch import batch_dim, default_tol, normalized_weights, weighted_sum
+from ._batch import BatchSum, SplitBatchMean, batch_dim, default_tol, normalized_weights, raw_weights, weighted_sum
 from .spectral import sym, sym_expm, sym_logm, sym_powm, sym_sqrtm_invsqrtm
 
 __all__ = ["distance_aim", "mean_aim", "geodesic_aim", "logmap_aim", "expmap_aim", "congruence"]
@@ -91,6 +91,8 @@ def mean_aim(
     karcher_steps: int = 50,
     tol: float | None = None,
     init: Tensor | None = None,
+    *,
+    reduce: BatchSum | None = None,
 ) -> Tensor:
     r"""Weighted Fréchet (Karcher) mean under the affine-invariant metric.
 
@@ -111,6 +113,12 @@ def mean_aim(
         ``tol=0`` always runs ``karcher_steps`` iterations (no host synchronisation).
     init : Tensor, optional
         Starting point (default: the weighted arithmetic mean).
+    reduce : callable, optional
+        For a batch split into parts (e.g. one per process), ``X`` being this part: ``reduce(t)`` returns the sum
+        of ``t`` over all parts (differentiably, called in the same order by every part). The arithmetic mean
+        and each Karcher step then use the weighted sums over the union, so every part computes the same mean
+        of the whole batch: one ``reduce`` per iteration plus one for the starting point (which also carries
+        the total weight). A part may be empty. ``None``: ``X`` is the whole batch.
 
     Returns
     -------
@@ -125,12 +133,18 @@ def mean_aim(
     if karcher_steps < 1:
         raise ValueError(f"karcher_steps must be >= 1, got {karcher_steps}")
     d = batch_dim(X, dim)
-    w = normalized_weights(X, d, weights)
+    if reduce is None:
+        w = normalized_weights(X, d, weights)
+
+        def average(T: Tensor) -> Tensor:
+            return weighted_sum(T, d, w)
+    else:
+        average = SplitBatchMean(raw_weights(X, d, weights), d, reduce)
     tol = default_tol(X.dtype) if tol is None else float(tol)
-    G = weighted_sum(X, d, w) if init is None else init
+    G = average(X) if init is None else init
     for _ in range(karcher_steps):
         S, Si = sym_sqrtm_invsqrtm(G)
-        T = weighted_sum(sym_logm(congruence(Si.unsqueeze(d), X)), d, w)
+        T = average(sym_logm(congruence(Si.unsqueeze(d), X)))
         G = congruence(S, sym_expm(T))
         if tol > 0 and float(torch.linalg.matrix_norm(T.detach()).max()) <= tol:
             break

@@ -5,8 +5,10 @@ from manifoldnorm.lit.datamodule import REPRESENTATIONS, SOURCES, EEGDataModule
 from manifoldnorm.lit.images import IMAGE_SOURCES, ImageDataModule
 from manifoldnorm.lit.lm import CharLMDataModule, LanguageModelModule
 from manifoldnorm.lit.module import ClassificationModule
+from manifoldnorm.lit.sync import RiemannianSyncBatchNorm
 
 __all__ = [
+    "RiemannianSyncBatchNorm",
     "ClassificationModule",
     "EEGDataModule",
     "SOURCES",

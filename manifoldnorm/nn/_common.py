@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
 
+from ._batch_stats import StatReducer, domain_groups
+
 __all__ = [
     "spd_identity_parameter",
     "to_channels",
@@ -90,11 +92,12 @@ def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def to_channels(x: Tensor, n: int, channels: int, owner: str, validate: bool) -> Tensor:
+def to_channels(x: Tensor, n: int, channels: int, owner: str, validate: bool, allow_empty: bool = False) -> Tensor:
     """Check ``x`` and view it as ``(N, C, n, n)``.
 
     Shape, dtype and finiteness are always checked (cheap); with ``validate=True`` symmetry and positive
     definiteness are checked as well (:func:`manifoldnorm.functional.check_spd`: one Cholesky per matrix).
+    ``N = 0`` is an error unless ``allow_empty`` (a part of a batch split across processes).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{owner}: expected a torch.Tensor, got {type(x).__name__}")
@@ -104,7 +107,7 @@ def to_channels(x: Tensor, n: int, channels: int, owner: str, validate: bool) ->
         raise ValueError(
             f"{owner}: expected input of shape (N, {n}, {n}) or (N, C, {n}, {n}), got {tuple(x.shape)}"
         )
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{owner}: got an empty batch")
     x4 = x.unsqueeze(1) if x.dim() == 3 else x
     if x4.shape[1] != channels:
@@ -181,6 +184,21 @@ class DomainStatsMixin:
                 for name, value in zip(self._stat_names, fresh, strict=True):
                     setattr(self, name, value)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+    def _prepare_domains(self, d: Tensor, red: StatReducer | None, owner: str) -> list[tuple[int, Tensor]] | None:
+        """Grow the buffers for the ids ``d``; with a reducer, the domains of every process and the local indices.
+
+        With ``red`` all processes grow to the same number of slots and get the same (ascending) list of the
+        domains present anywhere, with this process's sample indices (possibly empty); ``None`` otherwise.
+        """
+        if red is None:
+            self._grow(int(d.max()) + 1)
+            return None
+        size, groups = domain_groups(d, red)
+        if not groups:
+            raise ValueError(f"{owner}: got an empty batch on every process")
+        self._grow(size)
+        return groups
 
     @staticmethod
     def _domain_groups(d: Tensor) -> list[tuple[int, Tensor]]:

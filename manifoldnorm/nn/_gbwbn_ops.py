@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from manifoldnorm import functional as mf
+from manifoldnorm.functional._batch import BatchSum, SplitBatchMean
 from manifoldnorm.functional._bw_ops import exp_transport_op, pair_operator
 
 __all__ = ["barycenter", "centre_constant", "centre_generic", "log_exp_identity", "bias", "trace"]
@@ -30,19 +31,28 @@ def _eye_like(X: Tensor) -> Tensor:
     return torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
 
 
-def barycenter(Xt: Tensor, Mih: Tensor, steps: int, tol: float) -> Tensor:
+def barycenter(Xt: Tensor, Mih: Tensor, steps: int, tol: float, reduce: BatchSum | None = None) -> Tensor:
     r"""BW barycenter over dim 0 of :math:`Z_i = M^{-1/2}X^\theta_i M^{-1/2}` by the fixed-point iteration.
 
     Same iteration as :func:`manifoldnorm.functional.mean_bw` (from the arithmetic mean; ``tol=0``: exactly
     ``steps`` iterations), with the congruence :math:`G^{1/2}M^{-1/2}` applied to :math:`X^\theta` directly.
     Without autograd the sum :math:`\sum_i U_i \Lambda_i^{1/2} U_i^\top` is one matrix product.
+    ``reduce``: ``Xt`` is one part of a batch split into parts and ``reduce`` sums over them (see
+    :func:`manifoldnorm.functional.mean_aim`): the arithmetic mean (with the count) and the sum
+    :math:`\sum_i (G^{1/2}Z_iG^{1/2})^{1/2}` of every iteration are reduced, one ``reduce`` each.
     """
-    G = mf.congruence(Mih, Xt.mean(dim=0))
+    if reduce is None:
+        G = mf.congruence(Mih, Xt.mean(dim=0))
+    else:
+        average = SplitBatchMean(torch.ones(Xt.shape[0], dtype=Xt.dtype, device=Xt.device), 0, reduce)
+        G = mf.congruence(Mih, average(Xt))
     grad = torch.is_grad_enabled() and (Xt.requires_grad or Mih.requires_grad)
     for _ in range(steps):
         S, Si = mf.sym_sqrtm_invsqrtm(G)
         C = mf.congruence(S @ Mih, Xt)
-        if grad:
+        if reduce is not None:
+            H = average(mf.sym_sqrtm(C))
+        elif grad:
             H = mf.sym_sqrtm(C).mean(dim=0)
         else:
             lam, U = torch.linalg.eigh(C)

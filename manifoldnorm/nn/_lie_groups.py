@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from manifoldnorm import functional as mf
+from manifoldnorm.functional._batch import BatchSum, SplitBatchMean
 from manifoldnorm.functional.spd_pullback import cholesky_exp_grad
 
 __all__ = ["SPDLieGroup", "make_group", "cholesky_group_inverse", "LIE_METRICS"]
@@ -98,13 +99,17 @@ class SPDLieGroup:
         raise NotImplementedError
 
     # statistics ----------------------------------------------------------------------------------------------
-    def mean(self, Z: Tensor, karcher_steps: int, tol: float | None = 0.0) -> Tensor:
+    def mean(self, Z: Tensor, karcher_steps: int, tol: float | None = 0.0, reduce: BatchSum | None = None) -> Tensor:
         """Fréchet mean over dim 0 of a ``(N, C, ...)`` stack (arithmetic for the flat metrics).
 
         ``karcher_steps`` and ``tol`` (early stop, see :func:`manifoldnorm.functional.mean_aim`; ``0``: always
-        run every step) only matter for the Karcher flow of AIM.
+        run every step) only matter for the Karcher flow of AIM. ``reduce``: ``Z`` is one part of a batch split
+        into parts and ``reduce`` sums over them (see :func:`~manifoldnorm.functional.mean_aim`); the flat
+        metrics then need one ``reduce`` (sum and count together), AIM one per Karcher step plus one.
         """
-        return Z.mean(dim=0)
+        if reduce is None:
+            return Z.mean(dim=0)
+        return SplitBatchMean(torch.ones(Z.shape[0], dtype=Z.dtype, device=Z.device), 0, reduce)(Z)
 
     def sqdist_identity(self, Z: Tensor) -> Tensor:
         """Squared distance of each codomain element to the identity, ``(..., n, n)`` -> ``(...)``."""
@@ -149,8 +154,8 @@ class _AIM(SPDLieGroup):
     def undeform(self, Z: Tensor) -> Tensor:
         return self._pow(Z, 1.0 / self.theta)
 
-    def mean(self, Z: Tensor, karcher_steps: int, tol: float | None = 0.0) -> Tensor:
-        return mf.mean_aim(Z, dim=0, karcher_steps=karcher_steps, tol=tol)
+    def mean(self, Z: Tensor, karcher_steps: int, tol: float | None = 0.0, reduce: BatchSum | None = None) -> Tensor:
+        return mf.mean_aim(Z, dim=0, karcher_steps=karcher_steps, tol=tol, reduce=reduce)
 
     def _sqdist_from_eigvals(self, lam: Tensor) -> Tensor:
         log_lam = torch.log(lam)

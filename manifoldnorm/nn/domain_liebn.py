@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._batch_stats import active_reducer
 from ._common import (
     DomainStatsMixin,
     as_domain_ids,
@@ -118,9 +119,10 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
     def forward(self, x: Tensor, domain: Tensor | int | None = None) -> Tensor:
         """Normalize ``x`` with the statistics of each sample's domain; ``domain``: ``(N,)`` ids."""
         owner = type(self).__name__
-        x4 = to_channels(x, self.n, self.channels, owner, self.validate)
+        red = active_reducer(self) if (self.training or self.refitting) else None
+        x4 = to_channels(x, self.n, self.channels, owner, self.validate, allow_empty=red is not None)
         d = as_domain_ids(domain, x4.shape[0], x4.device, owner)
-        self._grow(int(d.max()) + 1)
+        groups = self._prepare_domains(d, red, owner)
         g = self.group
         with autocast_off(x4):
             cdt, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
@@ -129,9 +131,9 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
                 Zc = g.center(Z, g.deform(self.running_mean.to(cdt))[d])
                 Zs = g.scale(Zc, self._factor(self.running_var.to(cdt)[d], cdt))
             else:
-                groups = self._domain_groups(d)
+                groups = self._domain_groups(d) if groups is None else groups
                 step = self._refit_group if self.refitting else self._train_group
-                Zs = self._ungroup([step(Z.index_select(0, idx), dom) for dom, idx in groups], groups)
+                Zs = self._ungroup([step(Z.index_select(0, idx), dom, None, red) for dom, idx in groups], groups)
             y = self._bias(Zs, cdt)
         return from_channels(y.to(odt), x)
 

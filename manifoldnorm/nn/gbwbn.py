@@ -12,6 +12,7 @@ from manifoldnorm.functional._batch import default_tol
 from manifoldnorm.functional.spd_bw import geodesic_bw
 
 from . import _gbwbn_ops as ops
+from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, reduce_fn
 from ._common import (
     autocast_off,
     check_compute_dtype,
@@ -184,16 +185,17 @@ class GBWBatchNorm(RefittableNorm):
     # forward -----------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         """Normalize ``x`` (``domain`` is accepted and ignored: this layer is not domain-aware)."""
-        x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate)
+        red = active_reducer(self)
+        x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate, allow_empty=red is not None)
         with autocast_off(x4):
             cdt, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
             Mh, Mih = mf.sym_sqrtm_invsqrtm(self.metric_weight.to(cdt))
             Xt = self._pow(x4.to(cdt), self.theta)
             trZ = (mf.congruence(Mih, torch.eye(self.n, dtype=cdt, device=x4.device)) * Xt).sum((-1, -2))
             if self.refitting:
-                V, U, var = self._refit(Xt, Mih, Mh, trZ)
+                V, U, var = self._refit(Xt, Mih, Mh, trZ, red)
             elif self.training:
-                V, U, var = self._train(Xt, Mih, Mh, trZ)
+                V, U, var = self._train(Xt, Mih, Mh, trZ, red)
             else:
                 R = self._phi(self.running_mean.to(cdt), Mih)
                 V, U, d2 = self._centre(Xt, Mih, trZ, R)
@@ -211,20 +213,22 @@ class GBWBatchNorm(RefittableNorm):
             return ops.centre_generic(Xt, Mih, trZ, G)
         return ops.centre_constant(Xt, Mih, trZ, G)
 
-    def _train(self, Xt: Tensor, Mih: Tensor, Mh: Tensor, trZ: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    def _train(self, Xt: Tensor, Mih: Tensor, Mh: Tensor, trZ: Tensor,
+               red: StatReducer | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
         """Centre one batch with its (momentum) statistics and update all statistics."""
         cdt = Xt.dtype
         R, r, T, t = (getattr(self, k).to(cdt) for k in self._stat_names)
         eta, m = self.train_momentum, self.momentum
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_mean):
             src, Mis = (Xt.detach(), Mih.detach()) if self.detach_mean else (Xt, Mih)
-            G = ops.barycenter(src, Mis, self.mean_steps, tol=0.0)
+            G = ops.barycenter(src, Mis, self.mean_steps, tol=0.0, reduce=reduce_fn(red))
             centre = G if eta == 1.0 else geodesic_bw(self._phi(T, Mis).detach(), G.detach(), eta)
         V, U, d2 = self._centre(Xt, Mih, trZ, centre)
-        v = d2.mean(dim=0) / self.theta**2
+        v, count = batch_mean_count(d2, red)
+        v = v / self.theta**2
         v_eta = v if eta == 1.0 else (1.0 - eta) * t + eta * v
         degenerate = v_eta.detach() < self.eps
-        if Xt.shape[0] == 1 and eta == 1.0:
+        if count == 1 and eta == 1.0:
             degenerate = torch.ones_like(degenerate)
         var = torch.where(degenerate, r, v_eta)
         with torch.no_grad():
@@ -236,11 +240,12 @@ class GBWBatchNorm(RefittableNorm):
         return V, U, var
 
     @torch.no_grad()
-    def _refit(self, Xt: Tensor, Mih: Tensor, Mh: Tensor, trZ: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    def _refit(self, Xt: Tensor, Mih: Tensor, Mh: Tensor, trZ: Tensor,
+               red: StatReducer | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
         """Converged barycenter and exact dispersion of the batch become all statistics."""
-        G = ops.barycenter(Xt, Mih, self.refit_mean_steps, tol=default_tol(Xt.dtype))
+        G = ops.barycenter(Xt, Mih, self.refit_mean_steps, tol=default_tol(Xt.dtype), reduce=reduce_fn(red))
         V, U, d2 = ops.centre_constant(Xt, Mih, trZ, G)
-        v = d2.mean(dim=0) / self.theta**2
+        v = batch_mean(d2, red) / self.theta**2
         R = self._phi_inv(G, Mh)
         self._set_stats((R, v, R.clone(), v.clone()))
         return V, U, v

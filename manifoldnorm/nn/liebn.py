@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
 
+from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, reduce_fn
 from ._common import (
     autocast_off,
     check_compute_dtype,
@@ -205,15 +206,16 @@ class LieBatchNorm(RefittableNorm):
     # forward -----------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         """Normalize ``x`` (``domain`` is accepted and ignored: this layer is not domain-aware)."""
-        x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate)
+        red = active_reducer(self)
+        x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate, allow_empty=red is not None)
         with autocast_off(x4):
             cdt, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
             Z = self.group.deform(x4.to(cdt))
             B = self.group.deform(self.weight.to(cdt))
             if self.refitting:
-                y = self._refit_group(Z, None, B)
+                y = self._refit_group(Z, None, B, red)
             elif self.training:
-                y = self._train_group(Z, None, B)
+                y = self._train_group(Z, None, B, red)
             else:
                 R, r = self._get_stats(None, cdt)[:2]
                 Zs = self.group.scale(self.group.center(Z, self.group.deform(R)), self._factor(r, cdt))
@@ -223,27 +225,29 @@ class LieBatchNorm(RefittableNorm):
     def _factor(self, var: Tensor, dtype: torch.dtype) -> Tensor:
         return self.shift.to(dtype) / torch.sqrt(var + self.eps)
 
-    def _batch_mean(self, Z: Tensor) -> Tensor:
+    def _batch_mean(self, Z: Tensor, red: StatReducer | None = None) -> Tensor:
         if self.detach_mean:
             with torch.no_grad():
-                return self.group.mean(Z.detach(), self.karcher_steps)
-        return self.group.mean(Z, self.karcher_steps)
+                return self.group.mean(Z.detach(), self.karcher_steps, reduce=reduce_fn(red))
+        return self.group.mean(Z, self.karcher_steps, reduce=reduce_fn(red))
 
-    def _train_group(self, Z: Tensor, d: int | None, B: Tensor | None = None) -> Tensor:
+    def _train_group(self, Z: Tensor, d: int | None, B: Tensor | None = None,
+                     red: StatReducer | None = None) -> Tensor:
         """Centre and scale one group ``(N, C, n, n)`` of deformed inputs; update the statistics of slot ``d``.
 
         Returns the centred and scaled codomain elements, or with ``B`` (the deformed bias) the layer output.
+        With a reducer ``red`` the statistics are those of the group's union over all parts of the batch.
         """
         g = self.group
         R, r, T, t = self._get_stats(d, Z.dtype)
-        M = self._batch_mean(Z)
+        M = self._batch_mean(Z, red)
         eta = self.train_momentum
         centre = M if eta == 1.0 else g.geodesic(g.deform(T), M.detach(), eta)
         d2, scaler = g.dispersion(g.center(Z, centre))
-        v = d2.mean(dim=0)
+        v, count = batch_mean_count(d2, red)
         v_eta = v if eta == 1.0 else (1.0 - eta) * t + eta * v
         degenerate = v_eta.detach() < self.eps
-        if Z.shape[0] == 1 and eta == 1.0:
+        if count == 1 and eta == 1.0:
             degenerate = torch.ones_like(degenerate)
         out = scaler(self._factor(torch.where(degenerate, r, v_eta), Z.dtype), B)
         with torch.no_grad():
@@ -255,12 +259,13 @@ class LieBatchNorm(RefittableNorm):
         return out
 
     @torch.no_grad()
-    def _refit_group(self, Z: Tensor, d: int | None, B: Tensor | None = None) -> Tensor:
+    def _refit_group(self, Z: Tensor, d: int | None, B: Tensor | None = None,
+                     red: StatReducer | None = None) -> Tensor:
         """Exact Fréchet mean and dispersion of one group (full Karcher flow) become its statistics."""
         g = self.group
-        M = g.mean(Z, self.refit_karcher_steps, tol=None)
+        M = g.mean(Z, self.refit_karcher_steps, tol=None, reduce=reduce_fn(red))
         d2, scaler = g.dispersion(g.center(Z, M))
-        v = d2.mean(dim=0)
+        v = batch_mean(d2, red)
         R = g.undeform(M)
         self._set_stats(d, (R, v, R.clone(), v.clone()))
         return scaler(self._factor(v, Z.dtype), B)

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
 
+from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, reduce_fn
 from ._common import (
     DomainStatsMixin,
     as_domain_ids,
@@ -40,10 +41,18 @@ class RefittableNorm(nn.Module):
     :func:`manifoldnorm.nn.refit_domain_norms`. Subclasses hold ``momentum`` (running statistics) and
     ``train_momentum`` (statistics training normalizes with) and share their validation and
     :meth:`set_momentum`.
+
+    Every batch average inside the statistics (mean iterations, dispersion) goes through
+    :mod:`manifoldnorm.nn._batch_stats`: with ``stats_reducer`` left at ``None`` the local batch is averaged;
+    :func:`manifoldnorm.distributed.convert_sync_norm` sets a reducer that averages over the batches of all
+    processes of a data-parallel group.
     """
 
     refitting: bool = False
     domain_aware: bool = False
+    #: how batch statistics are reduced: ``None`` (local batch) or a synchronizing
+    #: :class:`~manifoldnorm.nn._batch_stats.StatReducer` (set by ``manifoldnorm.distributed.convert_sync_norm``)
+    stats_reducer: StatReducer | None = None
     momentum: float
     train_momentum: float
 
@@ -188,37 +197,41 @@ class SPDMomentumBatchNorm(RefittableNorm):
                              self.running_var.reshape(-1, self.channels)[0].to(cdt))
         return from_channels(y.to(odt), x)
 
-    def _train_group(self, x4: Tensor, stats: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """Normalize one group of samples with momentum statistics; return outputs and updated statistics."""
+    def _train_group(self, x4: Tensor, stats: tuple[Tensor, ...],
+                     red: StatReducer | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Normalize one group of samples with momentum statistics; return outputs and updated statistics.
+
+        With a reducer ``red`` the statistics are those of the group's union over all parts of the batch.
+        """
         R, r, Rt, rt = stats
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_mean):
             src = x4.detach() if self.detach_mean else x4
-            G = mf.mean_aim(src, dim=0, karcher_steps=self.karcher_steps, tol=0.0)
+            G = mf.mean_aim(src, dim=0, karcher_steps=self.karcher_steps, tol=0.0, reduce=reduce_fn(red))
         eta = self.train_momentum
         R_eta = G if eta == 1.0 else mf.geodesic_aim(R, G, eta)
         Z = mf.congruence(mf.sym_invsqrtm(R_eta), x4)
         E = mf.sym_eig(Z)  # one decomposition for the dispersion and the power
-        v_b = torch.log(E.eigvals()).square().sum(-1).mean(dim=0)
+        v_b, count = batch_mean_count(torch.log(E.eigvals()).square().sum(-1), red)
         r_eta = (1.0 - eta) * r + eta * v_b
         degenerate = r_eta.detach() < self.eps
-        if x4.shape[0] == 1 and eta == 1.0:
+        if count == 1 and eta == 1.0:
             degenerate = torch.ones_like(degenerate)
         var = torch.where(degenerate, r, r_eta)
         y = self._bias(E.powm(self._factor(var, x4.dtype)), x4.dtype)
         with torch.no_grad():
             G = G.detach()
             Rt_new = mf.geodesic_aim(Rt, G, self.momentum)
-            vt = _aim_sqdist(mf.sym_invsqrtm(Rt_new), x4.detach()).mean(dim=0)
+            vt = batch_mean(_aim_sqdist(mf.sym_invsqrtm(Rt_new), x4.detach()), red)
             t = self.momentum
             rt_new = torch.where(degenerate, rt, (1.0 - t) * rt + t * vt)
             new = (R_eta.detach(), torch.where(degenerate, r, r_eta.detach()), Rt_new, rt_new)
         return y, new
 
     @torch.no_grad()
-    def _refit_group(self, x4: Tensor) -> tuple[Tensor, Tensor]:
+    def _refit_group(self, x4: Tensor, red: StatReducer | None = None) -> tuple[Tensor, Tensor]:
         """Exact Fréchet mean and dispersion of one group (full Karcher flow)."""
-        G = mf.mean_aim(x4, dim=0, karcher_steps=self.refit_karcher_steps)
-        v = _aim_sqdist(mf.sym_invsqrtm(G), x4).mean(dim=0)
+        G = mf.mean_aim(x4, dim=0, karcher_steps=self.refit_karcher_steps, reduce=reduce_fn(red))
+        v = batch_mean(_aim_sqdist(mf.sym_invsqrtm(G), x4), red)
         return G, v
 
     def _eval(self, x4: Tensor, mean: Tensor, var: Tensor) -> Tensor:
@@ -226,16 +239,17 @@ class SPDMomentumBatchNorm(RefittableNorm):
 
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         """Normalize ``x`` (``domain`` is accepted and ignored: one set of statistics)."""
-        x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate)
+        red = active_reducer(self)
+        x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate, allow_empty=red is not None)
         with autocast_off(x4):
             dtype, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
             x4 = x4.to(dtype)
             if self.refitting:
-                G, v = self._refit_group(x4)
+                G, v = self._refit_group(x4, red)
                 self._set_stats(0, (G, v, G, v))
                 y = self._eval(x4, G, v)
             elif self.training:
-                y, new = self._train_group(x4, self._get_stats(0, dtype))
+                y, new = self._train_group(x4, self._get_stats(0, dtype), red)
                 self._set_stats(0, new)
             else:
                 _, _, Rt, rt = self._get_stats(0, dtype)
@@ -306,28 +320,31 @@ class DomainSPDBatchNorm(DomainStatsMixin, SPDMomentumBatchNorm):
     def forward(self, x: Tensor, domain: Tensor | int | None = None) -> Tensor:
         """Normalize ``x`` with the statistics of each sample's domain; ``domain``: ``(N,)`` ids."""
         owner = type(self).__name__
-        x4 = to_channels(x, self.n, self.channels, owner, self.validate)
+        red = active_reducer(self) if (self.training or self.refitting) else None
+        x4 = to_channels(x, self.n, self.channels, owner, self.validate, allow_empty=red is not None)
         d = as_domain_ids(domain, x4.shape[0], x4.device, owner)
-        self._grow(int(d.max()) + 1)
+        groups = self._prepare_domains(d, red, owner)
         with autocast_off(x4):
             dtype, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
-            return from_channels(self._forward_domains(x4.to(dtype), d, dtype).to(odt), x)
+            return from_channels(self._forward_domains(x4.to(dtype), d, dtype, groups, red).to(odt), x)
 
-    def _forward_domains(self, x4: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
+    def _forward_domains(self, x4: Tensor, d: Tensor, dtype: torch.dtype,
+                         groups: list[tuple[int, Tensor]] | None = None, red: StatReducer | None = None) -> Tensor:
         if not (self.training or self.refitting):
             Si = mf.sym_invsqrtm(self.running_mean.to(dtype))[d]
             var = self.running_var.to(dtype)[d]
             return self._scale_and_bias(mf.congruence(Si, x4), var, dtype)
-        groups = self._domain_groups(d)
+        if groups is None:
+            groups = self._domain_groups(d)
         outs = []
         for dom, idx in groups:
             xs = x4.index_select(0, idx)
             if self.refitting:
-                G, v = self._refit_group(xs)
+                G, v = self._refit_group(xs, red)
                 self._set_stats(dom, (G, v, G, v))
                 ys = self._eval(xs, G, v)
             else:
-                ys, new = self._train_group(xs, self._get_stats(dom, dtype))
+                ys, new = self._train_group(xs, self._get_stats(dom, dtype), red)
                 self._set_stats(dom, new)
             outs.append(ys)
         return self._ungroup(outs, groups)

@@ -21,6 +21,7 @@ from manifoldnorm.functional.so3 import (
 )
 from manifoldnorm.manifolds import SpecialOrthogonal
 
+from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, reduce_fn
 from ._common import autocast_off, check_compute_dtype, check_momentum, check_positive_int, resolve_dtype
 from .momentum_bn import RefittableNorm
 
@@ -209,7 +210,8 @@ class SO3BatchNorm(RefittableNorm):
             self.shift.fill_(1.0)
 
     # layout ------------------------------------------------------------------------------------------------------
-    def _flatten(self, x: Tensor, validate: bool) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    def _flatten(self, x: Tensor, validate: bool,
+                 allow_empty: bool = False) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """Check ``x`` and view it as ``(B, *F, 3, 3)``; return it with the function restoring the layout."""
         owner = type(self).__name__
         if not isinstance(x, Tensor):
@@ -226,7 +228,7 @@ class SO3BatchNorm(RefittableNorm):
                 layout[i] = str(f)
             raise ValueError(f"{owner}: expected rotations of shape ({', '.join(layout)}, 3, 3) with batch "
                              f"dims {self.batch_dims} and feature shape {F}, got {tuple(x.shape)}")
-        if x.numel() == 0:
+        if x.numel() == 0 and not allow_empty:
             raise ValueError(f"{owner}: got an empty batch")
         with torch.no_grad():
             if validate:
@@ -245,14 +247,15 @@ class SO3BatchNorm(RefittableNorm):
     # forward -----------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         """Normalize ``x`` (``domain`` is accepted and ignored: this layer is not domain-aware)."""
-        xb, restore = self._flatten(x, self.validate)
+        red = active_reducer(self)
+        xb, restore = self._flatten(x, self.validate, allow_empty=red is not None)
         with autocast_off(xb):
             cdt, odt = resolve_dtype(xb, self.weight, self.compute_dtype)
             X = xb.to(cdt)
             if self.refitting:
-                L, var = self._refit(X)
+                L, var = self._refit(X, red)
             elif self.training:
-                L, var = self._train(X)
+                L, var = self._train(X, red)
             else:
                 R, r = self._get_stats(cdt)[:2]
                 L, var = so3_log(left_mul(R.mT, X)), r
@@ -264,23 +267,23 @@ class SO3BatchNorm(RefittableNorm):
         c = self.shift.to(dtype) / torch.sqrt(var + self.eps)
         return left_mul(self.weight.to(dtype), so3_exp(c.unsqueeze(-1) * L))
 
-    def _batch_mean(self, X: Tensor) -> Tensor:
+    def _batch_mean(self, X: Tensor, red: StatReducer | None = None) -> Tensor:
         if self.detach_mean:
             with torch.no_grad():
-                return mean_so3(X.detach(), dim=0, steps=self.karcher_steps, tol=0.0)
-        return mean_so3(X, dim=0, steps=self.karcher_steps, tol=0.0)
+                return mean_so3(X.detach(), dim=0, steps=self.karcher_steps, tol=0.0, reduce=reduce_fn(red))
+        return mean_so3(X, dim=0, steps=self.karcher_steps, tol=0.0, reduce=reduce_fn(red))
 
-    def _train(self, X: Tensor) -> tuple[Tensor, Tensor]:
+    def _train(self, X: Tensor, red: StatReducer | None = None) -> tuple[Tensor, Tensor]:
         """Centre one batch ``(B, *F, 3, 3)`` with its (momentum) statistics and update the buffers."""
         R, r, T, t = self._get_stats(X.dtype)
-        M = self._batch_mean(X)
+        M = self._batch_mean(X, red)
         eta = self.train_momentum
         centre = M if eta == 1.0 else geodesic_so3(T, M.detach(), eta)
         L = so3_log(left_mul(centre.mT, X))
-        v = L.square().sum(-1).mean(dim=0)
+        v, count = batch_mean_count(L.square().sum(-1), red)
         v_eta = v if eta == 1.0 else (1.0 - eta) * t + eta * v
         degenerate = v_eta.detach() < self.eps
-        if X.shape[0] == 1 and eta == 1.0:
+        if count == 1 and eta == 1.0:
             degenerate = torch.ones_like(degenerate)
         var = torch.where(degenerate, r, v_eta)
         with torch.no_grad():
@@ -292,11 +295,11 @@ class SO3BatchNorm(RefittableNorm):
         return L, var
 
     @torch.no_grad()
-    def _refit(self, X: Tensor) -> tuple[Tensor, Tensor]:
+    def _refit(self, X: Tensor, red: StatReducer | None = None) -> tuple[Tensor, Tensor]:
         """Exact Karcher mean and dispersion of the batch become all statistics."""
-        M = mean_so3(X, dim=0, steps=self.refit_karcher_steps, tol=None)
+        M = mean_so3(X, dim=0, steps=self.refit_karcher_steps, tol=None, reduce=reduce_fn(red))
         L = so3_log(left_mul(M.mT, X))
-        v = L.square().sum(-1).mean(dim=0)
+        v = batch_mean(L.square().sum(-1), red)
         self._set_stats((M, v, M.clone(), v.clone()))
         return L, v
 

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from manifoldnorm import functional as mf
 
+from ._batch_stats import active_reducer, reduce_fn
 from ._common import (
     autocast_off,
     check_compute_dtype,
@@ -97,19 +98,20 @@ class SPDBatchNorm(RefittableNorm):
 
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         """Center and bias ``x`` (``domain`` is accepted and ignored)."""
-        x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate)
+        red = active_reducer(self)
+        x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate, allow_empty=red is not None)
         with autocast_off(x4):
             dtype, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
             x4 = x4.to(dtype)
             if self.refitting:
                 with torch.no_grad():
-                    G = mf.mean_aim(x4, dim=0, karcher_steps=self.refit_karcher_steps)
+                    G = mf.mean_aim(x4, dim=0, karcher_steps=self.refit_karcher_steps, reduce=reduce_fn(red))
                     self.running_mean.copy_(G)
                     self.train_mean.copy_(G)
             elif self.training:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_mean):
                     src = x4.detach() if self.detach_mean else x4
-                    G = mf.mean_aim(src, dim=0, karcher_steps=self.karcher_steps, tol=0.0)
+                    G = mf.mean_aim(src, dim=0, karcher_steps=self.karcher_steps, tol=0.0, reduce=reduce_fn(red))
                 with torch.no_grad():
                     R = self.running_mean.to(dtype)
                     self.running_mean.copy_(mf.geodesic_aim(R, G.detach(), self.momentum))

@@ -1,0 +1,44 @@
+"""Lightning plugin synchronizing Euclidean and Riemannian batch norms across the processes of a DDP run."""
+
+from __future__ import annotations
+
+from lightning.pytorch.plugins import LayerSync
+from torch import nn
+
+from manifoldnorm.distributed.sync_norm import convert_sync_norm, revert_sync_norm
+
+__all__ = ["RiemannianSyncBatchNorm"]
+
+
+class RiemannianSyncBatchNorm(LayerSync):
+    """``LayerSync`` plugin: batch statistics of every batch norm, Euclidean and Riemannian, over all processes.
+
+    ``Trainer(strategy="ddp", plugins=[RiemannianSyncBatchNorm()])``. When fitting, the DDP strategies call
+    :meth:`apply` before wrapping the model, which runs :func:`manifoldnorm.distributed.convert_sync_norm`:
+    Euclidean batch norms become :class:`manifoldnorm.nn.SyncBatchNorm` and every SPD / Lie group norm
+    (LieBN, SPDBN, SPDMBN, GBWBN, SO(3) LieBN and the domain-specific ones) computes its Fréchet mean and
+    dispersion over the union of the batches of all processes. At teardown :meth:`revert` restores local
+    statistics, so validation and test runs after fitting behave as without the plugin (evaluation never
+    communicates anyway). Parameters, buffers and checkpoint keys are unchanged.
+
+    Lightning's own ``Trainer(sync_batchnorm=True)`` converts only ``torch.nn.BatchNorm*`` layers (into
+    ``torch.nn.SyncBatchNorm``, which needs a GPU) and leaves the Riemannian norms local; the two cannot be
+    combined: use this plugin alone. On a single device it changes nothing numerically.
+
+    Parameters
+    ----------
+    process_group : torch.distributed.ProcessGroup, optional
+        Group to synchronize over; the default (world) group when ``None``. The group must exist when the
+        trainer sets up the model (e.g. created in ``LightningModule.setup``); leave ``None`` otherwise.
+    """
+
+    def __init__(self, process_group=None) -> None:  # noqa: ANN001 - torch.distributed.ProcessGroup
+        self.process_group = process_group
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Convert every batch norm of ``model`` to synchronized statistics (see ``convert_sync_norm``)."""
+        return convert_sync_norm(model, self.process_group)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        """Back to local statistics and the original classes (see ``revert_sync_norm``)."""
+        return revert_sync_norm(model)
