@@ -51,7 +51,7 @@ def test_lm_char_composes_from_overrides(tmp_path: Path) -> None:
     assert exp.data._target_ == "manifoldnorm.lit.CharLMDataModule" and exp.data.source == "pydoc"
     assert exp.model._target_ == "manifoldnorm.models.GPT" and exp.module._target_.endswith("LanguageModelModule")
     assert exp.norm._target_.endswith("LayerNorm") and exp.norm._partial_
-    assert exp.optimizer.rest.name == "adamw" and exp.optimizer.manifold is None
+    assert exp.optimizer.rest.name == "adamw" and exp.optimizer.manifold.name == "riemannian_adam"
     assert exp.module.scheduler._target_.endswith("CosineAnnealingLR") and exp.module.scheduler_interval == "epoch"
     assert exp.callbacks.model_checkpoint.monitor == "val/loss" and exp.callbacks.model_checkpoint.mode == "min"
     assert exp.trainer.accelerator == "cpu"
