@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,13 @@ from typing import Any
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from manifoldnorm.lit.module import RunLengthUnknown
+from manifoldnorm.lit.requeue import SLURMRequeue
 
 __all__ = [
     "ConfigError",
@@ -28,6 +31,7 @@ __all__ = [
     "build_datamodule",
     "build_module",
     "build_callbacks",
+    "slurm_run_id",
     "build_loggers",
     "build_trainer",
     "save_config",
@@ -108,14 +112,34 @@ def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[Callback]:
     return callbacks
 
 
+def slurm_run_id() -> str | None:
+    """``<cluster>-<job id>`` inside a SLURM job, else ``None``: one id per job, kept when the job is requeued.
+
+    Each task of an array job has its own ``SLURM_JOB_ID``, hence its own id.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    return f"{os.environ.get('SLURM_CLUSTER_NAME') or 'slurm'}-{job}"
+
+
 def build_loggers(cfg: DictConfig) -> list[Logger]:
-    """Instantiate every non-null entry of ``cfg.logger``."""
+    """Instantiate every non-null entry of ``cfg.logger``.
+
+    A ``WandbLogger`` without an ``id`` gets :func:`slurm_run_id` inside a SLURM job, so that all processes
+    and every requeued restart of the job write to one W&B run (``resume: allow`` in ``conf/logger/wandb.yaml``);
+    outside SLURM W&B picks a fresh id. Only the process of global rank 0 creates the run.
+    """
     loggers: list[Logger] = []
     with config_errors("logger"):
         for key, node in (cfg.get("logger") or {}).items():
             if node is None:
                 continue
-            lg = instantiate(node)
+            extra = {}
+            if str(node.get("_target_", "")).endswith("WandbLogger") and node.get("id") is None:
+                if (run_id := slurm_run_id()) is not None:
+                    extra["id"] = run_id
+            lg = instantiate(node, **extra)
             if not isinstance(lg, Logger):
                 raise TypeError(f"logger.{key} built a {type(lg).__name__}, not a Lightning Logger")
             loggers.append(lg)
@@ -123,6 +147,13 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> pl.Trainer:
+    """Instantiate ``cfg.trainer`` with the callbacks and loggers.
+
+    Inside a SLURM job a :class:`~manifoldnorm.lit.requeue.SLURMRequeue` callback is added unless one is
+    configured: SIGUSR1 checkpoints the run at a step all processes agree on and requeues the job.
+    """
+    if SLURMEnvironment.detect() and not any(isinstance(cb, SLURMRequeue) for cb in callbacks):
+        callbacks = [*callbacks, SLURMRequeue()]
     with config_errors("trainer"):
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
