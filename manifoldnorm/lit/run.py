@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from manifoldnorm.lit.module import RunLengthUnknown
 from manifoldnorm.lit.requeue import SLURMRequeue
+from manifoldnorm.lit.sync import RiemannianSyncBatchNorm
 
 __all__ = [
     "ConfigError",
@@ -151,11 +152,17 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
 
     Inside a SLURM job a :class:`~manifoldnorm.lit.requeue.SLURMRequeue` callback is added unless one is
     configured: SIGUSR1 checkpoints the run at a step all processes agree on and requeues the job.
+    ``sync_norm: true`` adds the :class:`~manifoldnorm.lit.sync.RiemannianSyncBatchNorm` plugin (batch
+    statistics of every batch norm over all processes; nothing changes on a single process).
     """
     if SLURMEnvironment.detect() and not any(isinstance(cb, SLURMRequeue) for cb in callbacks):
         callbacks = [*callbacks, SLURMRequeue()]
+    extra: dict[str, Any] = {}
+    if cfg.get("sync_norm"):
+        plugins = list(cfg.trainer.get("plugins") or [])
+        extra["plugins"] = [*(instantiate(p) for p in plugins), RiemannianSyncBatchNorm()]
     with config_errors("trainer"):
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
 
 def save_config(cfg: DictConfig, loggers: list[Logger], output_dir: str | Path) -> dict[str, Any]:
