@@ -1,4 +1,14 @@
-"""Benchmarks: ``python launch/bench.py {spectral,norms,sweep,layers,optim} [--quick] [--out <json>]``.
+"""Benchmarks: ``python launch/bench.py {spectral,norms,sweep,layers,optim,scale} [--quick] [--out <json>]``.
+
+``scale`` (see ``launch/_bench_scale.py`` and ``docs/scale.md``) measures training throughput of ``spd_eeg`` and
+``lm_char`` on 1 process (1 and 2 threads) vs 2 DDP processes on gloo (1 thread each; same per-process batch
+and same global batch), the cost of synchronized Riemannian norms (``sync_norm=true`` vs ``false`` in training,
+and one layer's forward+backward with its all-reduce calls and bytes counted), and the communication volume per
+step::
+
+    python launch/bench.py scale --out docs/bench/bench_scale.json   # about 10 min on 2 cores
+    python launch/bench.py scale --quick                              # smoke run: tiny spd_eeg only
+    python launch/bench.py scale --experiments lm_char --configs "1p x 2t" "2p x 1t" --repeats 3
 
 ``optim`` (see ``launch/_bench_optim.py``) trains ``lm_char`` with AdamW, Muon, NorMuon, Conda and SinkGD: a
 3-point lr search on seed 0, the best lr on seeds 1 and 2; final val loss, steps to reach AdamW's final val loss,
@@ -38,10 +48,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
+import _bench_scale as sc
 import torch
 from _bench_euclid import (
     EXPERIMENTS,
@@ -131,17 +143,22 @@ def _markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["spectral", "norms", "sweep", "layers", "optim"])
+    parser.add_argument("suite", choices=["spectral", "norms", "sweep", "layers", "optim", "scale"])
     parser.add_argument("--quick", action="store_true", help="one size, few repeats (smoke run)")
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="torch thread counts (spectral: the first; norms: default 1 2, --quick: 1)")
     parser.add_argument("--norms", nargs="+", default=None,
                         help="norm names (norms: every SPD/Lie norm; layers: every Euclidean norm; sweep: per "
-                             "experiment, see SWEEP_NORMS)")
+                             "experiment, see SWEEP_NORMS; scale: the synchronized norms, default "
+                             f"{' '.join(sc.SYNC_NORMS)})")
     parser.add_argument("--sizes", nargs="+", default=None, help="norms: nxN sizes, e.g. 20x32 93x128")
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default: adaptive)")
-    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats (default: adaptive; scale: rounds of training runs, default 1)")
+    parser.add_argument("--experiments", nargs="+", default=None, choices=[*EXPERIMENTS, "spd_eeg"],
+                        help="sweep: lm_char cnn_digits (default both); scale: spd_eeg lm_char (default both)")
+    parser.add_argument("--configs", nargs="+", default=None, choices=list(sc.CONFIGS),
+                        help="scale: processes x threads configurations (default all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="sweep: runs at a time")
     parser.add_argument("--override", nargs="*", default=[], help="sweep: extra Hydra overrides for every run")
@@ -158,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"suite": args.suite, "torch": torch.__version__}
     if args.suite == "sweep":
         rows = _sweep(parser, args, out, meta)
+    elif args.suite == "scale":
+        rows = _scale(parser, args, out, meta)
     elif args.suite == "optim":
         rows = _optim(args, out, meta)
     elif args.suite == "layers":
@@ -201,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Path, meta: dict) -> list[dict]:
+    args.experiments = args.experiments or list(EXPERIMENTS)
+    if "spd_eeg" in args.experiments:
+        parser.error("sweep: --experiments takes lm_char and cnn_digits")
     known = set(list_norms(kind="euclidean"))
     norms = {e: tuple(args.norms) if args.norms else SWEEP_NORMS[e] for e in args.experiments}
     unknown = sorted({n for ns in norms.values() for n in ns} - known)
@@ -244,6 +266,47 @@ def _optim(args: argparse.Namespace, out: Path, meta: dict) -> list[dict]:
     print(f"wrote {png}")
     meta.update(seeds=seeds, jobs=args.jobs, threads_per_run=threads, quick=args.quick, overrides=args.override,
                 timer="time.process_time, 1 thread", total_wall_s=time.perf_counter() - t0, plot=str(png), runs=runs)
+    return rows
+
+
+def _scale(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Path, meta: dict) -> list[dict]:
+    import tempfile
+
+    experiments = args.experiments or (["spd_eeg"] if args.quick else list(sc.EXPERIMENTS))
+    unknown = sorted(set(experiments) - set(sc.EXPERIMENTS))
+    if unknown:
+        parser.error(f"scale: unknown experiment(s) {', '.join(unknown)}; valid: {', '.join(sc.EXPERIMENTS)}")
+    configs = args.configs or (["1p x 1t", "2p x 1t"] if args.quick else list(sc.CONFIGS))
+    configs = [c for c in sc.CONFIGS if c in configs]  # the baselines first
+    norms = args.norms or (["liebn_lem"] if args.quick else list(sc.SYNC_NORMS))
+    unknown = sorted(set(norms) - set(sc.SYNC_NORMS))
+    if unknown:
+        parser.error(f"scale: no traffic model for norm(s) {', '.join(unknown)}; valid: {', '.join(sc.SYNC_NORMS)}")
+    repeats = args.repeats or 1
+    n, batch = (sc.QUICK_LAYER_N, sc.QUICK_LAYER_BATCH) if args.quick else (sc.LAYER_N, sc.LAYER_BATCH)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
+        work = Path(tmp)
+        print("training throughput:", flush=True)
+        rows, runs = sc.bench_throughput(experiments, configs, args.quick, repeats, work / "throughput")
+        print("synchronized norms in training:", flush=True)
+        sync_rows, sync_runs = sc.bench_sync_training(norms, args.quick, repeats, work / "sync")
+        print("one norm layer, local vs synchronized:", flush=True)
+        layer_rows = sc.bench_sync_layer(list(sc.SYNC_NORMS), n, batch, 5 if args.quick else 60, work / "layer")
+    volume = sc.comm_volume(rows, sync_rows)
+    print(sc.scale_markdown(rows, sync_rows, layer_rows, volume))
+    keep = ("experiment", "config", "norm", "sync", "repeat", "samples_per_s", "seconds", "samples", "steps",
+            "total_steps", "seconds_per_rank", "samples_per_rank", "torch_threads", "world_size", "wall_s",
+            "sync_calls_per_step", "sync_bytes_per_step")
+    meta.update(quick=args.quick, repeats=repeats, cpus=os.cpu_count(), configs={c: sc.CONFIGS[c] for c in configs},
+                sizes={e: dict(zip(("batch_per_process", "steps", "warmup_steps", "overrides"),
+                                   (sc.QUICK if args.quick else sc.FULL)[e], strict=True))
+                       for e in dict.fromkeys([*experiments, "spd_eeg"])},
+                common_overrides=sc.COMMON,
+                timer="wall time of global rank 0 over the training batches after warm-up (ThroughputTimer)",
+                layer_timer="median wall time of rank 0 (time.perf_counter), one thread per process",
+                total_wall_s=time.perf_counter() - t0, sync_training=sync_rows, sync_layer=layer_rows,
+                comm_volume=volume, runs=[{k: r[k] for k in keep if k in r} for r in runs + sync_runs])
     return rows
 
 

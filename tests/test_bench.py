@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +107,104 @@ def test_sweep_bench_quick(tmp_path: Path) -> None:
         assert len(run["curves"][key]) == 2  # two validation epochs
     png = tmp_path / "sweep.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _OnePart:
+    """The reducer of a batch "split" into a single part: the sum over parts is the tensor itself."""
+
+    active = True
+
+    def sum(self, t):  # noqa: ANN001, ANN201
+        return t
+
+    def max(self, t):  # noqa: ANN001, ANN201
+        return t.detach().clone()
+
+
+@pytest.mark.parametrize("norm", ["liebn_aim", "liebn_lem", "spdbn"])
+@pytest.mark.parametrize(("n", "karcher_steps"), [(4, 1), (6, 3)])
+def test_scale_traffic_model_matches_the_reductions_of_the_layer(norm: str, n: int, karcher_steps: int) -> None:
+    """``sync_stats_traffic`` = the all-reduces a synchronized layer really issues (counted on the split path)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    from _bench_scale import count_sync_traffic, sync_stats_traffic
+
+    from manifoldnorm.nn import create_norm_layer
+
+    local = create_norm_layer(norm, n, karcher_steps=karcher_steps).double().train()
+    split = create_norm_layer(norm, n, karcher_steps=karcher_steps).double().train()
+    split.stats_reducer = _OnePart()
+    counter = count_sync_traffic(split)
+    assert counter is not None
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(7, n, n, generator=g, dtype=torch.float64)
+    X = A @ A.mT / n + 0.1 * torch.eye(n, dtype=torch.float64)
+    W = torch.randn(7, n, n, generator=g, dtype=torch.float64)
+    xs = [X.clone().requires_grad_() for _ in range(2)]
+    ys = [layer(x) for layer, x in zip((local, split), xs, strict=True)]
+    for y in ys:
+        (y * W).sum().backward()
+    torch.testing.assert_close(ys[1], ys[0], rtol=0, atol=1e-12)  # one part: the local statistics
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0, atol=1e-12)
+    want = sync_stats_traffic(norm, n, karcher_steps=karcher_steps)
+    assert counter.totals() == (want["calls"], want["bytes"])
+    assert counter.counts["fwd"][0] == want["fwd_calls"] and counter.counts["bwd"][0] == want["bwd_calls"]
+    assert counter.counts["max"] == [0, 0]
+
+
+def test_scale_ring_allreduce_volume() -> None:
+    sys.path.insert(0, str(ROOT / "launch"))
+    from _bench_scale import ring_allreduce_bytes
+
+    assert ring_allreduce_bytes(1000, 1) == 0
+    assert ring_allreduce_bytes(1000, 2) == 1000
+    assert ring_allreduce_bytes(1000, 8) == 1750
+
+
+@pytest.mark.slow
+def test_scale_bench_quick(tmp_path: Path) -> None:
+    """1 vs 2 gloo processes through launch/train.py, sync_norm on/off, one layer on 2 processes (smoke run)."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    from _bench_scale import CONFIGS, sync_stats_traffic
+
+    out = tmp_path / "scale.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "WANDB_", "SLURM_"))}
+    env["MANIFOLDNORM_CACHE"] = str(tmp_path / "cache")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench.py"), "scale", "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| spd_eeg | 2p x 1t | 8 | 16 |" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["suite"] == "scale" and report["quick"]
+    rows = report["rows"]
+    assert [(r["experiment"], r["config"]) for r in rows] == [("spd_eeg", "1p x 1t"), ("spd_eeg", "2p x 1t")]
+    for r in rows:
+        processes, threads, _ = CONFIGS[r["config"]]
+        assert math.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0
+        assert r["torch_threads"] == threads and r["global_batch"] == 8 * processes
+        assert r["steps_per_s"] == pytest.approx(r["samples_per_s"] / r["global_batch"])
+    assert rows[0]["x_1p1t"] == 1.0
+    # the timer's accounting: every counted step is a full batch on every process
+    for run in report["runs"]:
+        assert run["steps"] == 15 and run["total_steps"] == 20
+        assert run["samples"] == run["steps"] * 8 * run["world_size"]
+        assert run["world_size"] == (1 if run.get("config") == "1p x 1t" else 2)
+        assert len(run["seconds_per_rank"]) == run["world_size"] and run["seconds"] > 0
+    # synchronized LEM LieBN in a real DDP run: the counted all-reduces are the predicted ones
+    (sync,) = report["sync_training"]
+    assert sync["norm"] == "liebn_lem" and sync["local_calls_per_step"] == 0
+    assert sync["local_samples_per_s"] > 0 and sync["sync_samples_per_s"] > 0
+    want = sync_stats_traffic("liebn_lem", 16)
+    assert (sync["sync_calls_per_step"], sync["sync_bytes_per_step"]) == (want["calls"], want["bytes"])
+    layers = {r["norm"]: r for r in report["sync_layer"]}
+    assert set(layers) == {"liebn_aim", "liebn_lem", "spdbn"}
+    for name, r in layers.items():
+        want = sync_stats_traffic(name, r["n"])
+        assert (r["calls_per_step"], r["bytes_per_step"]) == (want["calls"], want["bytes"])
+        assert r["local_ms"] > 0 and r["sync_ms"] > 0
+    (volume,) = report["comm_volume"]
+    assert volume["grad_bytes"] == rows[0]["param_bytes"] and 4 * volume["params"] <= volume["grad_bytes"]
+    assert volume["ring_bytes_per_process"]["2"] == volume["grad_bytes"]

@@ -2,17 +2,18 @@
 # A real SLURM cluster on this one machine, to try the cluster path locally (and for the SLURM tests):
 # munge + slurmctld + two slurmd daemons acting as the nodes n1 and n2, from Debian's packages, no systemd.
 #
-#   sudo apt-get install slurmctld slurmd slurm-client munge   # once
-#   sudo launch/slurm/local_cluster.sh start    # idempotent; returns once both nodes are idle
+#   apt-get install slurmctld slurmd slurm-client munge   # once, as root (as are start and stop)
+#   launch/slurm/local_cluster.sh start         # idempotent; returns once both nodes are idle
 #   launch/slurm/local_cluster.sh status        # sinfo + squeue; exit status 0 when the cluster answers
-#   sudo launch/slurm/local_cluster.sh stop
+#   launch/slurm/local_cluster.sh stop          # cancels the queued jobs, stops the daemons
 #
 # Partitions: `debug` (node n1, the default) and `multi` (n1 and n2: two "nodes" for multi-node jobs). Each
 # node offers all CPUs of the machine (the two nodes share them). Needs root: it writes /etc/slurm/slurm.conf
 # (refusing to replace one it did not write, unless FORCE=1), adds n1/n2 to /etc/hosts when they do not resolve
 # and starts the daemons. Works without cgroups (proctrack/linuxproc, task/none), e.g. in a container.
 # Environment: CRED_EXPIRE (seconds, default 10; also how long a requeued job waits before it may start again,
-# slurm.conf(5) AuthInfo), PORT_BASE (default 17000: slurmctld PORT_BASE, nodes PORT_BASE+1 and +2),
+# slurm.conf(5) AuthInfo), PORT_BASE (default 6817, SLURM's own: slurmctld PORT_BASE, nodes PORT_BASE+1 and +2;
+# keep it outside 15000-24999, where Lightning puts a job's MASTER_PORT: 15000 + last 4 digits of the job id),
 # NODE_CPUS (default: nproc), NODE_MEMORY_MB (default: half the machine's memory).
 set -euo pipefail
 
@@ -20,14 +21,31 @@ CONF=/etc/slurm/slurm.conf
 MARK="# written by manifoldnorm launch/slurm/local_cluster.sh"
 NODES=(n1 n2)
 CRED_EXPIRE=${CRED_EXPIRE:-10}
-PORT_BASE=${PORT_BASE:-17000}
+PORT_BASE=${PORT_BASE:-6817}
 NODE_CPUS=${NODE_CPUS:-$(nproc)}
 NODE_MEMORY_MB=${NODE_MEMORY_MB:-$(awk '/MemTotal/ {print int($2 / 2048)}' /proc/meminfo)}
 STATE=/var/lib/slurm
 LOGS=/var/log/slurm
 
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
-alive() { [[ -f $1 ]] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }   # a pid file whose process runs
+# alive PIDFILE NAME: the pid file names a running (not zombie) process called NAME
+alive() {
+  local pid state
+  pid=$(cat "$1" 2>/dev/null) && [[ $pid =~ ^[0-9]+$ ]] || return 1
+  [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]] || return 1
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) && [[ $state != Z ]]
+}
+
+# stop_daemon PIDFILE NAME: SIGTERM, up to 15 s, then SIGKILL
+stop_daemon() {
+  local i pid
+  alive "$1" "$2" || { rm -f "$1"; return 0; }
+  pid=$(cat "$1")
+  kill "$pid"
+  for ((i = 0; i < 75; i++)); do alive "$1" "$2" || break; sleep 0.2; done
+  if alive "$1" "$2"; then kill -9 "$pid"; sleep 0.5; fi
+  rm -f "$1"
+}
 
 require_root() { [[ $(id -u) == 0 ]] || die "run as root (writes $CONF and /etc/hosts, starts daemons)"; }
 
@@ -88,8 +106,10 @@ resolve_names() {
   done
 }
 
+munge_works() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+
 start_munge() {
-  if alive /run/munge/munged.pid && munge -n </dev/null | unmunge >/dev/null 2>&1; then return; fi
+  munge_works && return 0   # ours or a system munged: either will do
   mkdir -p /etc/munge /run/munge /var/lib/munge /var/log/munge
   if [[ ! -s /etc/munge/munge.key ]]; then
     dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
@@ -97,19 +117,22 @@ start_munge() {
   chown munge:munge /etc/munge/munge.key /run/munge /var/lib/munge /var/log/munge
   chmod 0400 /etc/munge/munge.key
   chmod 0755 /run/munge
+  rm -f /run/munge/munged.pid
   runuser -u munge -- munged
-  munge -n </dev/null | unmunge >/dev/null || die "munge does not work (see /var/log/munge/munged.log)"
+  munge_works || die "munge does not work (see /var/log/munge/munged.log)"
 }
 
 start_slurm() {
   local changed=$1 node
   mkdir -p "$STATE/slurmctld" "$LOGS"
   for node in "${NODES[@]}"; do mkdir -p "$STATE/slurmd/$node"; done
-  if alive /run/slurmctld.pid && ((changed)); then scontrol reconfigure; fi
-  alive /run/slurmctld.pid || slurmctld
+  if ((changed)); then   # a new node or port needs fresh daemons (scontrol reconfigure does not add nodes)
+    for node in "${NODES[@]}"; do stop_daemon "/run/slurmd-$node.pid" slurmd; done
+    stop_daemon /run/slurmctld.pid slurmctld
+  fi
+  alive /run/slurmctld.pid slurmctld || slurmctld || die "slurmctld did not start; see $LOGS/slurmctld.log"
   for node in "${NODES[@]}"; do
-    if alive "/run/slurmd-$node.pid" && ((changed)); then kill "$(cat "/run/slurmd-$node.pid")"; sleep 1; fi
-    alive "/run/slurmd-$node.pid" || slurmd -N "$node"
+    alive "/run/slurmd-$node.pid" slurmd || slurmd -N "$node" || die "slurmd -N $node did not start; see $LOGS/slurmd-$node.log"
   done
 }
 
@@ -142,13 +165,18 @@ start() {
 
 stop() {
   require_root
-  local pidfile
-  for pidfile in /run/slurmd-n1.pid /run/slurmd-n2.pid /run/slurmctld.pid /run/munge/munged.pid; do
-    if alive "$pidfile"; then
-      kill "$(cat "$pidfile")"
-      for _ in $(seq 50); do alive "$pidfile" || break; sleep 0.2; done
-    fi
-  done
+  local node i jobs
+  # Jobs first: their processes (slurmstepd and the tasks) would outlive the daemons.
+  jobs=$(alive /run/slurmctld.pid slurmctld && squeue -h -o %A 2>/dev/null | sort -u || true)
+  if [[ -n $jobs ]]; then
+    echo "cancelling the jobs in the queue:"; squeue
+    # shellcheck disable=SC2086
+    scancel $jobs || true
+    for ((i = 0; i < 30; i++)); do [[ -z $(squeue -h -o %A 2>/dev/null) ]] && break; sleep 1; done
+  fi
+  for node in "${NODES[@]}"; do stop_daemon "/run/slurmd-$node.pid" slurmd; done
+  stop_daemon /run/slurmctld.pid slurmctld
+  stop_daemon /run/munge/munged.pid munged
   echo "local SLURM cluster stopped"
 }
 

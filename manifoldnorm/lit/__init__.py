@@ -5,10 +5,15 @@ from manifoldnorm.lit.datamodule import REPRESENTATIONS, SOURCES, EEGDataModule
 from manifoldnorm.lit.images import IMAGE_SOURCES, ImageDataModule
 from manifoldnorm.lit.lm import CharLMDataModule, LanguageModelModule
 from manifoldnorm.lit.module import ClassificationModule
+from manifoldnorm.lit.requeue import SLURMRequeue
+from manifoldnorm.lit.resume import ResumableDataLoader, RNGStates
 from manifoldnorm.lit.sync import RiemannianSyncBatchNorm
 
 __all__ = [
     "RiemannianSyncBatchNorm",
+    "RNGStates",
+    "ResumableDataLoader",
+    "SLURMRequeue",
     "ClassificationModule",
     "EEGDataModule",
     "SOURCES",

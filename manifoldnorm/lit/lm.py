@@ -21,6 +21,7 @@ from manifoldnorm.data.text import (
     split_text,
 )
 from manifoldnorm.lit.module import OptimizerFactory, SchedulerFactory, optimizers_for
+from manifoldnorm.lit.resume import ResumableDataLoader
 
 __all__ = ["CharLMDataModule", "LanguageModelModule"]
 
@@ -128,8 +129,9 @@ class CharLMDataModule(pl.LightningDataModule):
         sampler = None
         if name == "train":
             sampler = RandomWindowSampler(len(ds), self.steps_per_epoch * self.batch_size, seed=self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return (ResumableDataLoader if name == "train" else DataLoader)(
+            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -77,7 +77,10 @@ class SLURMRequeue(Callback):
             return
         if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
             return
-        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        # the next free hpc_ckpt_<n>, as rank 0 sees it: a process that looked after rank 0 had written the file
+        # would name the next number
+        path = trainer.strategy.broadcast(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir),
+                                          src=0)
         log.info("requeue signal %s: saving %s at step %d", self.signum.name, path, trainer.global_step)
         for logger in trainer.loggers:
             logger.save()

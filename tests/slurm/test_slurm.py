@@ -1,17 +1,20 @@
-"""SLURM for real: launch/slurm/train.sbatch on a two-node cluster, and a requeue that resumes the run.
+"""SLURM for real: launch/slurm/train.sbatch on two nodes, a requeue that resumes the run, a submitit sweep.
 
 Needs Debian's slurm-client (sbatch) and a cluster with a two-node partition (``multi``, or
 MANIFOLDNORM_SLURM_PARTITION); when none answers, ``launch/slurm/local_cluster.sh start`` starts the local one
-(as root). Skipped only when sbatch is not installed.
+(as root). On a cluster of several machines set MANIFOLDNORM_SLURM_DIR to a directory that every node sees (the
+default is pytest's temporary directory). Skipped only when sbatch is not installed.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,32 +45,45 @@ def idle_nodes() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> None:
-    if idle_nodes() >= 2:
-        return
-    start = subprocess.run([str(ROOT / "launch" / "slurm" / "local_cluster.sh"), "start"], capture_output=True,
-                           text=True, timeout=180)
-    assert start.returncode == 0, f"no SLURM cluster and the local one did not start:\n{start.stderr}"
-    assert idle_nodes() >= 2, subprocess.run(["sinfo"], capture_output=True, text=True).stdout
+def cluster() -> str:
+    """The cluster's name (``ClusterName``), after making sure two nodes of the partition are up."""
+    if idle_nodes() < 2:
+        start = subprocess.run([str(ROOT / "launch" / "slurm" / "local_cluster.sh"), "start"], capture_output=True,
+                               text=True, timeout=180)
+        assert start.returncode == 0, f"no SLURM cluster and the local one did not start:\n{start.stderr}"
+        assert idle_nodes() >= 2, subprocess.run(["sinfo"], capture_output=True, text=True).stdout
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    return re.search(r"^ClusterName\s*=\s*(\S+)", config, re.M).group(1)
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Path:
+    """A fresh directory that the nodes see: under MANIFOLDNORM_SLURM_DIR if set, else pytest's tmp_path."""
+    base = os.environ.get("MANIFOLDNORM_SLURM_DIR")
+    return Path(tempfile.mkdtemp(prefix="slurm-test-", dir=base)) if base else tmp_path
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "WANDB_", "SLURM_", "SBATCH_"))}
-    env.update(MANIFOLDNORM_CACHE=str(tmp_path_factory.mktemp("cache")), WANDB_SILENT="true",
-               PYTHON=sys.executable)
+    """The submitting environment (sbatch exports it to the job): this interpreter, no inherited launch state."""
+    drop = ("HYDRA_", "WANDB_", "SLURM_", "SBATCH_", "SRUN_", "MASTER_", "TORCHELASTIC_", "RANK", "LOCAL_RANK",
+            "WORLD_SIZE", "GROUP_RANK", "NODE_RANK")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    base = os.environ.get("MANIFOLDNORM_SLURM_DIR")
+    cache = tempfile.mkdtemp(prefix="slurm-cache-", dir=base) if base else tmp_path_factory.mktemp("cache")
+    env.update(MANIFOLDNORM_CACHE=str(cache), WANDB_SILENT="true", OMP_NUM_THREADS="1", PYTHON=sys.executable)
     return env
 
 
-def submit(tmp_path: Path, env: dict[str, str], *overrides: str) -> str:
+def submit(out_dir: Path, env: dict[str, str], *overrides: str) -> str:
     cmd = ["sbatch", "--parsable", f"--partition={PARTITION}", "--nodes=2", "--ntasks-per-node=1", "--time=5",
-           f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", *TINY, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "LOG_DIR": str(tmp_path)}, capture_output=True, text=True)
+           f"--output={out_dir}/slurm-%j.out", "launch/slurm/train.sbatch", *TINY, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "LOG_DIR": str(out_dir)}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
 
-def wait(job: str, timeout: float = 240) -> dict[str, str]:
+def wait(job: str, timeout: float = 150) -> dict[str, str]:
     """Wait until the job has left the queue; its final ``scontrol show job`` fields."""
     deadline = time.monotonic() + timeout
     while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
@@ -79,43 +95,79 @@ def wait(job: str, timeout: float = 240) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", show))
 
 
-def until(predicate, timeout: float = 120) -> None:  # noqa: ANN001
+def until(predicate, timeout: float = 90) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.5)
 
 
-def test_two_node_training_job(cluster, env: dict[str, str], tmp_path: Path) -> None:
-    job = submit(tmp_path, env, "trainer.max_epochs=2")
+def test_two_node_training_job(cluster: str, env: dict[str, str], shared: Path) -> None:
+    job = submit(shared, env, "trainer.max_epochs=2")
     info = wait(job)
-    out = (tmp_path / f"slurm-{job}.out").read_text()
+    out = (shared / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-4000:]
+    assert f"job {job} (restart 0): 2 node(s) x 1 task(s)" in out and f"; {sys.executable}\n" in out  # this python
     assert {(int(r), int(w)) for r, w in MEMBER.findall(out)} == {(0, 2), (1, 2)}  # two nodes, one world
-    run_dir = tmp_path / "spd_eeg" / job  # keyed on the job id, the same for both processes
+    run_dir = shared / "spd_eeg" / job  # keyed on the job id, the same for both processes
     assert out.count(f"run directory: {run_dir}") == 2 and out.count("test/bacc") == 2
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")  # one W&B run, from rank 0
-    assert wandb_run.name.endswith(f"-{job}")  # id <cluster>-<job id>
+    assert wandb_run.name.endswith(f"-{cluster}-{job}")  # id <cluster>-<job id>
 
 
-def test_requeue_resumes_from_the_saved_step(cluster, env: dict[str, str], tmp_path: Path) -> None:
-    epochs = 25
-    job = submit(tmp_path, env, f"trainer.max_epochs={epochs}")
-    run_dir = tmp_path / "spd_eeg" / job
+def test_requeue_resumes_from_the_saved_step(cluster: str, env: dict[str, str], shared: Path) -> None:
+    epochs = 30
+    job = submit(shared, env, f"trainer.max_epochs={epochs}")
+    run_dir = shared / "spd_eeg" / job
     until(lambda: (run_dir / "checkpoints" / "last.ckpt").is_file())  # the first epoch is done
     assert subprocess.run(["scancel", "--signal=USR1", job]).returncode == 0
     info = wait(job)
-    out = (tmp_path / f"slurm-{job}.out").read_text()
+    out = (shared / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-4000:]
     assert info["Restarts"] == "1" and f"job {job} (restart 1)" in out, out[-4000:]
+    first, second = out.split(f"job {job} (restart 1)")
     hpc = run_dir / "hpc_ckpt_1.ckpt"
     saved = torch.load(hpc, weights_only=False)["global_step"]
     assert 0 < saved < epochs * STEPS_PER_EPOCH  # saved mid-training, at a step both processes agreed on
-    assert len(re.findall(rf"saving {re.escape(str(hpc))} at step {saved}\b", out)) == 2
-    assert f"Restored all states from the checkpoint at {hpc}" in out.split(f"job {job} (restart 1)")[1]
+    assert len(re.findall(rf"saving {re.escape(str(hpc))} at step {saved}\n", first)) == 2, first[-4000:]
+    assert first.count("job requeued; exiting") == 2 and "test/bacc" not in first
+    assert f"Restored all states from the checkpoint at {hpc}" in second
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["epoch"] == epochs - 1 and last["global_step"] == epochs * STEPS_PER_EPOCH
-    assert out.count("test/bacc") == 2  # tested once, after the restart
-    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(segments) == 2 and all(s.name.endswith(f"-{job}") for s in segments)  # one W&B run id
+    assert second.count("test/bacc") == 2  # tested once, after the restart
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))  # one offline segment per start, one run id
+    assert len(segments) == 2 and all(s.name.endswith(f"-{cluster}-{job}") for s in segments)
+
+
+def test_submitit_sweep(cluster: str, env: dict[str, str], shared: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs hydra-submitit-launcher")
+    norms = ("dsliebn_aim", "dsliebn_lem")
+    cmd = [sys.executable, "launch/train.py", "-m", "hydra/launcher=submitit_slurm",
+           f"hydra.launcher.partition={PARTITION}", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1",
+           "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5", f"paths.log_dir={shared}", *TINY,
+           "trainer=ddp_cpu", "trainer.max_epochs=2", f"norm={','.join(norms)}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (sweep,) = (shared / "spd_eeg" / "multirun").iterdir()
+    (script,) = (sweep / ".submitit").glob("*/*_submission.sh")  # one array job of two tasks
+    header = script.read_text()
+    assert "#SBATCH --array=0-1" in header and "#SBATCH --nodes=2" in header and "#SBATCH --ntasks-per-node=1" in header
+    assert "#SBATCH --requeue" in header and "#SBATCH --signal=USR1@120" in header  # our requeue, not submitit's
+    assert "srun --unbuffered" in header and f" {sys.executable} -u -m submitit" in header  # this python
+    run_ids = set()
+    for num, norm in enumerate(norms):
+        job_dir = sweep / str(num)
+        (task,) = (sweep / ".submitit").glob(f"*_{num}")  # <array job>_<task>: this point's logs and results
+        logs = "".join(p.read_text() for p in sorted(task.glob("*_log.*")))
+        assert {(int(r), int(w)) for r, w in MEMBER.findall(logs)} == {(0, 2), (1, 2)}, logs[-4000:]
+        assert logs.count(f"run directory: {job_dir}") == 2
+        results = [pickle.loads(p.read_bytes()) for p in sorted(task.glob("*_result.pkl"))]
+        assert len(results) == 2 and all(status == "success" for status, _ in results)  # one per process
+        assert all(f"norm={norm}" in ret.overrides and 0 <= ret.return_value <= 1 for _, ret in results)
+        assert torch.load(job_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+        (wandb_run,) = (job_dir / "wandb").glob("offline-run-*")  # from rank 0, id <cluster>-<job id of the task>
+        run_id = re.search(rf"-{re.escape(cluster)}-(\d+)$", wandb_run.name)
+        assert run_id is not None, wandb_run.name
+        run_ids.add(run_id.group(1))
+    assert len(run_ids) == 2  # each array task is its own SLURM job (own job id, own W&B run)

@@ -1,0 +1,42 @@
+"""Callbacks the exact-resume tests inject into ``launch/train.py`` runs (importable from a subprocess)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class LossLog(Callback):
+    """Append ``{"step", "loss", "lr"}`` of every training step to a JSON-lines file, exactly (float.hex)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        lrs = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
+        record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "batch": batch_idx,
+                  "loss": float(loss.detach()).hex(), "lr": [float(lr).hex() for lr in lrs],
+                  "rng": hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class KillAt(Callback):
+    """SIGKILL this process after training step ``step`` (no cleanup, no checkpoint: a crash)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
