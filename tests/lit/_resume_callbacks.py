@@ -14,7 +14,8 @@ from lightning.pytorch.callbacks import Callback
 
 
 class LossLog(Callback):
-    """Append ``{"step", "loss", "lr"}`` of every training step to a JSON-lines file, exactly (float.hex)."""
+    """Append step, epoch, batch index, loss and lrs (float.hex) and a digest of the global torch random state of
+    every training step to a JSON-lines file (``<path>.<rank>`` for each process of a multi-process run)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -26,7 +27,8 @@ class LossLog(Callback):
         record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "batch": batch_idx,
                   "loss": float(loss.detach()).hex(), "lr": [float(lr).hex() for lr in lrs],
                   "rng": hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()}
-        with open(self.path, "a") as f:
+        path = self.path if trainer.world_size == 1 else f"{self.path}.{trainer.global_rank}"
+        with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 

@@ -64,8 +64,8 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, output
 
 
-def steps(run: Path) -> dict[int, dict]:
-    records = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+def steps(run: Path, name: str = "steps.jsonl") -> dict[int, dict]:
+    records = [json.loads(line) for line in (run / name).read_text().splitlines()]
     by_step = {r.pop("step"): r for r in records}
     assert len(by_step) == len(records), "a step was logged twice"
     return by_step
@@ -94,11 +94,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("case", list(CASES))
 def test_killed_mid_epoch_resumes_exactly(case: str, cache: Path, tmp_path: Path) -> None:
     overrides = [*CASES[case], *COMMON]
-    step_ckpt = ["+callbacks.step_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-                 f"+callbacks.step_checkpoint.dirpath={tmp_path}/killed/steps",
-                 "+callbacks.step_checkpoint.filename='step{step}'", "+callbacks.step_checkpoint.save_top_k=-1",
-                 f"+callbacks.step_checkpoint.every_n_train_steps={EVERY}",
-                 "+callbacks.step_checkpoint.auto_insert_metric_name=false"]
+    step_ckpt = step_checkpoints(tmp_path / "killed" / "steps")
     full = train(tmp_path / "full", cache, *overrides)
     killed = train(tmp_path / "killed", cache, *overrides, *step_ckpt,
                    "+callbacks.kill._target_=_resume_callbacks.KillAt", f"+callbacks.kill.step={KILL}")
@@ -138,6 +134,41 @@ def test_killed_mid_epoch_resumes_exactly(case: str, cache: Path, tmp_path: Path
     assert any("running" in k for k in end_full["state_dict"]) or case.startswith("lm_char")
 
 
+def step_checkpoints(dirpath: Path) -> list[str]:
+    return ["+callbacks.step_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"+callbacks.step_checkpoint.dirpath={dirpath}", "+callbacks.step_checkpoint.filename='step{step}'",
+            "+callbacks.step_checkpoint.save_top_k=-1", f"+callbacks.step_checkpoint.every_n_train_steps={EVERY}",
+            "+callbacks.step_checkpoint.auto_insert_metric_name=false"]
+
+
+def test_ddp_resumes_mid_epoch_exactly(cache: Path, tmp_path: Path) -> None:
+    """Two processes (trainer=ddp_cpu, gloo), each with its shard of every batch: resumed from a mid-epoch step
+    checkpoint of the uninterrupted run, every process repeats its losses, lrs and random states exactly."""
+    overrides = [*CASES["spd_eeg_liebn_riemannian_adam"], *COMMON, "trainer=ddp_cpu", "trainer.max_epochs=4"]
+    code, output = finish(train(tmp_path / "full", cache, *overrides, *step_checkpoints(tmp_path / "full" / "steps")))
+    assert code == 0, output[-3000:]
+    reference = [steps(tmp_path / "full", f"steps.jsonl.{rank}") for rank in (0, 1)]
+    total = max(reference[0])
+    assert total == 12 and sorted(reference[1]) == sorted(reference[0])  # 48 trials / (2 x 8) = 3 steps an epoch
+    assert reference[0][RESUME]["loss"] != reference[1][RESUME]["loss"]  # the processes see different batches
+    ckpt = tmp_path / "full" / "steps" / f"step{RESUME}.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches": RESUME - 6}]  # mid-epoch
+    assert len(state["callbacks"]["RNGStates"]["states"]) == 2
+
+    code, output = finish(train(tmp_path / "resumed", cache, *overrides, f"ckpt_path={ckpt}"))
+    assert code == 0, output[-3000:]
+    for rank in (0, 1):
+        after = steps(tmp_path / "resumed", f"steps.jsonl.{rank}")
+        assert sorted(after) == list(range(RESUME + 1, total + 1))
+        for s in after:
+            assert after[s] == reference[rank][s], (rank, s)
+    end_full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
+    end_resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    for key in ("state_dict", "optimizer_states", "lr_schedulers"):
+        assert_same_state(end_full[key], end_resumed[key], key)
+
+
 def test_loader_skips_the_batches_of_the_checkpoint() -> None:
     data = torch.arange(10.0)
     sampler = torch.utils.data.SequentialSampler(data)
@@ -153,3 +184,26 @@ def test_loader_skips_the_batches_of_the_checkpoint() -> None:
     assert [len(b) for b in resumed] == [3, 3, 3, 1]  # only the first iteration after the load skips
     resumed.load_state_dict({"batches": 4})  # a whole epoch (checkpoint at its end): nothing to skip
     assert len(list(resumed)) == 4
+
+
+def test_loader_passes_the_epoch_to_the_sampler_lightning_wraps() -> None:
+    """Under DDP Lightning wraps our sampler and sets the epoch on the wrapper only; the loader passes it on,
+    so a ``(seed, epoch)`` sampler draws a new order each epoch (and the same order after a resume)."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from manifoldnorm.lit.datamodule import EpochSeededSampler
+
+    data = torch.arange(16.0)
+
+    def epoch_order(epoch: int, rank: int) -> list[float]:
+        inner = EpochSeededSampler(len(data), seed=3)
+        wrapper = DistributedSamplerWrapper(inner, num_replicas=2, rank=rank, shuffle=False)
+        loader = ResumableDataLoader(data, batch_size=4, sampler=wrapper, generator=torch.Generator())
+        wrapper.set_epoch(epoch)
+        order = torch.cat(list(loader)).tolist()
+        assert inner.epoch == epoch
+        return order
+
+    e0, e1 = [epoch_order(0, r) for r in (0, 1)], [epoch_order(1, r) for r in (0, 1)]
+    assert sorted(e0[0] + e0[1]) == sorted(e1[0] + e1[1]) == data.tolist()  # each epoch covers the data once
+    assert e0 != e1 and epoch_order(1, 0) == e1[0]
