@@ -8,6 +8,7 @@ default is pytest's temporary directory). Skipped only when sbatch is not instal
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -116,13 +117,29 @@ def test_two_node_training_job(cluster: str, env: dict[str, str], shared: Path) 
     assert wandb_run.name.endswith(f"-{cluster}-{job}")  # id <cluster>-<job id>
 
 
+def steps(path: Path) -> dict[int, dict]:
+    """The per-step records of ``tests/lit/_resume_callbacks.LossLog``, each step exactly once."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    by_step = {r.pop("step"): r for r in records}
+    assert len(by_step) == len(records), f"a step was logged twice in {path}"
+    return by_step
+
+
 def test_requeue_resumes_from_the_saved_step(cluster: str, env: dict[str, str], shared: Path) -> None:
+    """SIGUSR1 -> checkpoint at an agreed step -> requeue -> resume; every step after the resume equals an
+    uninterrupted job run beside it (loss, lrs, batch, epoch, random state of each process, bit for bit)."""
     epochs = 30
-    job = submit(shared, env, f"trainer.max_epochs={epochs}")
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "lit"), env.get("PYTHONPATH", "")])}
+    exact = ["trainer.deterministic=true", "+callbacks.loss_log._target_=_resume_callbacks.LossLog",
+             "+callbacks.loss_log.path=${paths.output_dir}/steps.jsonl", f"trainer.max_epochs={epochs}"]
+    (shared / "reference").mkdir()
+    reference_job = submit(shared / "reference", env, *exact)
+    job = submit(shared, env, *exact)
     run_dir = shared / "spd_eeg" / job
     until(lambda: (run_dir / "checkpoints" / "last.ckpt").is_file())  # the first epoch is done
     assert subprocess.run(["scancel", "--signal=USR1", job]).returncode == 0
-    info = wait(job)
+    info, reference_info = wait(job), wait(reference_job)
+    assert reference_info["JobState"] == "COMPLETED" and reference_info["Restarts"] == "0"
     out = (shared / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-4000:]
     assert info["Restarts"] == "1" and f"job {job} (restart 1)" in out, out[-4000:]
@@ -138,6 +155,12 @@ def test_requeue_resumes_from_the_saved_step(cluster: str, env: dict[str, str], 
     assert second.count("test/bacc") == 2  # tested once, after the restart
     segments = sorted((run_dir / "wandb").glob("offline-run-*"))  # one offline segment per start, one run id
     assert len(segments) == 2 and all(s.name.endswith(f"-{cluster}-{job}") for s in segments)
+    reference_dir = shared / "reference" / "spd_eeg" / reference_job
+    for rank in (0, 1):
+        resumed, uninterrupted = steps(run_dir / f"steps.jsonl.{rank}"), steps(reference_dir / f"steps.jsonl.{rank}")
+        assert sorted(resumed) == sorted(uninterrupted) == list(range(1, epochs * STEPS_PER_EPOCH + 1))
+        for s in range(saved + 1, epochs * STEPS_PER_EPOCH + 1):
+            assert resumed[s] == uninterrupted[s], (rank, s)
 
 
 def test_submitit_sweep(cluster: str, env: dict[str, str], shared: Path) -> None:
