@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from lightning.pytorch.plugins import LayerSync
 from torch import nn
 
-from manifoldnorm.distributed.sync_norm import convert_sync_norm, revert_sync_norm
+from manifoldnorm.distributed.sync_norm import convert_sync_norm, revert_sync_norm, synchronizable_layers
 
 __all__ = ["RiemannianSyncBatchNorm"]
+
+log = logging.getLogger(__name__)
 
 
 class RiemannianSyncBatchNorm(LayerSync):
@@ -37,7 +41,11 @@ class RiemannianSyncBatchNorm(LayerSync):
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Convert every batch norm of ``model`` to synchronized statistics (see ``convert_sync_norm``)."""
-        return convert_sync_norm(model, self.process_group)
+        model = convert_sync_norm(model, self.process_group)
+        names = sorted({type(m).__name__ for m in synchronizable_layers(model)})
+        log.info("batch statistics synchronized across processes: %d norm layer(s) (%s)",
+                 len(synchronizable_layers(model)), ", ".join(names) or "none")
+        return model
 
     def revert(self, model: nn.Module) -> nn.Module:
         """Back to local statistics and the original classes (see ``revert_sync_norm``)."""

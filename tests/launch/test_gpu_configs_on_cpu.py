@@ -48,3 +48,6 @@ def test_ddp_config_trains_two_processes_on_cpu(cache: Path, tmp_path: Path) -> 
                           cwd=ROOT, env=clean_env(cache), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_one_run(tmp_path, proc.stdout + proc.stderr)
+    synced = "batch statistics synchronized across processes: 1 norm layer(s) (DomainLieBatchNorm)"
+    # sync_norm=true converted the model in both processes (the second one logs to its own file)
+    assert synced in proc.stdout + proc.stderr and synced in (tmp_path / "train_ddp_process_1.log").read_text()
