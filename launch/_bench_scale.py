@@ -12,18 +12,21 @@ of a part run round-robin, ``repeats`` times; medians are reported):
    * ``2p x 1t, B/2``: as above with half the per-process batch (the same global batch as one process).
 
    Thread counts are set through ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` (Lightning leaves torch's thread count
-   alone when they are set). The :class:`ThroughputTimer` callback, injected by a Hydra override
+   alone when ``OMP_NUM_THREADS`` is set). The :class:`ThroughputTimer` callback, injected by a Hydra override
    (``+callbacks.scale_timer._target_=_bench_scale.ThroughputTimer`` with ``launch/`` on ``PYTHONPATH``), times
    the steady state only: start-up, data generation, the first ``warmup_steps`` steps and epoch boundaries are
    left out; validation, testing, checkpoints, logger and progress bar are off. Samples per second = samples
-   of all processes / the time of global rank 0 (DDP processes advance in lock step).
+   of all processes / the time of global rank 0 (DDP processes advance in lock step); also the global batch /
+   the median step time, which a few steps stalled by other programs on a shared machine do not move (the
+   ratios between configurations use it).
 2. Synchronized norms in training: ``spd_eeg`` on ``trainer=ddp_cpu`` with ``sync_norm=true`` (the
    :class:`manifoldnorm.lit.RiemannianSyncBatchNorm` plugin) vs ``sync_norm=false``, for ``norm=liebn_aim``,
    ``liebn_lem`` and ``spdbn``; the callback also counts the all-reduces and bytes of the norm statistics per
    step (:class:`CountingReducer` wrapped around every layer's reducer).
 3. One norm layer in isolation: forward+backward of a synchronized layer on 2 gloo processes
    (``torch.multiprocessing.spawn``) vs the same local layer, median wall time, with the all-reduce calls and
-   bytes per step counted, next to the count and bytes predicted by :func:`sync_stats_traffic`.
+   bytes per step counted, next to the count and bytes predicted by :func:`sync_stats_traffic`; and the latency
+   of a lone all-reduce of the sizes involved.
 
 Communication volume per step is also computed (not measured): the DDP gradient all-reduce moves the bytes of
 the trainable parameters (counted in the run by the callback); a ring all-reduce over ``p`` processes sends
@@ -58,6 +61,7 @@ CONFIGS = {
     "2p x 1t, B/2": (2, 1, 2),
 }
 SYNC_NORMS = ("liebn_aim", "liebn_lem", "spdbn")
+MEDIAN_KEY = "samples_per_s_median_step"  # global batch / median step time: robust to stalls of the machine
 COMMON = ("logger=none", "test=false", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
           "trainer.enable_model_summary=false", "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
           "callbacks.lr_monitor=null", "+trainer.limit_val_batches=0", "+trainer.num_sanity_val_steps=0",
@@ -185,7 +189,9 @@ def _timer_class() -> type:
         For every training batch after the first ``warmup_steps`` of the run, the wall time from the end of the
         previous batch (data loading included) to the end of this one is added up; the first batch of an epoch
         counts from its own start, so epoch boundaries (sampler set-up, validation, checkpoints) stay out. At the
-        end of fitting the times, samples and steps of every process are gathered. If the model has synchronized
+        end of fitting the times, samples and steps of every process are gathered; besides samples / time, the
+        global batch over the median step time of rank 0 is reported (robust to stalls caused by other programs
+        on a shared machine). If the model has synchronized
         Riemannian norms, their all-reduces are counted (:class:`CountingReducer`).
 
         Parameters
@@ -200,6 +206,7 @@ def _timer_class() -> type:
             self.out, self.warmup_steps = out, int(warmup_steps)
             self.seen = self.steps = self.samples = 0
             self.seconds = 0.0
+            self.step_seconds: list[float] = []
             self._start = self._prev_end = None
             self._prev_epoch = -1
             self.counter: CountingReducer | None = None
@@ -221,7 +228,9 @@ def _timer_class() -> type:
             self.seen += 1
             if self.seen > self.warmup_steps:
                 same_epoch = trainer.current_epoch == self._prev_epoch and self._prev_end is not None
-                self.seconds += now - (self._prev_end if same_epoch else self._start)
+                dt = now - (self._prev_end if same_epoch else self._start)
+                self.seconds += dt
+                self.step_seconds.append(dt)
                 self.samples += _batch_size(batch)
                 self.steps += 1
             self._prev_end, self._prev_epoch = now, trainer.current_epoch
@@ -236,7 +245,11 @@ def _timer_class() -> type:
             if trainer.global_rank != 0:
                 return
             seconds, samples, seen = float(rows[0, 0]), int(rows[:, 1].sum()), max(1, int(rows[0, 3]))
-            report = {**self.info, "seconds": seconds, "samples": samples, "steps": int(rows[0, 2]),
+            steps = int(rows[0, 2])
+            median_step = statistics.median(self.step_seconds) if self.step_seconds else None
+            report = {**self.info, "seconds": seconds, "samples": samples, "steps": steps,
+                      "median_step_s": median_step,
+                      "samples_per_s_median_step": samples / steps / median_step if median_step else None,
                       "warmup_steps": self.warmup_steps, "total_steps": int(rows[0, 3]),
                       "seconds_per_rank": rows[:, 0].tolist(), "samples_per_rank": rows[:, 1].tolist(),
                       "samples_per_s": samples / seconds if seconds > 0 else None,
@@ -275,12 +288,18 @@ def train_run(experiment: str, processes: int, threads: int, batch: int, steps: 
            f"+trainer.max_steps={steps}", f"data.batch_size={batch}", *overrides,
            "+callbacks.scale_timer._target_=_bench_scale.ThroughputTimer", f"+callbacks.scale_timer.out={report}",
            f"+callbacks.scale_timer.warmup_steps={warmup}", f"hydra.run.dir={run_dir}"]
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(threads), cwd=ROOT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not report.is_file():
         raise RuntimeError(f"run failed (exit {proc.returncode}):\n{' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return {**json.loads(report.read_text()), "wall_s": wall}
+    return {**json.loads(report.read_text()), "wall_s": wall, "load_1min": [load, os.getloadavg()[0]]}
+
+
+def _log(label: str, run: dict) -> None:
+    print(f"  {label:36s} {run['samples_per_s']:8.1f} samples/s, {run['samples_per_s_median_step']:8.1f} at the "
+          f"median step ({run['wall_s']:.0f} s wall, load {run['load_1min'][0]:.1f})", flush=True)
 
 
 def _median(runs: Sequence[dict], key: str) -> float:
@@ -300,26 +319,25 @@ def bench_throughput(experiments: Sequence[str], configs: Sequence[str], quick: 
                 run = train_run(experiment, processes, threads, batch // divisor, steps, warmup, extra,
                                 workdir / f"{experiment}_{config.replace(' ', '').replace(',', '_')}_r{r}")
                 runs.append({"experiment": experiment, "config": config, "repeat": r, **run})
-                print(f"  {experiment:8s} {config:13s} {run['samples_per_s']:9.1f} samples/s "
-                      f"({run['wall_s']:.0f} s wall)", flush=True)
+                _log(f"{experiment} {config}", run)
     rows = []
     for experiment in experiments:
         batch = sizes[experiment][0]
         group = {c: [x for x in runs if x["experiment"] == experiment and x["config"] == c] for c in configs}
-        base = {c: _median(group[c], "samples_per_s") for c in ("1p x 1t", "1p x 2t") if c in group}
+        base = {c: _median(group[c], MEDIAN_KEY) for c in ("1p x 1t", "1p x 2t") if c in group}
         for config in configs:
             processes, threads, divisor = CONFIGS[config]
             g = group[config]
-            sps = _median(g, "samples_per_s")
+            sps, robust = _median(g, "samples_per_s"), _median(g, MEDIAN_KEY)
             per_process = batch // divisor
             rows.append({
                 "experiment": experiment, "config": config, "processes": processes, "threads": threads,
                 "torch_threads": g[0]["torch_threads"], "batch_per_process": per_process,
-                "global_batch": per_process * processes, "samples_per_s": sps,
+                "global_batch": per_process * processes, "samples_per_s": sps, MEDIAN_KEY: robust,
                 "samples_per_s_runs": [x["samples_per_s"] for x in g],
                 "steps_per_s": sps / (per_process * processes), "measured_steps": g[0]["steps"],
-                "x_1p1t": sps / base["1p x 1t"] if "1p x 1t" in base else None,
-                "x_1p2t": sps / base["1p x 2t"] if "1p x 2t" in base else None,
+                "x_1p1t": robust / base["1p x 1t"] if "1p x 1t" in base else None,
+                "x_1p2t": robust / base["1p x 2t"] if "1p x 2t" in base else None,
                 "params": g[0]["params"], "param_bytes": g[0]["param_bytes"], "param_dtypes": g[0]["param_dtypes"],
             })
     return rows, runs
@@ -336,16 +354,18 @@ def bench_sync_training(norms: Sequence[str], quick: bool, repeats: int, workdir
                                 (*extra, f"norm={norm}", f"sync_norm={str(sync).lower()}"),
                                 workdir / f"sync_{norm}_{'sync' if sync else 'local'}_r{r}")
                 runs.append({"norm": norm, "sync": sync, "repeat": r, **run})
-                print(f"  spd_eeg  {norm:9s} sync_norm={str(sync).lower():5s} {run['samples_per_s']:9.1f} samples/s "
-                      f"({run['wall_s']:.0f} s wall)", flush=True)
+                _log(f"spd_eeg {norm} sync_norm={str(sync).lower()}", run)
     rows = []
     for norm in norms:
         local = [x for x in runs if x["norm"] == norm and not x["sync"]]
         synced = [x for x in runs if x["norm"] == norm and x["sync"]]
         a, b = _median(local, "samples_per_s"), _median(synced, "samples_per_s")
+        ma, mb = _median(local, MEDIAN_KEY), _median(synced, MEDIAN_KEY)
         rows.append({"experiment": "spd_eeg", "norm": norm, "processes": 2, "batch_per_process": batch,
                      "local_samples_per_s": a, "sync_samples_per_s": b, "sync_over_local": b / a,
-                     "local_ms_per_step": 1e3 * 2 * batch / a, "sync_ms_per_step": 1e3 * 2 * batch / b,
+                     "local_samples_per_s_median_step": ma, "sync_samples_per_s_median_step": mb,
+                     "sync_over_local_median_step": mb / ma,
+                     "local_ms_median_step": 1e3 * 2 * batch / ma, "sync_ms_median_step": 1e3 * 2 * batch / mb,
                      "sync_calls_per_step": synced[0]["sync_calls_per_step"],
                      "sync_bytes_per_step": synced[0]["sync_bytes_per_step"],
                      "sync_counts_per_step": synced[0]["sync_counts"],
@@ -402,23 +422,35 @@ def _layer_worker(rank: int, rdv: str, out: str, norms: Sequence[str], n: int, b
                          "calls_per_step": calls / repeats, "bytes_per_step": nbytes / repeats,
                          "counts_per_step": {k: [c / repeats, b / repeats] for k, (c, b) in counter.counts.items()},
                          "predicted": sync_stats_traffic(norm, n)})
+        latency = {}  # one blocking all-reduce of a float64 buffer alone (the dispersion's, a mean's), microseconds
+        for numel in (2, n * n + 1):
+            buf, ts = torch.zeros(numel, dtype=torch.float64), []
+            for i in range(10 + 10 * repeats):
+                t0 = time.perf_counter()
+                dist.all_reduce(buf)
+                if i >= 10:
+                    ts.append(time.perf_counter() - t0)
+            latency[str(8 * numel)] = 1e6 * statistics.median(ts)
         if rank == 0:
-            Path(out).write_text(json.dumps(rows, indent=2))
+            Path(out).write_text(json.dumps({"rows": rows, "allreduce_us": latency}, indent=2))
     finally:
         dist.destroy_process_group()
 
 
-def bench_sync_layer(norms: Sequence[str], n: int, batch: int, repeats: int, workdir: Path) -> list[dict]:
+def bench_sync_layer(norms: Sequence[str], n: int, batch: int, repeats: int,
+                     workdir: Path) -> tuple[list[dict], dict[str, float]]:
     """Forward+backward of each norm layer, local vs synchronized, on 2 gloo processes of one thread each.
 
     Both processes run the same alternating sequence (local step, synchronized step); the median wall time of
-    rank 0 is reported with the all-reduce calls and bytes per step counted on it.
+    rank 0 is reported with the all-reduce calls and bytes per step counted on it. Also returns the median
+    latency in microseconds of a lone all-reduce of ``2`` and ``n^2 + 1`` float64 numbers, keyed by bytes.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / "layer.json"
     mp.spawn(_layer_worker, args=(f"file://{workdir / 'rdv'}", str(out), list(norms), n, batch, repeats),
              nprocs=2, join=True)
-    return json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    return report["rows"], report["allreduce_us"]
 
 
 # ------------------------------------------------------------------------------------ communication volume
@@ -451,25 +483,32 @@ def _fmt_bytes(b: float) -> str:
 
 
 def scale_markdown(throughput: Sequence[dict], sync_rows: Sequence[dict], layer_rows: Sequence[dict],
-                   volume: Sequence[dict]) -> str:
+                   volume: Sequence[dict], allreduce_us: dict[str, float] | None = None) -> str:
     def x(v: float | None) -> str:
         return "–" if v is None else f"{v:.2f}"
 
-    out = ["Training throughput (steady state, samples/s of all processes; median of the repeats):", "",
-           "| experiment | processes x threads | batch / process | global batch | samples/s | steps/s "
-           "| × 1p x 1t | × 1p x 2t |", "|---|---|---|---|---|---|---|---|"]
+    out = []
+    if throughput:
+        out += ["Training throughput, steady state, samples/s of all processes (median of the repeats): over the "
+                "whole window, and global batch / median step time (robust to stalls; the ratios use it):", "",
+                "| experiment | processes x threads | batch / process | global batch | samples/s | samples/s at the "
+                "median step | steps/s | × 1p x 1t | × 1p x 2t |", "|---" * 9 + "|"]
     for r in throughput:
         out.append(f"| {r['experiment']} | {r['config']} | {r['batch_per_process']} | {r['global_batch']} "
-                   f"| {r['samples_per_s']:.0f} | {r['steps_per_s']:.2f} | {x(r['x_1p1t'])} | {x(r['x_1p2t'])} |")
+                   f"| {r['samples_per_s']:.0f} | {r[MEDIAN_KEY]:.0f} | {r['steps_per_s']:.2f} | {x(r['x_1p1t'])} "
+                   f"| {x(r['x_1p2t'])} |")
     if sync_rows:
         out += ["", "Synchronized Riemannian norm in training (spd_eeg, trainer=ddp_cpu, 2 processes x 1 thread):",
-                "", "| norm | batch / process | sync_norm=false samples/s | sync_norm=true samples/s | true / false "
-                "| all-reduces / step (predicted) | bytes / step (predicted) |", "|---|---|---|---|---|---|---|"]
+                "", "| norm | batch / process | sync_norm=false samples/s (median step) | sync_norm=true samples/s "
+                "(median step) | true / false (median step) | median step ms, false → true "
+                "| all-reduces / step (predicted) | bytes / step (predicted) |", "|---" * 8 + "|"]
         for r in sync_rows:
             p = r["predicted"]
             out.append(f"| {r['norm']} | {r['batch_per_process']} | {r['local_samples_per_s']:.0f} "
-                       f"| {r['sync_samples_per_s']:.0f} | {r['sync_over_local']:.2f} "
-                       f"| {r['sync_calls_per_step']:.0f} ({p['calls']}) "
+                       f"({r['local_samples_per_s_median_step']:.0f}) | {r['sync_samples_per_s']:.0f} "
+                       f"({r['sync_samples_per_s_median_step']:.0f}) | {r['sync_over_local']:.2f} "
+                       f"({r['sync_over_local_median_step']:.2f}) | {r['local_ms_median_step']:.1f} → "
+                       f"{r['sync_ms_median_step']:.1f} | {r['sync_calls_per_step']:.0f} ({p['calls']}) "
                        f"| {r['sync_bytes_per_step']:.0f} ({p['bytes']}) |")
     if layer_rows:
         out += ["", "One norm layer, forward+backward, 2 gloo processes x 1 thread (median wall ms):", "",
@@ -480,6 +519,9 @@ def scale_markdown(throughput: Sequence[dict], sync_rows: Sequence[dict], layer_
             out.append(f"| {r['norm']} | {r['n']} | {r['batch_per_process']} | {r['local_ms']:.3f} "
                        f"| {r['sync_ms']:.3f} | {r['overhead_ms']:.3f} | {r['sync_over_local']:.2f} "
                        f"| {r['calls_per_step']:.0f} ({p['calls']}) | {r['bytes_per_step']:.0f} ({p['bytes']}) |")
+    if allreduce_us:
+        out += ["", "A lone gloo all-reduce between the 2 processes (median): "
+                + ", ".join(f"{b} bytes: {us:.0f} µs" for b, us in allreduce_us.items())]
     if volume:
         ps = list(volume[0]["ring_bytes_per_process"])
         out += ["", "Communication per optimizer step (computed): DDP gradient all-reduce, ring, per process:", "",
@@ -493,4 +535,4 @@ def scale_markdown(throughput: Sequence[dict], sync_rows: Sequence[dict], layer_
                        f"| {_fmt_bytes(r['grad_bytes'])} | "
                        + " | ".join(_fmt_bytes(v) for v in r["ring_bytes_per_process"].values())
                        + f" | {sync or '–'} |")
-    return "\n".join(out)
+    return "\n".join(out).strip("\n")

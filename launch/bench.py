@@ -6,7 +6,7 @@ and same global batch), the cost of synchronized Riemannian norms (``sync_norm=t
 and one layer's forward+backward with its all-reduce calls and bytes counted), and the communication volume per
 step::
 
-    python launch/bench.py scale --out docs/bench/bench_scale.json   # about 10 min on 2 cores
+    python launch/bench.py scale --out docs/bench/bench_scale.json   # 6-12 min on 2 cores
     python launch/bench.py scale --quick                              # smoke run: tiny spd_eeg only
     python launch/bench.py scale --experiments lm_char --configs "1p x 2t" "2p x 1t" --repeats 3
 
@@ -292,12 +292,13 @@ def _scale(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Path,
         print("synchronized norms in training:", flush=True)
         sync_rows, sync_runs = sc.bench_sync_training(norms, args.quick, repeats, work / "sync")
         print("one norm layer, local vs synchronized:", flush=True)
-        layer_rows = sc.bench_sync_layer(list(sc.SYNC_NORMS), n, batch, 5 if args.quick else 60, work / "layer")
+        layer_rows, latency = sc.bench_sync_layer(list(sc.SYNC_NORMS), n, batch, 5 if args.quick else 60,
+                                                  work / "layer")
     volume = sc.comm_volume(rows, sync_rows)
-    print(sc.scale_markdown(rows, sync_rows, layer_rows, volume))
+    print(sc.scale_markdown(rows, sync_rows, layer_rows, volume, latency))
     keep = ("experiment", "config", "norm", "sync", "repeat", "samples_per_s", "seconds", "samples", "steps",
             "total_steps", "seconds_per_rank", "samples_per_rank", "torch_threads", "world_size", "wall_s",
-            "sync_calls_per_step", "sync_bytes_per_step")
+            "sync_calls_per_step", "sync_bytes_per_step", "median_step_s", "samples_per_s_median_step", "load_1min")
     meta.update(quick=args.quick, repeats=repeats, cpus=os.cpu_count(), configs={c: sc.CONFIGS[c] for c in configs},
                 sizes={e: dict(zip(("batch_per_process", "steps", "warmup_steps", "overrides"),
                                    (sc.QUICK if args.quick else sc.FULL)[e], strict=True))
@@ -306,6 +307,7 @@ def _scale(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Path,
                 timer="wall time of global rank 0 over the training batches after warm-up (ThroughputTimer)",
                 layer_timer="median wall time of rank 0 (time.perf_counter), one thread per process",
                 total_wall_s=time.perf_counter() - t0, sync_training=sync_rows, sync_layer=layer_rows,
+                allreduce_latency_us=latency,
                 comm_volume=volume, runs=[{k: r[k] for k in keep if k in r} for r in runs + sync_runs])
     return rows
 

@@ -183,7 +183,8 @@ def test_scale_bench_quick(tmp_path: Path) -> None:
     assert [(r["experiment"], r["config"]) for r in rows] == [("spd_eeg", "1p x 1t"), ("spd_eeg", "2p x 1t")]
     for r in rows:
         processes, threads, _ = CONFIGS[r["config"]]
-        assert math.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0
+        for key in ("samples_per_s", "samples_per_s_median_step"):
+            assert math.isfinite(r[key]) and r[key] > 0
         assert r["torch_threads"] == threads and r["global_batch"] == 8 * processes
         assert r["steps_per_s"] == pytest.approx(r["samples_per_s"] / r["global_batch"])
     assert rows[0]["x_1p1t"] == 1.0
@@ -205,6 +206,8 @@ def test_scale_bench_quick(tmp_path: Path) -> None:
         want = sync_stats_traffic(name, r["n"])
         assert (r["calls_per_step"], r["bytes_per_step"]) == (want["calls"], want["bytes"])
         assert r["local_ms"] > 0 and r["sync_ms"] > 0
+    assert set(report["allreduce_latency_us"]) == {"16", str(8 * (8 * 8 + 1))}  # quick: 8 x 8 matrices
+    assert all(us > 0 for us in report["allreduce_latency_us"].values())
     (volume,) = report["comm_volume"]
     assert volume["grad_bytes"] == rows[0]["param_bytes"] and 4 * volume["params"] <= volume["grad_bytes"]
     assert volume["ring_bytes_per_process"]["2"] == volume["grad_bytes"]
