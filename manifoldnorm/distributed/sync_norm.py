@@ -140,8 +140,9 @@ def convert_sync_norm(module: nn.Module, process_group=None) -> nn.Module:  # no
     ========================================  ==============================================================
 
     The first reduction of a mean carries :math:`Cn^2` sums plus the count (``C`` channels of ``n x n``
-    matrices), each further Karcher / fixed-point step :math:`Cn^2`, the dispersion :math:`C + 1`. In the backward, the reductions whose results carry a gradient run once more (the
-    dispersion always; the mean steps only with ``detach_mean=False``). Refitting (test-time adaptation, see
+    matrices), each further Karcher / fixed-point step :math:`Cn^2`, the dispersion :math:`C + 1`. In the
+    backward, the reductions whose results carry a gradient run once more (the dispersion always; the mean
+    steps only with ``detach_mean=False``). Refitting (test-time adaptation, see
     :func:`manifoldnorm.nn.refit_domain_norms`) uses the same reductions, with the early stop of the Karcher /
     fixed-point flow taken on the reduced step, so every process stops at the same iteration.
 
