@@ -67,7 +67,8 @@ def test_run_dir_keyed_on_slurm_job_id(cfg_of, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     cfg = cfg_of("+experiment=spd_eeg", hydra=True)
     assert cfg.hydra.run.dir == "outputs/spd_eeg/4242"
-    assert cfg.hydra.sweep.dir == "outputs/spd_eeg/multirun/4242"
+    # a sweep is keyed on its start time: each of its SLURM jobs (submitit) has its own job id
+    assert re.fullmatch(r"outputs/spd_eeg/multirun/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", cfg.hydra.sweep.dir)
 
 
 def test_every_data_option_instantiates(cfg_of, tmp_path: Path) -> None:
@@ -189,13 +190,14 @@ def test_every_optimizer_and_scheduler_option(cfg_of) -> None:
 
 
 def test_every_trainer_logger_callbacks_option(cfg_of, tmp_path: Path) -> None:
-    assert options("trainer") == {"default", "cpu"} and options("logger") == {"wandb", "csv", "none"}
+    assert options("trainer") == {"default", "cpu", "ddp_cpu", "gpu", "ddp"}
+    assert options("logger") == {"wandb", "csv", "none"}
     loggers = {name: run.build_loggers(cfg_of(f"logger={name}")) for name in sorted(options("logger"))}
     assert loggers["none"] == [] and isinstance(loggers["csv"][0], CSVLogger)
     wandb = loggers["wandb"][0]
     assert isinstance(wandb, WandbLogger) and wandb._wandb_init["mode"] == "offline"
     assert Path(wandb.save_dir) == tmp_path
-    for name in sorted(options("trainer")):
+    for name in sorted(options("trainer") - {"gpu", "ddp"}):  # the GPU ones: tests/launch/test_gpu_configs_on_cpu.py
         trainer = run.build_trainer(cfg_of(f"trainer={name}"), [], [])
         assert trainer.max_epochs == 30
     assert options("callbacks") == {"default", "early_stopping", "momentum_schedule"}
