@@ -22,7 +22,7 @@ from manifoldnorm.data import (
     split_indices,
 )
 from manifoldnorm.data.types import domain_ids
-from manifoldnorm.lit.resume import ResumableDataLoader
+from manifoldnorm.lit.resume import seeded_loader
 
 __all__ = ["EEGDataModule", "EpochSeededSampler", "SOURCES", "REPRESENTATIONS"]
 
@@ -238,11 +238,12 @@ class EEGDataModule(pl.LightningDataModule):
         if name not in self.datasets:
             raise RuntimeError(f"EEGDataModule: call setup() before requesting the {name} loader")
         ds = self.datasets[name]
-        return (ResumableDataLoader if train else DataLoader)(
+        return seeded_loader(
             ds,
+            train=train,
+            seed=self.seed,
             batch_size=self.batch_size,
             sampler=EpochSeededSampler(len(ds), self.seed) if train else None,
-            generator=torch.Generator().manual_seed(self.seed),
             drop_last=train and self.drop_last and len(ds) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -19,7 +19,7 @@ from manifoldnorm.data.images import (
     stratified_split,
 )
 from manifoldnorm.lit.datamodule import EpochSeededSampler
-from manifoldnorm.lit.resume import ResumableDataLoader
+from manifoldnorm.lit.resume import seeded_loader
 
 __all__ = ["IMAGE_SOURCES", "ImageDataModule"]
 
@@ -170,11 +170,12 @@ class ImageDataModule(pl.LightningDataModule):
         sampler: Sampler | None = None
         if train:
             sampler = _AugmentKeys(len(ds), self.seed) if ds.max_shift else EpochSeededSampler(len(ds), self.seed)
-        return (ResumableDataLoader if train else DataLoader)(
+        return seeded_loader(
             ds,
+            train=train,
+            seed=self.seed,
             batch_size=self.batch_size,
             sampler=sampler,
-            generator=torch.Generator().manual_seed(self.seed),
             drop_last=train and self.drop_last and len(ds) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

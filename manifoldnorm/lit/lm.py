@@ -21,7 +21,7 @@ from manifoldnorm.data.text import (
     split_text,
 )
 from manifoldnorm.lit.module import OptimizerFactory, SchedulerFactory, optimizers_for
-from manifoldnorm.lit.resume import ResumableDataLoader
+from manifoldnorm.lit.resume import seeded_loader
 
 __all__ = ["CharLMDataModule", "LanguageModelModule"]
 
@@ -129,9 +129,8 @@ class CharLMDataModule(pl.LightningDataModule):
         sampler = None
         if name == "train":
             sampler = RandomWindowSampler(len(ds), self.steps_per_epoch * self.batch_size, seed=self.seed)
-        return (ResumableDataLoader if name == "train" else DataLoader)(
-            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
+        return seeded_loader(ds, train=name == "train", seed=self.seed, batch_size=self.batch_size, sampler=sampler,
+                             num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -30,7 +30,7 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["ResumableDataLoader", "RNGStates"]
+__all__ = ["ResumableDataLoader", "RNGStates", "seeded_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,14 @@ def _decode(states: dict[str, Any]) -> dict[str, Any]:
     if "torch.cuda" in out and not torch.cuda.is_available():
         out.pop("torch.cuda")
     return out
+
+
+def seeded_loader(dataset: Any, *, train: bool, seed: int, **kwargs: Any) -> DataLoader:
+    """The loader policy of the data modules: a :class:`ResumableDataLoader` for training, a plain ``DataLoader``
+    otherwise, both with their own generator seeded by ``seed`` (never the global random state).
+    ``kwargs`` go to the loader (``batch_size``, ``sampler``, ``drop_last``, ...)."""
+    cls = ResumableDataLoader if train else DataLoader
+    return cls(dataset, generator=torch.Generator().manual_seed(int(seed)), **kwargs)
 
 
 class RNGStates(Callback):

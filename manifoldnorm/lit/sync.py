@@ -42,9 +42,9 @@ class RiemannianSyncBatchNorm(LayerSync):
     def apply(self, model: nn.Module) -> nn.Module:
         """Convert every batch norm of ``model`` to synchronized statistics (see ``convert_sync_norm``)."""
         model = convert_sync_norm(model, self.process_group)
-        names = sorted({type(m).__name__ for m in synchronizable_layers(model)})
-        log.info("batch statistics synchronized across processes: %d norm layer(s) (%s)",
-                 len(synchronizable_layers(model)), ", ".join(names) or "none")
+        layers = synchronizable_layers(model)
+        log.info("batch statistics synchronized across processes: %d norm layer(s) (%s)", len(layers),
+                 ", ".join(sorted({type(m).__name__ for m in layers})) or "none")
         return model
 
     def revert(self, model: nn.Module) -> nn.Module:

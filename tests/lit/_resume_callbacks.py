@@ -6,11 +6,20 @@ import hashlib
 import json
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+
+
+def read_steps(path: str | Path) -> dict[int, dict]:
+    """The records a :class:`LossLog` wrote, by step; each step must appear exactly once."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    by_step = {r.pop("step"): r for r in records}
+    assert len(by_step) == len(records), f"a step was logged twice in {path}"
+    return by_step
 
 
 class LossLog(Callback):

@@ -9,7 +9,6 @@ Each case runs ``launch/train.py`` three times in fresh processes: uninterrupted
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,9 @@ import pytest
 import torch
 
 from manifoldnorm.lit.resume import ResumableDataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _resume_callbacks import read_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -65,10 +67,7 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 def steps(run: Path, name: str = "steps.jsonl") -> dict[int, dict]:
-    records = [json.loads(line) for line in (run / name).read_text().splitlines()]
-    by_step = {r.pop("step"): r for r in records}
-    assert len(by_step) == len(records), "a step was logged twice"
-    return by_step
+    return read_steps(run / name)
 
 
 def assert_same_state(a: object, b: object, where: str = "") -> None:

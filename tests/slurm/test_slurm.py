@@ -8,7 +8,6 @@ default is pytest's temporary directory). Skipped only when sbatch is not instal
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -29,6 +28,9 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "lit"))
+from _resume_callbacks import read_steps  # noqa: E402
+
 PARTITION = os.environ.get("MANIFOLDNORM_SLURM_PARTITION", "multi")
 TINY = [
     "+experiment=spd_eeg", "logger=wandb", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
@@ -117,14 +119,6 @@ def test_two_node_training_job(cluster: str, env: dict[str, str], shared: Path) 
     assert wandb_run.name.endswith(f"-{cluster}-{job}")  # id <cluster>-<job id>
 
 
-def steps(path: Path) -> dict[int, dict]:
-    """The per-step records of ``tests/lit/_resume_callbacks.LossLog``, each step exactly once."""
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    by_step = {r.pop("step"): r for r in records}
-    assert len(by_step) == len(records), f"a step was logged twice in {path}"
-    return by_step
-
-
 def test_requeue_resumes_from_the_saved_step(cluster: str, env: dict[str, str], shared: Path) -> None:
     """SIGUSR1 -> checkpoint at an agreed step -> requeue -> resume; every step after the resume equals an
     uninterrupted job run beside it (loss, lrs, batch, epoch, random state of each process, bit for bit)."""
@@ -157,7 +151,8 @@ def test_requeue_resumes_from_the_saved_step(cluster: str, env: dict[str, str], 
     assert len(segments) == 2 and all(s.name.endswith(f"-{cluster}-{job}") for s in segments)
     reference_dir = shared / "reference" / "spd_eeg" / reference_job
     for rank in (0, 1):
-        resumed, uninterrupted = steps(run_dir / f"steps.jsonl.{rank}"), steps(reference_dir / f"steps.jsonl.{rank}")
+        resumed = read_steps(run_dir / f"steps.jsonl.{rank}")
+        uninterrupted = read_steps(reference_dir / f"steps.jsonl.{rank}")
         assert sorted(resumed) == sorted(uninterrupted) == list(range(1, epochs * STEPS_PER_EPOCH + 1))
         for s in range(saved + 1, epochs * STEPS_PER_EPOCH + 1):
             assert resumed[s] == uninterrupted[s], (rank, s)
