@@ -4,6 +4,7 @@ environment, precision defaults) runs for real without CUDA."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from manifoldnorm.lit import run
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_torchrun import TINY, check_one_run, clean_env  # noqa: E402
+_spec = importlib.util.spec_from_file_location("_torchrun_tests", Path(__file__).resolve().parent / "test_torchrun.py")
+_torchrun = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_torchrun)
+TINY, check_one_run, clean_env = _torchrun.TINY, _torchrun.check_one_run, _torchrun.clean_env
 
 ON_CPU = {"gpu": ["trainer.accelerator=cpu"],
           "ddp": ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy.process_group_backend=gloo"]}

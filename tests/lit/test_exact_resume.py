@@ -9,6 +9,7 @@ Each case runs ``launch/train.py`` three times in fresh processes: uninterrupted
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,9 +19,6 @@ import pytest
 import torch
 
 from manifoldnorm.lit.resume import ResumableDataLoader
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _resume_callbacks import read_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -67,7 +65,14 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 def steps(run: Path, name: str = "steps.jsonl") -> dict[int, dict]:
-    return read_steps(run / name)
+    return _load(HERE / "_resume_callbacks.py").read_steps(run / name)
+
+
+def _load(path: Path):  # noqa: ANN202 - a test helper module by file path, without touching sys.path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_same_state(a: object, b: object, where: str = "") -> None:

@@ -8,6 +8,7 @@ default is pytest's temporary directory). Skipped only when sbatch is not instal
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import re
@@ -28,9 +29,6 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "lit"))
-from _resume_callbacks import read_steps  # noqa: E402
-
 PARTITION = os.environ.get("MANIFOLDNORM_SLURM_PARTITION", "multi")
 TINY = [
     "+experiment=spd_eeg", "logger=wandb", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
@@ -117,6 +115,14 @@ def test_two_node_training_job(cluster: str, env: dict[str, str], shared: Path) 
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")  # one W&B run, from rank 0
     assert wandb_run.name.endswith(f"-{cluster}-{job}")  # id <cluster>-<job id>
+
+
+def read_steps(path: Path) -> dict[int, dict]:
+    """The per-step records of ``tests/lit/_resume_callbacks.LossLog`` (loaded by path: no sys.path change)."""
+    spec = importlib.util.spec_from_file_location("_resume_callbacks", ROOT / "tests" / "lit" / "_resume_callbacks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.read_steps(path)
 
 
 def test_requeue_resumes_from_the_saved_step(cluster: str, env: dict[str, str], shared: Path) -> None:
