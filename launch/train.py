@@ -20,9 +20,12 @@ import lightning.pytorch as pl  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from manifoldnorm.lit import run  # noqa: E402
+from manifoldnorm.lit.guard import NonFiniteError  # noqa: E402
 
 
 def train(cfg: DictConfig) -> float | None:
+    if cfg.ckpt_path is not None:  # a damaged checkpoint is refused before the data is built
+        run.check_resume_checkpoint(cfg.ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = run.build_datamodule(cfg)
     module = run.build_module(cfg)
@@ -43,7 +46,7 @@ def train(cfg: DictConfig) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
-    except run.ConfigError as err:
+    except (run.ConfigError, run.CheckpointError, NonFiniteError) as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         sys.exit(f"Error: {err}\n(Set the environment variable HYDRA_FULL_ERROR=1 for the full traceback.)")

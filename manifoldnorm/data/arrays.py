@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +16,20 @@ from torch.utils.data import Dataset
 
 from .types import domain_ids
 
-__all__ = ["KINDS", "ArrayDataset", "ValidatedArrays", "load_arrays", "validate_arrays"]
+__all__ = ["KINDS", "SYMMETRY_RTOL", "ArrayDataset", "ValidatedArrays", "load_arrays", "validate_arrays"]
+
+log = logging.getLogger(__name__)
 
 KINDS: tuple[str, ...] = ("auto", "raw", "spd")
 """Accepted values of ``kind``: raw trials (N, C, T), SPD matrices (N, n, n), or inferred."""
+
+SYMMETRY_RTOL: float = 1e-3
+r"""Largest relative asymmetry :math:`\max_{ij}|X_{ij} - X_{ji}| / \max_{ij}|X_{ij}|` (per matrix) of a matrix read as
+symmetric; it is then symmetrized, :math:`(X + X^\top)/2`. Round-off of covariances computed in float32 or written
+with 4 significant digits stays below 1e-4; a raw trial with as many samples as channels has an asymmetry of order 1.
+"""
+
+_ROUNDING_RTOL = 1e-6  # asymmetry below this is float round-off: symmetrized without a warning
 
 
 @dataclass
@@ -31,9 +43,60 @@ class ValidatedArrays:
     class_names: list[str]
 
 
-def _is_symmetric(X: np.ndarray, rtol: float = 1e-6) -> bool:
-    scale = np.abs(X).max(axis=(-2, -1), keepdims=True) + np.finfo(np.float64).tiny
-    return bool(np.all(np.abs(X - np.swapaxes(X, -1, -2)) <= rtol * scale))
+def _asymmetry(X: np.ndarray) -> np.ndarray:
+    """Relative asymmetry ``max|X - X^T| / max|X|`` of every matrix of a stack ``(N, n, n)`` (0 for zero matrices)."""
+    X = X.astype(np.float64, copy=False)
+    scale = np.abs(X).max(axis=(-2, -1)) + np.finfo(np.float64).tiny
+    return np.abs(X - np.swapaxes(X, -1, -2)).max(axis=(-2, -1)) / scale
+
+
+def _read_as_spd(X: np.ndarray, asym: np.ndarray, declared: bool) -> np.ndarray:
+    """Symmetrize near-symmetric matrices (warning above round-off); refuse asymmetry above :data:`SYMMETRY_RTOL`."""
+    worst = int(np.argmax(asym))
+    if asym[worst] > SYMMETRY_RTOL:
+        bad = int(np.sum(asym > SYMMETRY_RTOL))
+        raise ValueError(
+            f"X was declared SPD (kind='spd') but is not symmetric: {bad} of {len(X)} matrices have a relative "
+            f"asymmetry max|X - X^T| / max|X| above {SYMMETRY_RTOL:g} (worst: index {worst}, {asym[worst]:.3g}); "
+            f"if these are raw trials with as many samples as channels, set kind='raw'; if they are covariances, "
+            f"symmetrize them, (X + X^T) / 2"
+        )
+    if asym[worst] > _ROUNDING_RTOL:
+        warnings.warn(
+            f"X holds {'declared ' if declared else ''}SPD matrices with a relative asymmetry up to {asym[worst]:.3g} "
+            f"(index {worst}; tolerance {SYMMETRY_RTOL:g}): symmetrized as (X + X^T) / 2",
+            UserWarning, stacklevel=3,
+        )
+    return (X + np.swapaxes(X, -1, -2)) / 2.0
+
+
+def _infer_kind(X: np.ndarray, asym: np.ndarray | None) -> str:
+    """``kind="auto"``: SPD if every matrix is square and symmetric to :data:`SYMMETRY_RTOL`, raw if none is; the
+    choice and its reason are logged (INFO), and square trials read as raw give a warning."""
+    shape = tuple(X.shape)
+    if asym is None:
+        log.info("X %s is not square: read as raw trials (N, C, T) (kind='auto'; set kind='raw' to say so)", shape)
+        return "raw"
+    near = asym <= SYMMETRY_RTOL
+    if near.all():
+        log.info("X %s is square and symmetric to within a relative %.3g <= %g: read as SPD matrices "
+                 "(kind='auto'; set kind='raw' if these are raw trials with as many samples as channels)",
+                 shape, float(asym.max()), SYMMETRY_RTOL)
+        return "spd"
+    if near.any():
+        raise ValueError(
+            f"X {shape} is ambiguous: {int(near.sum())} of {len(X)} square matrices are symmetric to within a relative "
+            f"{SYMMETRY_RTOL:g} and the others are not (worst: index {int(np.argmax(asym))}, relative asymmetry "
+            f"{float(asym.max()):.3g}); set kind='spd' for covariances (then all must be symmetric) or kind='raw' "
+            f"for raw trials"
+        )
+    warnings.warn(
+        f"X {shape} holds square but non-symmetric trials (smallest relative asymmetry {float(asym.min()):.3g} > "
+        f"{SYMMETRY_RTOL:g}): read as raw trials with {shape[1]} channels and {shape[2]} samples (kind='auto'); "
+        f"set kind='raw' to confirm, or kind='spd' if these are covariance matrices",
+        UserWarning, stacklevel=3,
+    )
+    return "raw"
 
 
 def _encode_labels(y: Any, n: int, class_names: list[str] | None) -> tuple[np.ndarray, list[str]]:
@@ -90,7 +153,7 @@ def validate_arrays(
     session: Any = None,
     class_names: list[str] | None = None,
 ) -> ValidatedArrays:
-    """Check user arrays and put them in canonical form.
+    r"""Check user arrays and put them in canonical form.
 
     Parameters
     ----------
@@ -101,8 +164,20 @@ def validate_arrays(
     domain : array_like, shape (N,), optional
         Domain ids; if omitted, derived from ``subject`` and ``session`` when both are given, else 0.
     kind : {"auto", "raw", "spd"}
-        ``"spd"`` requires symmetric positive-definite matrices; ``"auto"`` treats square, symmetric
-        trials as SPD (and then checks positive definiteness) and anything else as raw.
+        What ``X`` holds; say it when you know it (``data.kind`` in ``conf/data/arrays.yaml``).
+
+        * ``"spd"``: symmetric positive-definite matrices ``(N, n, n)``. A matrix whose relative asymmetry
+          :math:`\max|X - X^\top| / \max|X|` is at most :data:`SYMMETRY_RTOL` (1e-3) is symmetrized,
+          :math:`(X + X^\top)/2`, with a ``UserWarning`` when the asymmetry exceeds float round-off (1e-6);
+          a larger asymmetry raises a ``ValueError`` naming the worst matrix. Positive definiteness is checked.
+        * ``"raw"``: trials ``(N, C, T)``. Square input that is symmetric to within :data:`SYMMETRY_RTOL` (it
+          looks like covariances) gives a ``UserWarning`` and is still read as raw, as asked.
+        * ``"auto"`` (default): non-square input is raw; square input is SPD when every matrix is symmetric to
+          within :data:`SYMMETRY_RTOL` (then as ``"spd"``), raw with a ``UserWarning`` when none is, and a
+          ``ValueError`` when only some are (ambiguous). The choice and its reason are logged at INFO level.
+
+        *Deviation from earlier versions:* ``"auto"`` used a tolerance of 1e-6, so covariances with a small
+        asymmetry (1e-4, e.g. from float32 or rounded exports) were silently read as raw trials.
     subject, session : array_like, shape (N,), optional
         Used for ``domain`` when it is not given.
     class_names : list of str, optional
@@ -111,9 +186,9 @@ def validate_arrays(
     Returns
     -------
     ValidatedArrays
-        ``X`` float64 for SPD input, float32 for raw input; ``y``/``domain`` int64.
+        ``X`` float64 for SPD input (exactly symmetric), float32 for raw input; ``y``/``domain`` int64.
     """
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid kinds are {list(KINDS)}")
     X = np.asarray(X)
     if X.dtype == object or not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
@@ -132,15 +207,17 @@ def validate_arrays(
         class_names = [str(c) for c in class_names]
     y, class_names = _encode_labels(y, n, class_names)
     square = X.shape[1] == X.shape[2]
+    asym = _asymmetry(X) if square else None
+    declared = kind == "spd"
     if kind == "auto":
-        kind = "spd" if square and _is_symmetric(X.astype(np.float64)) else "raw"
+        kind = _infer_kind(X, asym)
+    elif kind == "raw" and asym is not None and np.all(asym <= SYMMETRY_RTOL):
+        warnings.warn(f"X {X.shape} is square and symmetric (relative asymmetry <= {SYMMETRY_RTOL:g}), like "
+                      f"covariance matrices, but kind='raw': read as raw trials as asked", UserWarning, stacklevel=2)
     if kind == "spd":
-        X = X.astype(np.float64)
-        if not square:
+        if asym is None:
             raise ValueError(f"SPD input must have shape (N, n, n), got {X.shape}")
-        if not _is_symmetric(X):
-            raise ValueError("X was declared SPD but is not symmetric")
-        X = (X + np.swapaxes(X, -1, -2)) / 2.0
+        X = _read_as_spd(X.astype(np.float64), asym, declared)
         min_eig = np.linalg.eigvalsh(X)[:, 0]
         bad = np.flatnonzero(min_eig <= 0)
         if bad.size:
@@ -173,7 +250,7 @@ class ArrayDataset(Dataset):
     domain : array_like, shape (N,), optional
         Domain ids (default: from ``subject``/``session`` if both given, else all 0).
     kind : {"auto", "raw", "spd"}
-        See :func:`validate_arrays`.
+        See :func:`validate_arrays` (tolerance of asymmetry, what ``"auto"`` chooses and logs).
     subject, session : array_like, shape (N,), optional
         Kept as attributes (used by :func:`manifoldnorm.data.split_indices`).
     class_names : list of str, optional
@@ -222,7 +299,8 @@ def load_arrays(path: str | os.PathLike, kind: str = "auto") -> ArrayDataset:
 
     Required keys: ``X`` (N, C, T) or (N, n, n) and ``y`` (N,). Optional: ``domain``, or ``subject``
     and ``session`` (domain then derived per pair); ``class_names``; ``sfreq`` (Hz, for raw trials).
-    Pickled objects are refused.
+    Pickled objects are refused. ``kind`` (``"auto"``, ``"raw"``, ``"spd"``) is that of :func:`validate_arrays`,
+    which says how near-symmetric matrices are read; its errors are raised with the file's path in front.
     """
     path = Path(path)
     if not path.is_file():
@@ -237,6 +315,9 @@ def load_arrays(path: str | os.PathLike, kind: str = "auto") -> ArrayDataset:
         raise ValueError(f"{path} lacks required keys {missing}; found keys {sorted(content)}")
     class_names = content["class_names"].tolist() if "class_names" in content else None
     sfreq = float(content["sfreq"]) if "sfreq" in content else None
-    return ArrayDataset(content["X"], content["y"], domain=content.get("domain"), kind=kind,
-                        subject=content.get("subject"), session=content.get("session"),
-                        class_names=class_names, sfreq=sfreq)
+    try:
+        return ArrayDataset(content["X"], content["y"], domain=content.get("domain"), kind=kind,
+                            subject=content.get("subject"), session=content.get("session"),
+                            class_names=class_names, sfreq=sfreq)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{path}: {err}") from err

@@ -25,6 +25,9 @@ def normalized_weights(X: Tensor, dim: int, weights: Tensor | None) -> Tensor:
     Returned with two trailing singleton dims so they multiply ``(..., n, n)`` stacks directly.
     """
     size = X.shape[dim]
+    if size == 0:
+        raise ValueError(f"a mean needs at least one sample; dimension {dim} of the input of shape "
+                         f"{tuple(X.shape)} is empty")
     if weights is None:
         w = torch.full((size,), 1.0 / size, dtype=X.dtype, device=X.device)
     else:
@@ -83,7 +86,7 @@ def raw_weights(X: Tensor, dim: int, weights: Tensor | None) -> Tensor:
 
 def _align(t: Tensor, ndim: int) -> Tensor:
     """Append singleton dims to ``t`` (aligned from the left) until it has ``ndim`` dims."""
-    return t.reshape(*t.shape, *([1] * (ndim - t.dim())))
+    return t.reshape(tuple(t.shape) + (1,) * (ndim - t.dim()))  # a tuple: also for a 0-dim t and ndim 0
 
 
 class SplitBatchMean:

@@ -26,6 +26,9 @@ BW batch norm) into one eigendecomposition of :math:`W`, with the same exact bac
 
 The Lyapunov solve has the cheaper implicit backward :math:`Q = \mathcal L_P^{-1}[\mathrm{sym}\,G]`,
 :math:`\partial/\partial V = Q`, :math:`\partial/\partial P = -(QL + LQ)` (differentiate :math:`PL + LP = V`).
+
+All three backwards treat the eigendecomposition as a constant: they are once differentiable, and a second
+derivative through them raises ``NotImplementedError`` (see :mod:`manifoldnorm.functional._autograd`).
 """
 
 from __future__ import annotations
@@ -33,9 +36,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import anchor_inputs, once_differentiable
 from .spectral import _dd_pow, sym
 
 __all__ = ["pair_operator", "lyapunov_solve_op", "exp_transport_op"]
+
+_BW_ADVICE = (
+    "For second derivatives write the operator with plain autograd through torch.linalg.eigh (as the BW "
+    "references in manifoldnorm.nn._gbwbn_ref do; exact while the eigenvalues are distinct), or keep "
+    "create_graph=False."
+)
 
 
 def _rot_in(U: Tensor, V: Tensor) -> Tensor:
@@ -103,6 +113,7 @@ def _pair_outer_sum(A: Tensor, B: Tensor, lead: torch.Size) -> Tensor:
 class _PairOperator(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P: Tensor, V: Tensor, alpha: float, p: float):  # type: ignore[override]
+        anchor_inputs(ctx, P, V)
         lam, U = torch.linalg.eigh(P)
         F = _kernel(lam, alpha, p)
         Vt = _rot_in(U, V)
@@ -112,6 +123,8 @@ class _PairOperator(torch.autograd.Function):
         return _rot_out(U, F * Vt)
 
     @staticmethod
+    @once_differentiable("the BW parallel transport (transport_bw_to_identity / transport_bw_from_identity)",
+                         _BW_ADVICE)
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         lam, U, F, Vt = ctx.saved_tensors
         p_shape, v_shape = ctx.shapes
@@ -137,6 +150,7 @@ def pair_operator(P: Tensor, V: Tensor, alpha: float, p: float) -> Tensor:
 class _Lyapunov(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P: Tensor, V: Tensor):  # type: ignore[override]
+        anchor_inputs(ctx, P, V)
         lam, U = torch.linalg.eigh(P)
         K = 1.0 / (lam.unsqueeze(-1) + lam.unsqueeze(-2))
         L = _rot_out(U, K * _rot_in(U, V))
@@ -145,6 +159,7 @@ class _Lyapunov(torch.autograd.Function):
         return L
 
     @staticmethod
+    @once_differentiable("lyapunov_solve (and expmap_bw, which uses it)", _BW_ADVICE)
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         U, K, L = ctx.saved_tensors
         p_shape, v_shape = ctx.shapes
@@ -165,6 +180,7 @@ _RSQRT_HALF = 0.5**0.5
 class _ExpTransport(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W: Tensor, V: Tensor, A: Tensor):  # type: ignore[override]
+        anchor_inputs(ctx, W, V, A)
         w, U = torch.linalg.eigh(W)
         F = _kernel(w, _RSQRT_HALF, -0.5)
         Vt = _rot_in(U, V)
@@ -176,6 +192,7 @@ class _ExpTransport(torch.autograd.Function):
         return sym(At @ K @ At.transpose(-1, -2))
 
     @staticmethod
+    @once_differentiable("exp_transport_op (the GBWBN biasing step)", _BW_ADVICE)
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         w, U, F, Vt, H, K, At = ctx.saved_tensors
         w_shape, v_shape, a_shape = ctx.shapes

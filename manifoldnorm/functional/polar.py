@@ -13,13 +13,16 @@ so the backward of :math:`L(Q)` is :math:`\partial L/\partial X = U D\, \Lambda 
 :math:`\Lambda_{ij} = (H_{ij} - H_{ji})/(\sigma'_i + \sigma'_j)`, :math:`H = D U^\top G V`. Only sums of
 singular values appear: unlike autograd through :func:`torch.linalg.svd` (differences
 :math:`\sigma_i^2 - \sigma_j^2`), it stays finite when singular values coincide, e.g. for the average of a
-concentrated batch of rotations.
+concentrated batch of rotations. Once differentiable: a second derivative raises ``NotImplementedError`` (the
+backward treats the SVD as constant).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ._autograd import anchor_inputs, once_differentiable
 
 __all__ = ["project_so"]
 
@@ -37,11 +40,18 @@ def _factors(X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 class _ProjectSO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X: Tensor) -> Tensor:  # noqa: ANN001
+        anchor_inputs(ctx, X)
         UD, S, V, Q = _factors(X)
         ctx.save_for_backward(UD, S, V)
         return Q
 
     @staticmethod
+    @once_differentiable(
+        "project_so",
+        "For second derivatives project with plain autograd (U, S, Vh = torch.linalg.svd(X); fix the sign of the "
+        "last column of U by det(U @ Vh); return U @ Vh), exact while the singular values are distinct; or keep "
+        "create_graph=False.",
+    )
     def backward(ctx, G: Tensor) -> Tensor:  # noqa: ANN001
         UD, S, V = ctx.saved_tensors
         H = UD.mT @ G @ V

@@ -138,7 +138,8 @@ def lyapunov_solve(P: Tensor, V: Tensor) -> Tensor:
 
     Notes
     -----
-    Backward from the implicit equation (no eigenvalue gaps): exact at repeated eigenvalues of ``P``.
+    Backward from the implicit equation (no eigenvalue gaps): exact at repeated eigenvalues of ``P``. Once
+    differentiable: a second derivative raises ``NotImplementedError``.
     """
     _pair(P, V, "P, V")
     return lyapunov_solve_op(P, V)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ._autograd import anchor_inputs, once_differentiable
 from ._batch import batch_dim, normalized_weights, weighted_sum
 from .spectral import sym, sym_expm, sym_logm
 
@@ -51,6 +51,7 @@ class _CholeskyLog(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, P: Tensor) -> Tensor:  # type: ignore[override]
+        anchor_inputs(ctx, P)
         L = torch.linalg.cholesky(P)  # already zero above the diagonal
         ctx.save_for_backward(L)
         Z = L.clone()
@@ -59,7 +60,8 @@ class _CholeskyLog(torch.autograd.Function):
         return Z
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("cholesky_log", "For second derivatives use cholesky_log_ref (plain autograd through "
+                         "torch.linalg.cholesky), or keep create_graph=False.")
     def backward(ctx, gZ: Tensor) -> Tensor:  # type: ignore[override]
         (L,) = ctx.saved_tensors
         gL = torch.tril(gZ)
@@ -80,13 +82,15 @@ class _CholeskyExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X: Tensor) -> Tensor:  # type: ignore[override]
+        anchor_inputs(ctx, X)
         C = torch.tril(X)
         C.diagonal(dim1=-2, dim2=-1).exp_()
         ctx.save_for_backward(C)
         return C @ C.mT
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("cholesky_exp", "For second derivatives use cholesky_exp_ref (plain autograd), or keep "
+                         "create_graph=False.")
     def backward(ctx, gY: Tensor) -> Tensor:  # type: ignore[override]
         (C,) = ctx.saved_tensors
         return cholesky_exp_grad(gY, C)

@@ -33,16 +33,44 @@ never runs the reconstruction or the backward products in half precision.
 scaling) so a layer pays for one ``eigh`` where the math needs one.
 
 Every fast path has a plain-autograd ``*_ref`` twin (:func:`sym_funcm_ref`) used by the tests.
+
+**What is refused, what is returned** (no silent NaN):
+
+* *Input triangle.* ``torch.linalg.eigh`` reads only the lower triangle, so every function here takes an
+  asymmetric input as its lower triangle mirrored. This is not checked per call (a pass and a host
+  synchronisation); inside ``with manifoldnorm.functional.strict_inputs():`` every call first runs
+  :func:`~manifoldnorm.functional.check_symmetric` and refuses asymmetry above ``sqrt(eps)`` (ValueError). The
+  norm layers validate their inputs (``validate=True``) with :func:`~manifoldnorm.functional.check_spd`.
+* *Domain.* :func:`sym_logm`, :func:`sym_invsqrtm`, :func:`sym_invm`, :func:`sym_powm` need eigenvalues
+  :math:`> 0`, :func:`sym_sqrtm` :math:`\ge 0`: a matrix with an eigenvalue outside (or NaN) raises a ValueError
+  naming the function, how many matrices, the extreme eigenvalues, and what to do (float32 and half precision:
+  compute in float64, ``compute_dtype=torch.float64`` on a layer; else regularize). The test is one reduction
+  of the eigenvalues and one host synchronisation per call, next to the ``eigh``.
+* *Overflow.* :func:`sym_expm` of an eigenvalue above :math:`\log(\text{max float})` (709.8 in float64,
+  88.7 in float32) returns ``±inf`` in exactly the entries the overflowing eigenvectors reach (with their sign)
+  and the finite value elsewhere, never NaN (the plain reconstruction gives ``inf - inf`` and ``0 * inf``).
+* *Gradients.* If the input gradient is not finite while the incoming gradient is (a spectrum too close to
+  singular for the precision, e.g. :math:`\lambda^{-3/2}` of :math:`\lambda = 10^{-30}` in float32), the
+  backward raises a ValueError with the same advice instead of returning inf/NaN. float32 gradients are finite
+  down to a relative spectrum of about ``eps`` (condition ~1e7), with the accuracy that precision allows.
+* *Second derivatives.* The backward treats the eigendecomposition as a constant, so it is **once
+  differentiable**: differentiating it (``create_graph=True`` then another ``grad``: Hessian-vector products,
+  gradient penalties, ``gradgradcheck``) raises ``NotImplementedError`` that points to the ``*_ref`` twins, which
+  are twice differentiable through ``torch.linalg.eigh`` (exact while the eigenvalues are distinct).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ._autograd import anchor_inputs, once_differentiable
+from .validation import check_symmetric, strict_inputs_enabled
 
 __all__ = [
     "sym",
@@ -87,6 +115,12 @@ class _Spec:
     #: near ties are judged by the gap relative to |λ| (scale-invariant functions: log, powers) or relative to
     #: max(|λ|, 1) (exp and user functions, whose quotient loses accuracy with the absolute gap)
     relative_gap: bool = False
+    #: public name, for messages
+    name: str = "sym_funcm"
+    #: eigenvalues the function is defined on: "pos" (λ > 0), "nonneg" (λ >= 0) or None (all reals)
+    domain: str | None = None
+    #: exp: reconstruct the overflowing eigenvalues apart (:func:`_reconstruct_exp`): ±inf entries, never NaN
+    overflows: bool = False
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,6 +129,67 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _reconstruct(U: Tensor, vals: Tensor) -> Tensor:
     return (U * vals.unsqueeze(-2)) @ U.transpose(-1, -2)
+
+
+def _reconstruct_exp(U: Tensor, lam: Tensor) -> Tensor:
+    r""":math:`U e^{\Lambda} U^\top`, overflowing to ±inf entries instead of NaN (``inf - inf``, ``0 * inf``).
+
+    The eigenvalues above the overflow threshold contribute :math:`e^{top}\,U_o e^{\Lambda_o - top} U_o^\top`
+    (``top`` the largest): its non-zero entries become ±inf with their sign, the others keep the finite part
+    :math:`U_f e^{\Lambda_f} U_f^\top`. Without such eigenvalues the result is bit-identical to the plain
+    reconstruction (one more product of a zero spectrum).
+    """
+    top = lam[..., -1:]  # eigh sorts ascending
+    limit = math.log(torch.finfo(lam.dtype).max) - math.log(max(lam.shape[-1], 1)) - 1.0
+    high = lam > limit
+    zero = torch.zeros_like(lam)
+    out = _reconstruct(U, torch.where(high, zero, torch.exp(lam)))
+    over = _reconstruct(U, torch.where(high, torch.exp(lam - top), zero))
+    return torch.where(over == 0, out, out + over * torch.exp(top).unsqueeze(-1))
+
+
+def _outputs(U: Tensor, lam: Tensor, flams: Sequence[Tensor], specs: Sequence[_Spec]) -> tuple[Tensor, ...]:
+    return tuple(_reconstruct_exp(U, lam) if spec.overflows else _reconstruct(U, fl)
+                 for spec, fl in zip(specs, flams, strict=True))
+
+
+def _advice(dtype: torch.dtype, fix: str) -> str:
+    """``fix`` as a sentence, preceded by the advice to compute in float64 for lower precisions."""
+    if dtype == torch.float64:
+        return f"{fix[0].upper()}{fix[1:]}."
+    return (f"In {dtype} the matrices may be singular to working precision: compute in float64 "
+            f"(compute_dtype=torch.float64 on a layer, or pass X.double()), or {fix}.")
+
+
+def _check_domain(lam: Tensor, specs: Sequence[_Spec], dtype: torch.dtype) -> None:
+    """Refuse eigenvalues outside the domain of the functions (one reduction and one host sync)."""
+    domains = {spec.domain for spec in specs} - {None}
+    if not domains:
+        return
+    if lam.numel() == 0:
+        return
+    strict = "pos" in domains
+    lo = lam[..., 0]
+    bad = ~(lo > 0) if strict else ~(lo >= 0)  # NaN counts as bad
+    if not bool(bad.any()):
+        return
+    name = next(spec.name for spec in specs if spec.domain is not None)
+    count, total = int(bad.sum()), bad.numel()
+    if bool(torch.isnan(lam).any()):
+        raise ValueError(f"{name}: the input holds NaN/Inf entries (its eigenvalues are NaN); check the data or "
+                         "the layer before (manifoldnorm.functional.check_finite)")
+    what = "non-positive" if strict else "negative"
+    hi = float(lam[..., -1].max())
+    raise ValueError(
+        f"{name}: {count} of {total} matri{'x has' if total == 1 else 'ces have'} a {what} eigenvalue "
+        f"(smallest {float(lo.min()):.3g}, largest {hi:.3g}); the function is undefined there (the result would "
+        "be NaN). " + _advice(dtype, "make them positive definite (add eps * I, a shrinkage estimator, or sym_reeig)")
+    )
+
+
+def _all_finite(t: Tensor) -> bool:
+    """One reduction in the common case: a finite sum has finite terms; a non-finite one is checked exactly."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _loewner_exact(li: Tensor, lj: Tensor, fi: Tensor, fj: Tensor, spec: _Spec, pp: Tensor) -> Tensor:
@@ -155,12 +250,25 @@ def _no_autocast(t: Tensor):
     return contextlib.nullcontext()
 
 
+def _spec_names(ctx) -> str:
+    return "/".join(dict.fromkeys(spec.name for spec in ctx.specs))
+
+
+_SPECTRAL_ADVICE = (
+    "For second derivatives use the plain-autograd references (manifoldnorm.functional.sym_logm_ref, sym_expm_ref, "
+    "sym_sqrtm_ref, sym_invsqrtm_ref, sym_powm_ref, sym_funcm_ref: differentiable twice through torch.linalg.eigh, "
+    "exact while the eigenvalues are distinct), or keep create_graph=False."
+)
+
+
 class _SymEig(torch.autograd.Function):
     """One ``eigh``, several spectral functions of it, Daleckii–Krein backward for each."""
 
     @staticmethod
     def forward(ctx, X: Tensor, p: Tensor, specs: tuple[_Spec, ...]):  # type: ignore[override]
         lam, U = torch.linalg.eigh(X)
+        _check_domain(lam, specs, X.dtype)
+        anchor_inputs(ctx, X, p)
         return _SymEig._finish(ctx, lam, U, p, specs)
 
     @staticmethod
@@ -169,9 +277,10 @@ class _SymEig(torch.autograd.Function):
         flams = tuple(spec.f(lam, pe) for spec in specs)
         ctx.specs = specs
         ctx.save_for_backward(lam, U, p, *flams)
-        return tuple(_reconstruct(U, fl) for fl in flams)
+        return _outputs(U, lam, flams, specs)
 
     @staticmethod
+    @once_differentiable(_spec_names, _SPECTRAL_ADVICE)
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         lam, U, p, *flams = ctx.saved_tensors
         with _no_autocast(U):
@@ -193,6 +302,13 @@ class _SymEig(torch.autograd.Function):
                 contrib = 0.5 * (torch.diagonal(Gt, dim1=-2, dim2=-1) * spec.dfdp(lam, pe)).sum(-1)
                 dp = contrib if dp is None else dp + contrib
         dX = None if inner is None else U @ inner @ Ut
+        if dX is not None and not _all_finite(dX) and all(_all_finite(G) for G in grads if G is not None):
+            raise ValueError(
+                f"{_spec_names(ctx)}: the gradient is not finite in {lam.dtype} although the incoming gradient is "
+                f"(input eigenvalues in [{float(lam.min()):.3g}, {float(lam.max()):.3g}]): the spectrum is too "
+                "close to singular, or too wide, for this precision. "
+                + _advice(lam.dtype, "regularize the input (add eps * I, or sym_reeig)")
+            )
         if dp is not None:
             dp = dp.sum_to_size(p.shape) if p.dim() > 0 else dp.sum()
         return dX, dp, None
@@ -203,9 +319,11 @@ class _FromEig(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X: Tensor, p: Tensor, lam: Tensor, U: Tensor, specs: tuple[_Spec, ...]):  # type: ignore[override]
+        anchor_inputs(ctx, X, p)
         return _SymEig._finish(ctx, lam, U, p, specs)
 
     @staticmethod
+    @once_differentiable(_spec_names, _SPECTRAL_ADVICE)
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         lam, U, p, *flams = ctx.saved_tensors
         with _no_autocast(U):
@@ -218,23 +336,27 @@ class _EigvalsFromEig(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X: Tensor, lam: Tensor, U: Tensor):  # type: ignore[override]
+        anchor_inputs(ctx, X)
         ctx.save_for_backward(U)
         return lam.clone()
 
     @staticmethod
+    @once_differentiable("SymEig.eigvals", "For second derivatives use torch.linalg.eigvalsh (plain autograd).")
     def backward(ctx, g: Tensor):  # type: ignore[override]
         (U,) = ctx.saved_tensors
         with _no_autocast(U):
             return _reconstruct(U, g), None, None
 
 
-def _check_input(X: Tensor) -> None:
+def _check_input(X: Tensor, name: str = "input") -> None:
     if not isinstance(X, Tensor):
         raise TypeError(f"expected a torch.Tensor of shape (..., n, n), got {type(X).__name__}")
     if X.dim() < 2 or X.shape[-1] != X.shape[-2]:
         raise ValueError(f"expected square matrices of shape (..., n, n), got shape {tuple(X.shape)}")
     if not X.is_floating_point():
         raise TypeError(f"expected a floating-point tensor, got dtype {X.dtype}")
+    if strict_inputs_enabled():  # opt-in: eigh reads the lower triangle only, an asymmetric input is refused
+        check_symmetric(X.detach(), name)
 
 
 def _exponent(X: Tensor, p: Tensor | float | None, cdtype: torch.dtype) -> Tensor:
@@ -264,15 +386,16 @@ def _needs_graph(*ts: object) -> bool:
 
 
 def _apply(X: Tensor, specs: Sequence[_Spec], p: Tensor | float | None = None) -> tuple[Tensor, ...]:
-    _check_input(X)
+    _check_input(X, specs[0].name)
     dtype = X.dtype
     cdtype = _compute_dtype(dtype)
     with _no_autocast(X):
         if not _needs_graph(X, p):  # statistics, running averages: no autograd Function to build
             lam, U = torch.linalg.eigh(X.to(cdtype))
+            _check_domain(lam, specs, dtype)
             pt = _exponent(X, p, cdtype)
             pe = pt.unsqueeze(-1) if pt.dim() > 0 else pt
-            return tuple(_reconstruct(U, spec.f(lam, pe)).to(dtype) for spec in specs)
+            return tuple(o.to(dtype) for o in _outputs(U, lam, [spec.f(lam, pe) for spec in specs], specs))
         outs = _SymEig.apply(X.to(cdtype), _exponent(X, p, cdtype), tuple(specs))
     return tuple(o.to(dtype) for o in outs)
 
@@ -290,7 +413,7 @@ class SymEig:
     """
 
     def __init__(self, X: Tensor) -> None:
-        _check_input(X)
+        _check_input(X, "sym_eig")
         self.X = X
         self.dtype = X.dtype
         self._cdtype = _compute_dtype(X.dtype)
@@ -303,10 +426,12 @@ class SymEig:
         return _EigvalsFromEig.apply(self._Xc, self.lam, self.U).to(self.dtype)
 
     def _apply(self, spec: _Spec, p: Tensor | float | None = None) -> Tensor:
+        _check_domain(self.lam, (spec,), self.dtype)
         if not _needs_graph(self.X, p):
             pt = _exponent(self.X, p, self._cdtype)
             with _no_autocast(self.X):
-                return _reconstruct(self.U, spec.f(self.lam, pt.unsqueeze(-1) if pt.dim() > 0 else pt)).to(self.dtype)
+                fl = spec.f(self.lam, pt.unsqueeze(-1) if pt.dim() > 0 else pt)
+                return _outputs(self.U, self.lam, (fl,), (spec,))[0].to(self.dtype)
         with _no_autocast(self.X):
             out = _FromEig.apply(self._Xc, _exponent(self.X, p, self._cdtype), self.lam, self.U, (spec,))[0]
         return out.to(self.dtype)
@@ -361,25 +486,27 @@ def _dd_pow(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
     return torch.pow(b, p - 1.0) * _ratio(torch.expm1(p * torch.log1p(h)), h, p)
 
 
-_LOG = _Spec(lambda l, p: torch.log(l), lambda l, p: 1.0 / l, dd=_dd_log, relative_gap=True)
-_EXP = _Spec(lambda l, p: torch.exp(l), lambda l, p: torch.exp(l), dd=_dd_exp)
+_LOG = _Spec(lambda l, p: torch.log(l), lambda l, p: 1.0 / l, dd=_dd_log, relative_gap=True, name="sym_logm",
+             domain="pos")
+_EXP = _Spec(lambda l, p: torch.exp(l), lambda l, p: torch.exp(l), dd=_dd_exp, name="sym_expm", overflows=True)
 _SQRT = _Spec(
     lambda l, p: torch.sqrt(l), lambda l, p: 0.5 / torch.sqrt(l),
     dd=lambda a, b, p: 1.0 / (torch.sqrt(a) + torch.sqrt(b)),
-    relative_gap=True,
+    relative_gap=True, name="sym_sqrtm", domain="nonneg",
 )
 _INVSQRT = _Spec(
     lambda l, p: torch.rsqrt(l), lambda l, p: -0.5 * torch.rsqrt(l) / l,
     dd=lambda a, b, p: -1.0 / (torch.sqrt(a * b) * (torch.sqrt(a) + torch.sqrt(b))),
-    relative_gap=True,
+    relative_gap=True, name="sym_invsqrtm", domain="pos",
 )
-_INV = _Spec(lambda l, p: 1.0 / l, lambda l, p: -1.0 / (l * l), dd=lambda a, b, p: -1.0 / (a * b), relative_gap=True)
+_INV = _Spec(lambda l, p: 1.0 / l, lambda l, p: -1.0 / (l * l), dd=lambda a, b, p: -1.0 / (a * b), relative_gap=True,
+             name="sym_invm", domain="pos")
 _POW = _Spec(
     lambda l, p: torch.pow(l, p),
     lambda l, p: p * torch.pow(l, p - 1.0),
     lambda l, p: torch.pow(l, p) * torch.log(l),
     dd=_dd_pow,
-    relative_gap=True,
+    relative_gap=True, name="sym_powm", domain="pos",
 )
 
 
@@ -387,6 +514,7 @@ def _reeig_spec(threshold: float) -> _Spec:
     return _Spec(
         lambda l, p: torch.clamp(l, min=threshold),
         lambda l, p: (l > threshold).to(l.dtype),
+        name="sym_reeig",
     )
 
 
@@ -410,14 +538,19 @@ def sym_funcm(X: Tensor, f: ScalarFn, df: ScalarFn) -> Tensor:
 def sym_logm(X: Tensor) -> Tensor:
     r"""Matrix logarithm :math:`\log X = U \log(\Lambda) U^\top` of SPD matrices ``(..., n, n)``.
 
-    Non-positive eigenvalues give NaN/-inf: validate with :func:`manifoldnorm.functional.check_spd` or clamp
-    with :func:`sym_reeig` first.
+    Non-positive eigenvalues raise a ValueError (the logarithm is undefined there); rectify with
+    :func:`sym_reeig` or regularize first.
     """
     return _apply(X, (_LOG,))[0]
 
 
 def sym_expm(X: Tensor) -> Tensor:
-    r"""Matrix exponential :math:`\exp X = U \exp(\Lambda) U^\top` of symmetric matrices ``(..., n, n)``."""
+    r"""Matrix exponential :math:`\exp X = U \exp(\Lambda) U^\top` of symmetric matrices ``(..., n, n)``.
+
+    Overflow (an eigenvalue above :math:`\log` of the largest float: 709.8 in float64, 88.7 in float32; the
+    float32 limit for half-precision inputs, then the cast) gives ``±inf`` entries with the right sign, never
+    NaN; entries the overflowing eigenvectors do not reach keep their finite value.
+    """
     return _apply(X, (_EXP,))[0]
 
 
@@ -464,10 +597,16 @@ def sym_reeig(X: Tensor, threshold: float = 1e-4) -> Tensor:
     r"""Eigenvalue rectification :math:`U \max(\Lambda, \epsilon I) U^\top` (ReEig of SPDNet).
 
     Huang & Van Gool, "A Riemannian Network for SPD Matrix Learning", AAAI 2017, Eq. 6. The derivative of the
-    clamp is :math:`\mathbb{1}[\lambda > \epsilon]`.
+    clamp is :math:`\mathbb{1}[\lambda > \epsilon]`. ``threshold`` must be a positive finite number (NaN, inf,
+    0 and negative values raise a ValueError: a NaN threshold would make every output NaN).
     """
-    if threshold <= 0:
-        raise ValueError(f"ReEig threshold must be positive, got {threshold}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) and not (
+        isinstance(threshold, Tensor) and threshold.numel() == 1
+    ):
+        raise TypeError(f"sym_reeig: threshold must be a positive number, got {type(threshold).__name__}")
+    threshold = float(threshold)
+    if not math.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"sym_reeig: threshold must be a positive finite number, got {threshold}")
     return _apply(X, (_reeig_spec(float(threshold)),))[0]
 
 

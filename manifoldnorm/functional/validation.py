@@ -1,11 +1,47 @@
-"""Input checks with messages a user can act on (shape, finiteness, symmetry, positive definiteness)."""
+"""Input checks with messages a user can act on (shape, finiteness, symmetry, positive definiteness).
+
+:func:`strict_inputs` switches on, for a region of code, the symmetry check of every input to the spectral
+functions (:mod:`manifoldnorm.functional.spectral`), which otherwise read the lower triangle only, as
+``torch.linalg.eigh`` does (off by default: one extra pass and one host synchronisation per call).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_square", "check_finite", "check_symmetric", "check_spd", "symmetry_rtol"]
+__all__ = [
+    "check_square", "check_finite", "check_symmetric", "check_spd", "symmetry_rtol", "strict_inputs",
+    "strict_inputs_enabled",
+]
+
+_STRICT: contextvars.ContextVar[bool] = contextvars.ContextVar("manifoldnorm_strict_inputs", default=False)
+
+
+@contextlib.contextmanager
+def strict_inputs(enabled: bool = True) -> Iterator[None]:
+    """Within the ``with`` block, spectral functions refuse non-symmetric (or non-finite) inputs.
+
+    ``torch.linalg.eigh``, and so every spectral function of this package (``sym_logm``, ``sym_expm``, ...,
+    the AIM/LEM/BW metrics built on them), reads only the lower triangle of its input: an asymmetric matrix is
+    silently taken as its lower triangle mirrored. Inside ``with strict_inputs():`` each call first runs
+    :func:`check_symmetric` (relative asymmetry above ``sqrt(eps)`` raises a ValueError naming the function).
+    Thread- and task-local (a ``contextvars.ContextVar``); ``strict_inputs(False)`` switches it off again inside.
+    """
+    token = _STRICT.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _STRICT.reset(token)
+
+
+def strict_inputs_enabled() -> bool:
+    """Whether :func:`strict_inputs` is active in the current context."""
+    return _STRICT.get()
 
 
 def symmetry_rtol(dtype: torch.dtype) -> float:

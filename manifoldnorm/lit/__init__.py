@@ -1,7 +1,9 @@
 """Lightning integration: the classification and language-model modules, the EEG, image and text data modules
 and the run helpers."""
 
+from manifoldnorm.lit.checkpoint import AtomicCheckpointIO, CarryBestCheckpoint, CheckpointError, verify_checkpoint
 from manifoldnorm.lit.datamodule import REPRESENTATIONS, SOURCES, EEGDataModule
+from manifoldnorm.lit.guard import NonFiniteError, NonFiniteGuard
 from manifoldnorm.lit.images import IMAGE_SOURCES, ImageDataModule
 from manifoldnorm.lit.lm import CharLMDataModule, LanguageModelModule
 from manifoldnorm.lit.module import ClassificationModule
@@ -10,6 +12,12 @@ from manifoldnorm.lit.resume import ResumableDataLoader, RNGStates
 from manifoldnorm.lit.sync import RiemannianSyncBatchNorm
 
 __all__ = [
+    "AtomicCheckpointIO",
+    "CarryBestCheckpoint",
+    "CheckpointError",
+    "verify_checkpoint",
+    "NonFiniteError",
+    "NonFiniteGuard",
     "RiemannianSyncBatchNorm",
     "RNGStates",
     "ResumableDataLoader",

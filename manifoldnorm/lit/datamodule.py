@@ -21,6 +21,7 @@ from manifoldnorm.data import (
     load_simulated,
     split_indices,
 )
+from manifoldnorm.data.arrays import KINDS
 from manifoldnorm.data.types import domain_ids
 from manifoldnorm.lit.resume import seeded_loader
 
@@ -95,6 +96,9 @@ class EEGDataModule(pl.LightningDataModule):
         Extra arguments of :func:`~manifoldnorm.data.split_indices` (``test_fraction``, ``test_subjects``, ...).
     drop_last : bool
         Drop the last incomplete training batch (batch norms dislike tiny batches).
+    kind : {"auto", "raw", "spd"}
+        What the ``arrays`` file's ``X`` holds (:func:`manifoldnorm.data.validate_arrays`: near-symmetric
+        matrices, what ``"auto"`` chooses and logs); ignored by the other sources.
 
     Attributes
     ----------
@@ -119,9 +123,11 @@ class EEGDataModule(pl.LightningDataModule):
         source_kwargs: Mapping[str, Any] | None = None,
         split_kwargs: Mapping[str, Any] | None = None,
         drop_last: bool = True,
+        kind: str = "auto",
     ) -> None:
         super().__init__()
         self.source = _choice(source, SOURCES, "data source")
+        self.kind = _choice(kind, KINDS, "kind")
         self.representation = _choice(representation, REPRESENTATIONS, "representation")
         self.protocol = protocol
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -170,7 +176,7 @@ class EEGDataModule(pl.LightningDataModule):
         return np.ascontiguousarray(X, dtype=np.float32)
 
     def _array_features(self) -> tuple[np.ndarray, dict[str, np.ndarray], int, int]:
-        arrays = load_arrays(Path(self.path).expanduser())
+        arrays = load_arrays(Path(self.path).expanduser(), kind=self.kind)
         meta = {"y": arrays.y, "domain": arrays.domain}
         if arrays.subject is not None and arrays.session is not None:
             meta.update(subject=arrays.subject, session=arrays.session)

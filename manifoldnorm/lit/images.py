@@ -20,6 +20,7 @@ from manifoldnorm.data.images import (
 )
 from manifoldnorm.lit.datamodule import EpochSeededSampler
 from manifoldnorm.lit.resume import seeded_loader
+from manifoldnorm.optim._validate import check_bool, check_fractions, check_int
 
 __all__ = ["IMAGE_SOURCES", "ImageDataModule"]
 
@@ -112,13 +113,15 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
             raise ValueError(f"max_shift must be a non-negative int, got {max_shift!r}")
-        if val_fraction <= 0:
-            raise ValueError(f"val_fraction must be > 0 (validation selects the checkpoint), got {val_fraction}")
+        for flag, value in (("normalize", normalize), ("augment", augment), ("drop_last", drop_last)):
+            check_bool(value, flag, "ImageDataModule")  # bool("maybe") would be True
         self.source, self.path = source, path
-        self.batch_size, self.seed, self.num_workers = batch_size, int(seed), int(num_workers)
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
-        self.normalize, self.augment, self.max_shift = bool(normalize), bool(augment), max_shift
-        self.image_size, self.drop_last = image_size, bool(drop_last)
+        self.batch_size, self.max_shift = batch_size, max_shift
+        self.seed = check_int(seed, "seed", "ImageDataModule")
+        self.num_workers = check_int(num_workers, "num_workers", "ImageDataModule", low=0)
+        self.val_fraction, self.test_fraction = check_fractions("ImageDataModule", val_fraction, test_fraction)
+        self.normalize, self.augment = normalize, augment
+        self.image_size, self.drop_last = image_size, drop_last
         self.datasets: dict[str, ImageDataset] = {}
         self.split: dict[str, np.ndarray] | None = None
         self.mean: np.ndarray | None = None

@@ -20,12 +20,13 @@ from manifoldnorm.data.text import (
     load_text,
     split_text,
 )
-from manifoldnorm.lit.module import OptimizerFactory, SchedulerFactory, optimizers_for
+from manifoldnorm.lit.guard import numerical_errors
+from manifoldnorm.lit.module import OptimizerFactory, SchedulerFactory, check_module_options, optimizers_for
 from manifoldnorm.lit.resume import seeded_loader
+from manifoldnorm.optim._validate import check_fractions, check_int
 
 __all__ = ["CharLMDataModule", "LanguageModelModule"]
 
-_INTERVALS = ("epoch", "step")
 LN2 = math.log(2.0)
 
 
@@ -93,10 +94,9 @@ class CharLMDataModule(pl.LightningDataModule):
         self.batch_size = _positive_int("batch_size", batch_size)
         self.steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch)
         self.val_batches = _positive_int("val_batches", val_batches)
-        if not val_fraction > 0:
-            raise ValueError(f"val_fraction must be > 0 (validation selects the checkpoint), got {val_fraction}")
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
-        self.seed, self.num_workers = int(seed), int(num_workers)
+        self.val_fraction, self.test_fraction = check_fractions("CharLMDataModule", val_fraction, test_fraction)
+        self.seed = check_int(seed, "seed", "CharLMDataModule")
+        self.num_workers = check_int(num_workers, "num_workers", "CharLMDataModule", low=0)
         self.vocab: CharVocab | None = None
         self.datasets: dict[str, CharWindows] = {}
 
@@ -180,8 +180,7 @@ class LanguageModelModule(pl.LightningModule):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if scheduler_interval not in _INTERVALS:
-            raise ValueError(f"unknown scheduler_interval {scheduler_interval!r}; valid: {', '.join(_INTERVALS)}")
+        check_module_options("LanguageModelModule", optimizer, scheduler, scheduler_interval, scheduler_monitor)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.model = model
         self.optimizer_factory = optimizer
@@ -200,7 +199,8 @@ class LanguageModelModule(pl.LightningModule):
         return loss, int(y.numel())
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss, n = self._loss(batch)
+        with numerical_errors(self, batch, batch_idx):  # a diverged layer: one NonFiniteError line
+            loss, n = self._loss(batch)
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=n, prog_bar=True)
         return loss
 

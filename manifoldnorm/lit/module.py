@@ -14,8 +14,10 @@ from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from manifoldnorm.lit.guard import numerical_errors
 from manifoldnorm.nn import refit_domain_norms, refittable_norms
 from manifoldnorm.optim import create_optimizer
+from manifoldnorm.optim._validate import check_bool, check_int
 
 __all__ = ["ClassificationModule", "RunLengthUnknown", "optimizers_for"]
 
@@ -63,6 +65,18 @@ class RunLengthUnknown(ValueError):
     """A scheduler's ``total_steps`` must come from a trainer, and none is attached yet."""
 
 
+def check_module_options(owner: str, optimizer: Any, scheduler: Any, interval: Any, monitor: Any) -> None:
+    """Types of the options the Lightning modules share; raises at construction with the option's name."""
+    for name, factory in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if factory is not None and not callable(factory):
+            raise TypeError(f"{owner}: {name} must be a factory (callable, e.g. a Hydra node with _partial_: true) "
+                            f"or null, got {factory!r} ({type(factory).__name__})")
+    if not isinstance(interval, str) or interval not in _INTERVALS:
+        raise ValueError(f"unknown scheduler_interval {interval!r}; valid: {', '.join(_INTERVALS)}")
+    if not isinstance(monitor, str) or not monitor:
+        raise TypeError(f"{owner}: scheduler_monitor must be a metric name (str), got {monitor!r}")
+
+
 def _wants_total_steps(factory: SchedulerFactory) -> bool:
     if not isinstance(factory, functools.partial) or factory.keywords.get("total_steps", 0) is not None:
         return False
@@ -93,7 +107,13 @@ class ClassificationModule(pl.LightningModule):
         Test-time adaptation before testing (Kobler et al., NeurIPS 2022, Sec. 3.3): re-estimate norm statistics
         on the unlabeled test data with :func:`manifoldnorm.nn.refit_domain_norms`. ``None`` (default): refit the
         domain-aware norms, one target domain at a time, if the model has any; ``True``: refit every refittable
-        norm on all test data at once (error if there is none); ``False``: never.
+        norm on all test data at once (error if there is none); ``False``: never. Anything else (e.g. the text
+        ``"maybe"`` from a config override) raises a TypeError at construction.
+
+    Raises
+    ------
+    TypeError, ValueError
+        At construction, for an option of the wrong type or out of range; the message names the option.
     """
 
     def __init__(
@@ -109,10 +129,9 @@ class ClassificationModule(pl.LightningModule):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        if scheduler_interval not in _INTERVALS:
-            raise ValueError(f"unknown scheduler_interval {scheduler_interval!r}; valid: {', '.join(_INTERVALS)}")
+        num_classes = check_int(num_classes, "num_classes", "ClassificationModule", low=2)
+        check_module_options("ClassificationModule", optimizer, scheduler, scheduler_interval, scheduler_monitor)
+        check_bool(refit_on_test, "refit_on_test", "ClassificationModule", allow_none=True)
         if refit_on_test is True and not refittable_norms(model):
             raise ValueError("refit_on_test=True but the model has no refittable norm layer "
                              "(e.g. norm=spddsmbn, liebn_aim); use refit_on_test=null to refit only when possible")
@@ -138,7 +157,8 @@ class ClassificationModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train", self.train_metrics)
+        with numerical_errors(self, batch, batch_idx):  # a diverged layer: one NonFiniteError line
+            return self._step(batch, "train", self.train_metrics)
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "val", self.val_metrics)

@@ -18,10 +18,12 @@ import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from manifoldnorm.lit.checkpoint import AtomicCheckpointIO, CarryBestCheckpoint, CheckpointError, verify_checkpoint
 from manifoldnorm.lit.module import RunLengthUnknown
 from manifoldnorm.lit.requeue import SLURMRequeue
 from manifoldnorm.lit.sync import RiemannianSyncBatchNorm
@@ -37,6 +39,8 @@ __all__ = [
     "build_trainer",
     "save_config",
     "fit_and_test",
+    "check_resume_checkpoint",
+    "CheckpointError",
     "format_metrics",
 ]
 
@@ -130,6 +134,9 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     A ``WandbLogger`` without an ``id`` gets :func:`slurm_run_id` inside a SLURM job, so that all processes
     and every requeued restart of the job write to one W&B run (``resume: allow`` in ``conf/logger/wandb.yaml``);
     outside SLURM W&B picks a fresh id. Only the process of global rank 0 creates the run.
+    An offline ``WandbLogger`` (``mode: offline``) sets ``WANDB_MODE=offline`` in the process environment: W&B
+    builds its analytics exporter from the environment before ``wandb.init`` sees ``mode``, and would otherwise
+    look up and contact its server (with ``settings`` in ``conf/logger/wandb.yaml``, no request at all).
     """
     loggers: list[Logger] = []
     with config_errors("logger"):
@@ -140,6 +147,8 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
             if str(node.get("_target_", "")).endswith("WandbLogger") and node.get("id") is None:
                 if (run_id := slurm_run_id()) is not None:
                     extra["id"] = run_id
+            if str(node.get("_target_", "")).endswith("WandbLogger") and node.get("mode") in ("offline", "dryrun"):
+                os.environ["WANDB_MODE"] = "offline"
             lg = instantiate(node, **extra)
             if not isinstance(lg, Logger):
                 raise TypeError(f"logger.{key} built a {type(lg).__name__}, not a Lightning Logger")
@@ -154,13 +163,23 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
     configured: SIGUSR1 checkpoints the run at a step all processes agree on and requeues the job.
     ``sync_norm: true`` adds the :class:`~manifoldnorm.lit.sync.RiemannianSyncBatchNorm` plugin (batch
     statistics of every batch norm over all processes; nothing changes on a single process).
+    Checkpoints are written and read by :class:`~manifoldnorm.lit.checkpoint.AtomicCheckpointIO` (atomic
+    writes, verified loads) unless ``cfg.trainer.plugins`` holds a ``CheckpointIO``, and a
+    :class:`~manifoldnorm.lit.checkpoint.CarryBestCheckpoint` keeps the best checkpoint of a run resumed
+    in another directory.
     """
     if SLURMEnvironment.detect() and not any(isinstance(cb, SLURMRequeue) for cb in callbacks):
         callbacks = [*callbacks, SLURMRequeue()]
-    extra: dict[str, Any] = {}
+    if not any(isinstance(cb, CarryBestCheckpoint) for cb in callbacks):
+        callbacks = [*callbacks, CarryBestCheckpoint()]
+    configured = cfg.trainer.get("plugins") or []
+    with config_errors("trainer.plugins"):
+        plugins = [instantiate(p) for p in ([configured] if isinstance(configured, Mapping) else configured)]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
     if cfg.get("sync_norm"):
-        plugins = list(cfg.trainer.get("plugins") or [])
-        extra["plugins"] = [*(instantiate(p) for p in plugins), RiemannianSyncBatchNorm()]
+        plugins.append(RiemannianSyncBatchNorm())
+    extra: dict[str, Any] = {"plugins": plugins}
     with config_errors("trainer"):
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
@@ -194,8 +213,12 @@ def fit_and_test(
     """Fit (resuming from ``ckpt_path`` if given), then test the best checkpoint if there is one.
 
     Returns the validation metrics of the last epoch, ``best/<monitor>`` (best checkpoint score) and the test
-    metrics, as floats.
+    metrics, as floats. A damaged ``ckpt_path`` is refused before fitting (:class:`CheckpointError`); resuming
+    in the directory the checkpoint was written in restores the best score and best checkpoint in full, and
+    elsewhere the trainer's ``CarryBestCheckpoint`` carries them over (see ``docs/resume.md``).
     """
+    if ckpt_path is not None and not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+        check_resume_checkpoint(ckpt_path)  # AtomicCheckpointIO checks it on loading
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     ckpt = _checkpoint(trainer)
@@ -208,6 +231,19 @@ def fit_and_test(
         for results in trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False):
             metrics.update({k: float(v) for k, v in results.items()})
     return metrics
+
+
+def check_resume_checkpoint(ckpt_path: str | os.PathLike) -> None:
+    """Refuse a missing or damaged resume checkpoint with one line (:class:`CheckpointError`).
+
+    Lightning's keywords (``"last"``, ``"best"``, ``"hpc"``, ``"registry"``) pass; a file is verified by
+    :func:`~manifoldnorm.lit.checkpoint.verify_checkpoint` (the zip CRC-32 of every record).
+    """
+    if str(ckpt_path) in ("last", "best", "hpc", "registry"):
+        return
+    if not Path(ckpt_path).exists():
+        raise CheckpointError(f"ckpt_path={ckpt_path}: no such file (working directory {os.getcwd()})")
+    verify_checkpoint(ckpt_path)
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:

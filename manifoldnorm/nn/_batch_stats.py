@@ -20,7 +20,22 @@ from torch import Tensor
 
 from manifoldnorm.functional._batch import BatchSum, SplitBatchMean
 
-__all__ = ["StatReducer", "active_reducer", "reduce_fn", "batch_mean", "batch_mean_count", "domain_groups"]
+__all__ = [
+    "StatReducer",
+    "active_reducer",
+    "reduce_fn",
+    "batch_mean",
+    "batch_mean_count",
+    "domain_groups",
+    "domain_range",
+    "degenerate_batch",
+    "EQUAL_ULPS",
+]
+
+#: two matrices of a batch count as equal when every entry differs by at most this many units of the compute
+#: dtype's precision (``torch.finfo(dtype).eps``) relative to the largest entry of the feature (see
+#: :func:`degenerate_batch`)
+EQUAL_ULPS = 8.0
 
 
 class StatReducer(Protocol):
@@ -70,17 +85,72 @@ def batch_mean_count(T: Tensor, red: StatReducer | None) -> tuple[Tensor, int]:
     return out, int(round(float(mean.count.detach().reshape(-1)[0])))
 
 
-def domain_groups(d: Tensor, red: StatReducer) -> tuple[int, list[tuple[int, Tensor]]]:
+def degenerate_batch(T: Tensor, count: int, red: StatReducer | None) -> Tensor:
+    r"""Per feature: is the (union of the) batch degenerate, i.e. one sample or all samples equal to working precision?
+
+    The norms fall back to their running variance only for such batches; every batch of two or more distinct
+    samples is normalized by the paper's formula, however small its dispersion.
+
+    Parameters
+    ----------
+    T : Tensor ``(N, *F, n, n)``
+        The batch in the layer's compute dtype (inputs, or a deterministic function of them such as the
+        deformed codomain elements): equal inputs give equal rows.
+    count : int
+        Number of samples in the union of the batch (:func:`batch_mean_count`).
+    red : StatReducer or None
+        With a reducer, the entry-wise maximum and minimum over the batch are reduced over all parts (one
+        ``red.max``, no gradient; every part calls it iff ``count > 1``, so the calls stay in step).
+
+    Returns
+    -------
+    Tensor ``(*F)`` of bool
+        True where ``count == 1`` or :math:`\max_{i,j,a,b}|T_{i,ab} - T_{j,ab}| \le` ``EQUAL_ULPS`` :math:`\cdot
+        \epsilon_{\mathrm{dtype}} \cdot \max_{i,a,b}|T_{i,ab}|` (exactly equal samples always qualify).
+    """
+    lead = T.shape[1:-2]
+    if count <= 1:
+        return torch.ones(lead, dtype=torch.bool, device=T.device)
+    with torch.no_grad():
+        T = T.detach()
+        if T.shape[0]:
+            hi, neg_lo = T.amax(dim=0), (-T).amax(dim=0)
+        else:  # an empty part of a split batch
+            hi = torch.full(T.shape[1:], -torch.inf, dtype=T.dtype, device=T.device)
+            neg_lo = hi.clone()
+        if red is not None:
+            hi, neg_lo = red.max(torch.stack([hi, neg_lo]))
+        spread = (hi + neg_lo).amax(dim=(-1, -2))
+        scale = torch.maximum(hi.abs(), neg_lo.abs()).amax(dim=(-1, -2))
+        return spread <= EQUAL_ULPS * torch.finfo(T.dtype).eps * scale
+
+
+def domain_range(d: Tensor, red: StatReducer | None) -> tuple[int, int] | None:
+    """Smallest and largest domain id over the (union of the) batch, ``None`` if it holds no sample.
+
+    With a reducer one ``red.max`` packs both, so every part gets the same range (and raises the same error).
+    """
+    if red is None:
+        if not d.numel():
+            return None
+        low, top = torch.stack(torch.aminmax(d)).tolist()  # one device sync
+        return int(low), int(top)
+    empty = (-1, -(2**62))
+    local = (int(d.max()), -int(d.min())) if d.numel() else empty
+    top, neg_low = (int(v) for v in red.max(torch.tensor(local, dtype=torch.long, device=d.device)).tolist())
+    if (top, neg_low) == empty:
+        return None
+    return -neg_low, top
+
+
+def domain_groups(d: Tensor, red: StatReducer, top: int) -> list[tuple[int, Tensor]]:
     """Domains present on any part, ascending, with this part's sample indices (possibly empty).
 
-    Returns ``(number of domain slots needed, groups)``. Two small collectives: the largest id, then the
-    per-domain counts; every part gets the same list, so all parts run the same reductions in the same order.
+    ``top`` is the largest id over all parts (:func:`domain_range`; ids already checked to be non-negative).
+    One collective (the per-domain counts); every part gets the same list, so all parts run the same
+    reductions in the same order.
     """
-    local_max = int(d.max()) if d.numel() else -1
-    top = int(red.max(torch.tensor([local_max], dtype=torch.long, device=d.device))[0])
-    if top < 0:
-        return 0, []
     with torch.no_grad():
         counts = red.sum(torch.bincount(d, minlength=top + 1))
     present = torch.nonzero(counts > 0, as_tuple=False).squeeze(1).tolist()
-    return top + 1, [(dom, torch.nonzero(d == dom, as_tuple=False).squeeze(1)) for dom in present]
+    return [(dom, torch.nonzero(d == dom, as_tuple=False).squeeze(1)) for dom in present]

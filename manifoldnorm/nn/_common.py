@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import geoopt
 import torch
 from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
+from manifoldnorm.functional.validation import symmetry_rtol
 
-from ._batch_stats import StatReducer, domain_groups
+from ._batch_stats import StatReducer, domain_groups, domain_range
 
 __all__ = [
     "spd_identity_parameter",
@@ -72,17 +74,22 @@ def check_compute_dtype(value: torch.dtype | str | None, owner: str) -> torch.dt
     raise ValueError(f"{owner}: compute_dtype must be None, torch.float32 or torch.float64, got {value!r}")
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def resolve_dtype(x: Tensor, ref: Tensor, compute: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:
     """``(compute dtype, output dtype)`` of a layer with parameter ``ref`` applied to ``x``.
 
-    The output dtype is the promoted dtype of input and parameters (half precision inputs are promoted by the
-    float32/float64 parameters). The computation runs in ``compute`` if given, else in the output dtype, and
-    never below float32 (``torch.linalg.eigh`` has no half-precision kernels).
+    The computation runs in ``compute`` if given, else in the promoted dtype of input and parameters, and never
+    below float32 (``torch.linalg.eigh`` and ``cholesky`` have no half-precision kernels). The output has the
+    promoted dtype of input and parameters, except for float16/bfloat16 inputs, which get their own dtype back
+    (computed in at least float32, rounded once at the end), so a half-precision network stays in half precision.
     """
-    out = torch.promote_types(x.dtype, ref.dtype)
+    promoted = torch.promote_types(x.dtype, ref.dtype)
+    out = x.dtype if x.dtype in _HALF else promoted
     if compute is not None:
         return compute, out
-    return (torch.float32 if out in (torch.float16, torch.bfloat16) else out), out
+    return (torch.float32 if promoted in _HALF else promoted), out
 
 
 def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
@@ -96,7 +103,8 @@ def to_channels(x: Tensor, n: int, channels: int, owner: str, validate: bool, al
     """Check ``x`` and view it as ``(N, C, n, n)``.
 
     Shape, dtype and finiteness are always checked (cheap); with ``validate=True`` symmetry and positive
-    definiteness are checked as well (:func:`manifoldnorm.functional.check_spd`: one Cholesky per matrix).
+    definiteness are checked as well (:func:`manifoldnorm.functional.check_spd`: one Cholesky per matrix; a
+    float16/bfloat16 input is checked in float32, with the symmetry tolerance of its own dtype).
     ``N = 0`` is an error unless ``allow_empty`` (a part of a batch split across processes).
     """
     if not isinstance(x, Tensor):
@@ -116,7 +124,9 @@ def to_channels(x: Tensor, n: int, channels: int, owner: str, validate: bool, al
             f"(shape {tuple(x.shape)}); inputs of shape (N, n, n) count as one channel"
         )
     with torch.no_grad():
-        if validate:
+        if validate and x4.dtype in _HALF:  # no half-precision Cholesky kernels
+            mf.check_spd(x4.detach().float(), name=f"{owner} input", rtol=symmetry_rtol(x4.dtype))
+        elif validate:
             mf.check_spd(x4.detach(), name=f"{owner} input")
         else:
             mf.check_finite(x4.detach(), name=f"{owner} input")
@@ -129,7 +139,11 @@ def from_channels(y4: Tensor, like: Tensor) -> Tensor:
 
 
 def as_domain_ids(domain: Tensor | int | None, batch: int, device: torch.device, owner: str) -> Tensor:
-    """Validate domain ids: ``None`` -> all zeros; an int -> constant; a tensor -> int64 of shape ``(N,)``."""
+    """Validate domain ids: ``None`` -> all zeros; an int -> constant; a tensor -> int64 of shape ``(N,)``.
+
+    Type and shape only; the range (non-negative, below the declared number of domains) is checked by
+    :meth:`DomainStatsMixin._prepare_domains`, over every process of a synchronized layer.
+    """
     if domain is None:
         return torch.zeros(batch, dtype=torch.long, device=device)
     if isinstance(domain, int) and not isinstance(domain, bool):
@@ -144,21 +158,26 @@ def as_domain_ids(domain: Tensor | int | None, batch: int, device: torch.device,
             raise ValueError(f"{owner}: domain must have shape ({batch},) to match the batch, got {tuple(d.shape)}")
     else:
         raise TypeError(f"{owner}: domain must be None, an int or a LongTensor, got {type(domain).__name__}")
-    if bool((d < 0).any()):
-        raise ValueError(f"{owner}: domain ids must be non-negative, got min {int(d.min())}")
     return d
 
 
 class DomainStatsMixin:
-    """Per-domain running statistics in buffers stacked along a leading domain dimension that grows on demand.
+    """Per-domain running statistics in buffers stacked along a leading domain dimension.
 
     For ``nn.Module`` hosts that list the mixin before their module base. A host defines ``_stat_names`` (its
     statistics buffers, each of shape ``(D, ...)``) and ``_fresh_stats(lead, dtype, device)`` (initial values
-    with leading shape ``lead``, in the order of ``_stat_names``). A domain id ``>= D`` grows every buffer (new
-    slots start at the initial values); ``load_state_dict`` adopts the stored number of domains.
+    with leading shape ``lead``, in the order of ``_stat_names``), and sets ``_domains_declared`` (whether the
+    user gave ``num_domains``) before building its buffers.
+
+    Declared: domain ids must lie in ``[0, D)``; any other id raises a ValueError naming the valid range and the
+    ids seen (a typo such as id ``10**6`` would otherwise allocate a million statistic slots and normalize with
+    fresh, untrained statistics). Undeclared (``num_domains=None``): the buffers start with one slot and a
+    domain id ``>= D`` grows every buffer (new slots start at the initial values), with a warning. In both
+    cases negative ids are refused and ``load_state_dict`` adopts the stored number of domains.
     """
 
     _stat_names: tuple[str, ...] = ()
+    _domains_declared: bool = False
 
     @property
     def num_domains(self) -> int:
@@ -185,20 +204,40 @@ class DomainStatsMixin:
                     setattr(self, name, value)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
-    def _prepare_domains(self, d: Tensor, red: StatReducer | None, owner: str) -> list[tuple[int, Tensor]] | None:
-        """Grow the buffers for the ids ``d``; with a reducer, the domains of every process and the local indices.
+    def _check_domain_range(self, low: int, top: int, owner: str) -> None:
+        """Refuse negative ids, and ids ``>= num_domains`` when the number of domains is declared."""
+        D = self.num_domains
+        if self._domains_declared and (low < 0 or top >= D):
+            raise ValueError(
+                f"{owner}: domain ids must be non-negative and below num_domains={D} (valid range 0..{D - 1}); "
+                f"got ids from {low} to {top} (max id seen: {top}). Pass the number of domains of the data as "
+                "num_domains (the configs use data_info.num_domains)"
+            )
+        if low < 0:
+            raise ValueError(f"{owner}: domain ids must be non-negative; got min id {low} (max id seen: {top})")
+        if top >= D:
+            warnings.warn(
+                f"{owner}: domain id {top} grows the statistics from {D} to {top + 1} domain slots because "
+                "num_domains was not given; pass num_domains to fix the number of domains (ids beyond it are "
+                "then refused)",
+                stacklevel=6,  # the caller of the module (through nn.Module.__call__)
+            )
 
-        With ``red`` all processes grow to the same number of slots and get the same (ascending) list of the
-        domains present anywhere, with this process's sample indices (possibly empty); ``None`` otherwise.
+    def _prepare_domains(self, d: Tensor, red: StatReducer | None, owner: str) -> list[tuple[int, Tensor]] | None:
+        """Check the ids ``d`` and grow undeclared buffers; with a reducer, the domains of every process.
+
+        With ``red`` the range is checked over all processes (one ``red.max``), all processes grow to the same
+        number of slots and get the same (ascending) list of the domains present anywhere, with this
+        process's sample indices (possibly empty); ``None`` otherwise.
         """
-        if red is None:
-            self._grow(int(d.max()) + 1)
-            return None
-        size, groups = domain_groups(d, red)
-        if not groups:
+        span = domain_range(d, red)
+        if span is None:
+            if red is None:
+                return None
             raise ValueError(f"{owner}: got an empty batch on every process")
-        self._grow(size)
-        return groups
+        self._check_domain_range(*span, owner)
+        self._grow(span[1] + 1)
+        return None if red is None else domain_groups(d, red, span[1])
 
     @staticmethod
     def _domain_groups(d: Tensor) -> list[tuple[int, Tensor]]:

@@ -13,6 +13,8 @@ from torch import Tensor
 
 from manifoldnorm import functional as mf
 
+from ._batch_stats import degenerate_batch
+
 __all__ = ["gbwbn_reference", "bw_barycenter_ref"]
 
 
@@ -61,8 +63,8 @@ def gbwbn_reference(X: Tensor, theta: float, weight: Tensor, metric_weight: Tens
         G = bw_barycenter_ref(Z.detach() if detach_mean else Z, mean_steps)
     Gs = mf.sym_sqrtm_ref(G)
     d2 = _trace(Z) + _trace(G) - 2.0 * _trace(mf.sym_sqrtm_ref(mf.sym(Gs @ Z @ Gs)))
-    v = d2.mean(dim=0) / theta**2
-    degenerate = (v.detach() < eps) | (X.shape[0] == 1)
+    v = d2.mean(dim=0).clamp_min(0.0) / theta**2
+    degenerate = degenerate_batch(pw(X, theta), X.shape[0], None)
     c = (shift / torch.sqrt(torch.where(degenerate, running_var, v) + eps)).unsqueeze(-1).unsqueeze(-1)
 
     def exp_identity(V: Tensor) -> Tensor:

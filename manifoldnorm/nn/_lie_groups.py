@@ -27,9 +27,9 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from manifoldnorm import functional as mf
+from manifoldnorm.functional._autograd import anchor_inputs, once_differentiable
 from manifoldnorm.functional._batch import BatchSum, SplitBatchMean
 from manifoldnorm.functional.spd_pullback import cholesky_exp_grad
 
@@ -235,6 +235,7 @@ class _LCMFinish(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Z: Tensor, c: Tensor, B: Tensor) -> Tensor:  # type: ignore[override]
+        anchor_inputs(ctx, Z, c, B)  # a second derivative is refused also when the output enters a loss linearly
         C = torch.addcmul(B, _per_channel(c), Z)
         C.diagonal(dim1=-2, dim2=-1).exp_()
         ctx.save_for_backward(Z, c, C)
@@ -242,7 +243,9 @@ class _LCMFinish(torch.autograd.Function):
         return C @ C.mT
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("LieBatchNorm(metric='lcm') (its fused Cholesky-exponential finish)",
+                         "For second derivatives compose the LCM path from manifoldnorm.functional.cholesky_log_ref "
+                         "and cholesky_exp_ref (plain autograd), or keep create_graph=False.")
     def backward(ctx, gY: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         Z, c, C = ctx.saved_tensors
         gC = cholesky_exp_grad(gY, C)

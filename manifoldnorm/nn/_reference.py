@@ -13,6 +13,8 @@ from torch import Tensor
 
 from manifoldnorm import functional as mf
 
+from ._batch_stats import degenerate_batch
+
 __all__ = ["karcher_mean_ref", "liebn_reference", "spdbn_reference", "spdmbn_reference"]
 
 
@@ -77,7 +79,7 @@ def liebn_reference(X: Tensor, metric: str, theta: float, alpha: float, beta: fl
         if metric == "lcm":
             d2 = d2 / theta**2
     v = d2.mean(dim=0)
-    degenerate = (v.detach() < eps) | (X.shape[0] == 1)
+    degenerate = degenerate_batch(Z, X.shape[0], None)
     c = shift / torch.sqrt(torch.where(degenerate, running_var, v) + eps)
     if metric in ("aim", "crim"):
         Zs = mf.sym_powm_ref(Zc, c.expand(Zc.shape[:-2]))
@@ -100,7 +102,7 @@ def spdmbn_reference(X: Tensor, weight: Tensor, shift: Tensor, eps: float, karch
     Gi = mf.sym_invsqrtm_ref(G)
     Zc = mf.sym(Gi @ X @ Gi)
     v = mf.sym_logm_ref(Zc).square().sum((-1, -2)).mean(dim=0)
-    degenerate = (v.detach() < eps) | (X.shape[0] == 1)
+    degenerate = degenerate_batch(X, X.shape[0], None)
     c = shift / torch.sqrt(torch.where(degenerate, running_var, v) + eps)
     S = mf.sym_sqrtm_ref(weight)
     return mf.sym(S @ mf.sym_powm_ref(Zc, c.expand(Zc.shape[:-2])) @ S)

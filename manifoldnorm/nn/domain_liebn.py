@@ -52,10 +52,13 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
     ----------
     n : int
         Matrix size; inputs are ``(N, n, n)`` or ``(N, C, n, n)``.
-    num_domains : int
-        Initial number of domain slots: ``running_mean`` is ``(D, C, n, n)`` (SPD), ``running_var`` ``(D, C)``.
-        A domain id ``>= D`` grows the buffers (new slots start at (identity, 1)); ``load_state_dict`` adopts the
-        stored size. Fix it up front under DistributedDataParallel, which requires constant buffer shapes.
+    num_domains : int or None
+        Number of domains ``D`` of the data (the configs pass ``data_info.num_domains``): ``running_mean`` is
+        ``(D, C, n, n)`` (SPD), ``running_var`` ``(D, C)``, every slot starting at (identity, 1), so a domain first
+        seen at test time (refit) has its slot. Ids outside ``0..D-1`` raise a ValueError naming the valid range
+        and the largest id seen. ``None`` (undeclared): one slot to start, a larger id grows the buffers with a
+        warning. ``load_state_dict`` adopts the stored size. Declare it under DistributedDataParallel, which
+        requires constant buffer shapes.
     metric, theta, alpha, beta, momentum, train_momentum, karcher_steps, eps, channels, detach_mean, validate,
     compute_dtype, dtype, device
         As :class:`~manifoldnorm.nn.LieBatchNorm` (per domain: ``train_mean``/``train_var`` are ``(D, ...)`` too).
@@ -70,8 +73,9 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
     Notes
     -----
     Training loops over the distinct domains of the batch (not over samples) to compute the statistics; the
-    scaling, bias and evaluation are batched. A domain with a single sample in the batch, or with dispersion
-    below ``eps``, is scaled with its running variance, which is then left unchanged (as in
+    scaling, bias and evaluation are batched. A domain whose part of the batch is degenerate (a single sample,
+    or all samples equal to working precision) is scaled with its running variance, which is then left
+    unchanged; every other domain is normalized by the formula above, however small its dispersion (as in
     :class:`~manifoldnorm.nn.LieBatchNorm`).
 
     Deviations
@@ -90,7 +94,7 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
     def __init__(
         self,
         n: int,
-        num_domains: int = 1,
+        num_domains: int | None = None,
         metric: str = "aim",
         theta: float = 1.0,
         alpha: float = 1.0,
@@ -107,7 +111,9 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
         dtype: torch.dtype = torch.float64,
         device=None,
     ) -> None:
-        self._num_domains_init = check_positive_int(num_domains, "num_domains", type(self).__name__)
+        self._domains_declared = num_domains is not None
+        self._num_domains_init = 1 if num_domains is None else check_positive_int(num_domains, "num_domains",
+                                                                                   type(self).__name__)
         super().__init__(n, metric=metric, theta=theta, alpha=alpha, beta=beta, momentum=momentum,
                          train_momentum=train_momentum, karcher_steps=karcher_steps, eps=eps, channels=channels,
                          detach_mean=detach_mean, validate=validate, refit_karcher_steps=refit_karcher_steps,

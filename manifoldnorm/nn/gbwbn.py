@@ -12,7 +12,7 @@ from manifoldnorm.functional._batch import default_tol
 from manifoldnorm.functional.spd_bw import geodesic_bw
 
 from . import _gbwbn_ops as ops
-from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, reduce_fn
+from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, degenerate_batch, reduce_fn
 from ._common import (
     autocast_off,
     check_compute_dtype,
@@ -27,6 +27,10 @@ from ._gbwbn_ref import gbwbn_reference
 from .momentum_bn import RefittableNorm
 
 __all__ = ["GBWBatchNorm"]
+
+
+class _NonFinite(ArithmeticError):
+    """Internal: a statistic of the batch came out non-finite (diagnosed by ``GBWBatchNorm._range_error``)."""
 
 
 class GBWBatchNorm(RefittableNorm):
@@ -82,7 +86,8 @@ class GBWBatchNorm(RefittableNorm):
     validate : bool
         Check symmetry and positive definiteness of the input (one Cholesky per matrix).
     compute_dtype : None, torch.float32 or torch.float64
-        Dtype of the computation (``None``: promoted dtype of input and parameters, at least float32).
+        Dtype of the computation (``None``: promoted dtype of input and parameters, at least float32). The
+        output has the promoted dtype of input and parameters (float16/bfloat16 inputs: their own dtype).
 
     Notes
     -----
@@ -94,8 +99,17 @@ class GBWBatchNorm(RefittableNorm):
     at :math:`W`, i.e. the BW geodesics are minimizing up to time 1). This is a property of the BW geometry, not
     of the implementation: with :math:`s \approx 1`, a bias with small eigenvalues or a batch whose mean is far
     from the scale of :math:`I`, outlying samples leave it and the output mean drifts from :math:`B`.
-    Degenerate batches (one matrix, or :math:`v^2 <` ``eps``) are scaled with the running variance, which is
-    then left unchanged. A training step costs two batched ``eigh`` (one fixed-point step, one centering) at
+    Degenerate batches (one matrix, or all :math:`X_i^\theta` equal to working precision; see the Notes of
+    :class:`~manifoldnorm.nn.LieBatchNorm`) are scaled with the running variance, which is then left unchanged;
+    every other batch is normalized by the formula above at any scale (e.g. a batch multiplied by
+    :math:`10^{-8}`, whose dispersion scales with it). :math:`d^2_{BW}` is computed as
+    :math:`\mathrm{tr}Z_i + \mathrm{tr}G - 2\,\mathrm{tr}(G^{1/2}Z_iG^{1/2})^{1/2}`, which cancels: its round-off
+    is about :math:`\epsilon_{\mathrm{dtype}}\,\mathrm{tr}Z`, so dispersions below that are noise (a negative
+    batch value is clamped to 0). Range: the BW steps form products of two matrices of the scale of
+    :math:`X^\theta` (:math:`G^{1/2}Z_iG^{1/2}`), so float32 holds entries up to about :math:`10^{19}` and down
+    to about :math:`10^{-15}`; beyond, the layer raises a ValueError that says overflow or underflow and what to
+    try (rescale, ``compute_dtype=torch.float64``) instead of an ``eigh`` failure or a NaN, and leaves its
+    statistics untouched. A training step costs two batched ``eigh`` (one fixed-point step, one centering) at
     :math:`\theta = 1`, plus two for :math:`X^\theta` and :math:`Y^{1/\theta}` otherwise; the Lyapunov solve and
     the transports share the eigendecompositions of :math:`G` and :math:`W`.
 
@@ -184,28 +198,91 @@ class GBWBatchNorm(RefittableNorm):
 
     # forward -----------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
-        """Normalize ``x`` (``domain`` is accepted and ignored: this layer is not domain-aware)."""
+        """Normalize ``x`` (``domain`` is accepted and ignored: this layer is not domain-aware).
+
+        A non-finite intermediate (overflow or underflow of the compute dtype, or a non-finite parameter) never
+        surfaces as an ``eigh`` failure or a NaN output: it raises a ValueError that says which, with the input's
+        magnitude and what to try; the statistics are left untouched.
+        """
         red = active_reducer(self)
         x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate, allow_empty=red is not None)
         with autocast_off(x4):
             cdt, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
-            Mh, Mih = mf.sym_sqrtm_invsqrtm(self.metric_weight.to(cdt))
-            Xt = self._pow(x4.to(cdt), self.theta)
-            trZ = (mf.congruence(Mih, torch.eye(self.n, dtype=cdt, device=x4.device)) * Xt).sum((-1, -2))
-            if self.refitting:
-                V, U, var = self._refit(Xt, Mih, Mh, trZ, red)
-            elif self.training:
-                V, U, var = self._train(Xt, Mih, Mh, trZ, red)
-            else:
-                R = self._phi(self.running_mean.to(cdt), Mih)
-                V, U, d2 = self._centre(Xt, Mih, trZ, R)
-                var = self.running_var.to(cdt)
-            V = ops.log_exp_identity(V)
-            c = self.shift.to(cdt) / torch.sqrt(var + self.eps)
-            V = ops.log_exp_identity(c.unsqueeze(-1).unsqueeze(-1) * V)
-            W = self._phi(self.weight.to(cdt), Mih)
-            y = self._pow(ops.bias(V, U, W, Mh), 1.0 / self.theta)
+            try:
+                y, stats = self._forward(x4, cdt, red)
+            except (torch.linalg.LinAlgError, _NonFinite) as err:
+                raise self._range_error(x4, cdt) from err
+            except ValueError as err:  # a matrix function refusing a non-finite intermediate
+                diagnosis = self._range_error(x4, cdt, specific=True)
+                if diagnosis is None:
+                    raise
+                raise diagnosis from err
+            if y.numel() and not bool(torch.isfinite(y.detach().sum())) and not bool(torch.isfinite(y).all()):
+                raise self._range_error(x4, cdt)
+            if stats is not None:  # committed only once the output is known to be finite
+                self._set_stats(stats)
         return from_channels(y.to(odt), x)
+
+    def _range_error(self, x4: Tensor, cdt: torch.dtype, specific: bool = False) -> ValueError | None:
+        """Diagnose a non-finite intermediate: overflow, underflow or non-finite parameters; say what to try.
+
+        The internal failure (if any) is chained as the cause by the caller, not repeated in the message. With
+        ``specific``, ``None`` when none of these causes is found (the caller re-raises the original error).
+        """
+        owner, info = type(self).__name__, torch.finfo(cdt)
+        name = str(cdt).removeprefix("torch.")
+        params = {k: getattr(self, k) for k in ("weight", "metric_weight", "shift")}
+        bad = [k for k, p in params.items() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            return ValueError(f"{owner}: parameter(s) {', '.join(bad)} hold NaN/Inf (a diverged training step?); "
+                              "lower the learning rate or restore the last good checkpoint")
+        with torch.no_grad():
+            X = x4.detach().double()
+            top = float(X.abs().amax()) if X.numel() else 0.0
+            diag = torch.diagonal(X, dim1=-2, dim2=-1)
+            low = float(diag.amin()) if diag.numel() else 1.0
+        scale = max(abs(self.theta), 1.0)
+        # the BW steps form G^{1/2} Z G^{1/2}: products of two matrices of the input's scale (X^theta)
+        big, small = top ** (2 * scale) if top > 1 else top, low ** (2 * scale) if low < 1 else low
+        advice = ("rescale the input (e.g. divide each matrix by its trace / n, or the batch by a constant) or "
+                  "pass compute_dtype=torch.float64")
+        if big > info.max / (4 * self.n):
+            return ValueError(
+                f"{owner}: {name} overflow: input entries reach {top:.3g} and the Bures-Wasserstein steps form "
+                f"products of two such matrices (about {big:.3g}), beyond the {name} range {info.max:.3g}; "
+                f"{advice}")
+        if 0.0 < small < info.tiny / info.eps:
+            return ValueError(
+                f"{owner}: {name} underflow: input diagonal entries go down to {low:.3g} and the "
+                f"Bures-Wasserstein steps form products of two such matrices (about {small:.3g}), below the "
+                f"{name} normal range {info.tiny:.3g}; {advice}")
+        if specific:
+            return None
+        return ValueError(
+            f"{owner}: a non-finite intermediate in {name} (input entries up to {top:.3g}, diagonal down to "
+            f"{low:.3g}): the batch may be too ill-conditioned for {name}; pass compute_dtype=torch.float64 or "
+            "regularize the input (add eps * I)")
+
+    def _forward(self, x4: Tensor, cdt: torch.dtype,
+                 red: StatReducer | None) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """The layer output in ``cdt`` (autocast is off) and the new statistics (training / refit) or ``None``."""
+        stats = None
+        Mh, Mih = mf.sym_sqrtm_invsqrtm(self.metric_weight.to(cdt))
+        Xt = self._pow(x4.to(cdt), self.theta)
+        trZ = (mf.congruence(Mih, torch.eye(self.n, dtype=cdt, device=x4.device)) * Xt).sum((-1, -2))
+        if self.refitting:
+            V, U, var, stats = self._refit(Xt, Mih, Mh, trZ, red)
+        elif self.training:
+            V, U, var, stats = self._train(Xt, Mih, Mh, trZ, red)
+        else:
+            R = self._phi(self.running_mean.to(cdt), Mih)
+            V, U, d2 = self._centre(Xt, Mih, trZ, R)
+            var = self.running_var.to(cdt)
+        V = ops.log_exp_identity(V)
+        c = self.shift.to(cdt) / torch.sqrt(var + self.eps)
+        V = ops.log_exp_identity(c.unsqueeze(-1).unsqueeze(-1) * V)
+        W = self._phi(self.weight.to(cdt), Mih)
+        return self._pow(ops.bias(V, U, W, Mh), 1.0 / self.theta), stats
 
     @staticmethod
     def _centre(Xt: Tensor, Mih: Tensor, trZ: Tensor, G: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -214,8 +291,11 @@ class GBWBatchNorm(RefittableNorm):
         return ops.centre_constant(Xt, Mih, trZ, G)
 
     def _train(self, Xt: Tensor, Mih: Tensor, Mh: Tensor, trZ: Tensor,
-               red: StatReducer | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Centre one batch with its (momentum) statistics and update all statistics."""
+               red: StatReducer | None = None) -> tuple[Tensor, Tensor | None, Tensor, tuple[Tensor, ...]]:
+        """Centre one batch with its (momentum) statistics: ``(V, U, variance, new statistics)``.
+
+        The new statistics are committed by :meth:`forward` once the output is known to be finite.
+        """
         cdt = Xt.dtype
         R, r, T, t = (getattr(self, k).to(cdt) for k in self._stat_names)
         eta, m = self.train_momentum, self.momentum
@@ -225,30 +305,32 @@ class GBWBatchNorm(RefittableNorm):
             centre = G if eta == 1.0 else geodesic_bw(self._phi(T, Mis).detach(), G.detach(), eta)
         V, U, d2 = self._centre(Xt, Mih, trZ, centre)
         v, count = batch_mean_count(d2, red)
-        v = v / self.theta**2
+        # d2 = tr Z + tr G - 2 tr S cancels: a batch of nearly equal matrices may give a round-off v < 0
+        v = v.clamp_min(0.0) / self.theta**2
         v_eta = v if eta == 1.0 else (1.0 - eta) * t + eta * v
-        degenerate = v_eta.detach() < self.eps
-        if count == 1 and eta == 1.0:
-            degenerate = torch.ones_like(degenerate)
+        degenerate = degenerate_batch(Xt, count, red)
         var = torch.where(degenerate, r, v_eta)
         with torch.no_grad():
             Mih0, Mh0, G0 = Mih.detach(), Mh.detach(), G.detach()
             R_new = self._phi_inv(geodesic_bw(self._phi(R, Mih0), G0, m), Mh0)
             r_new = torch.where(degenerate, r, (1.0 - m) * r + m * v.detach())
             t_new = torch.where(degenerate, t, v_eta.detach())
-            self._set_stats((R_new, r_new, self._phi_inv(centre.detach(), Mh0), t_new))
-        return V, U, var
+            new = (R_new, r_new, self._phi_inv(centre.detach(), Mh0), t_new)
+            if not bool(torch.stack([torch.isfinite(u).all() for u in new]).all()):
+                raise _NonFinite("non-finite batch statistics")
+        return V, U, var, new
 
     @torch.no_grad()
     def _refit(self, Xt: Tensor, Mih: Tensor, Mh: Tensor, trZ: Tensor,
-               red: StatReducer | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Converged barycenter and exact dispersion of the batch become all statistics."""
+               red: StatReducer | None = None) -> tuple[Tensor, Tensor | None, Tensor, tuple[Tensor, ...]]:
+        """Converged barycenter and exact dispersion of the batch: ``(V, U, variance, new statistics)``."""
         G = ops.barycenter(Xt, Mih, self.refit_mean_steps, tol=default_tol(Xt.dtype), reduce=reduce_fn(red))
         V, U, d2 = ops.centre_constant(Xt, Mih, trZ, G)
-        v = batch_mean(d2, red) / self.theta**2
+        v = batch_mean(d2, red).clamp_min(0.0) / self.theta**2
         R = self._phi_inv(G, Mh)
-        self._set_stats((R, v, R.clone(), v.clone()))
-        return V, U, v
+        if not (bool(torch.isfinite(R).all()) and bool(torch.isfinite(v).all())):
+            raise _NonFinite("non-finite refitted statistics")
+        return V, U, v, (R, v, R.clone(), v.clone())
 
     def forward_ref(self, x: Tensor) -> Tensor:
         """Training-mode output from batch statistics by an independent plain-autograd path (tests, benchmark)."""

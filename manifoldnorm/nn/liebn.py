@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
 
-from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, reduce_fn
+from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, degenerate_batch, reduce_fn
 from ._common import (
     autocast_off,
     check_compute_dtype,
@@ -87,18 +87,25 @@ class LieBatchNorm(RefittableNorm):
         (:func:`~manifoldnorm.nn.refit_domain_norms`; early stop at float precision).
     compute_dtype : None, torch.float32 or torch.float64
         Dtype of the computation (``None``: promoted dtype of input and parameters, at least float32). The
-        output has the promoted dtype of input and parameters. ``torch.autocast`` is switched off inside.
+        output has the promoted dtype of input and parameters, except that float16/bfloat16 inputs get their
+        own dtype back. ``torch.autocast`` is switched off inside.
 
     Shapes
     ------
-    ``(N, n, n)`` or ``(N, C, n, n)`` -> same shape, in the promoted dtype of input and parameters.
+    ``(N, n, n)`` or ``(N, C, n, n)`` -> same shape, in the promoted dtype of input and parameters (float16 and
+    bfloat16 inputs: their own dtype, computed in float32 or more).
 
     Notes
     -----
-    Degenerate batches: a channel whose batch dispersion :math:`v^2` is below ``eps`` (a batch of one matrix,
-    or identical matrices) is scaled with the running variance :math:`r`, which is then left unchanged. This
-    keeps :math:`\|\partial L/\partial X\|` at the size of a normal batch instead of the :math:`1/\sqrt\epsilon`
-    blow-up of the reference code. The running mean is still updated.
+    Degenerate batches: a channel whose batch is degenerate -- one matrix, or all matrices equal to working
+    precision (every entry of the deformed matrices within ``EQUAL_ULPS`` = 8 units of the compute dtype's
+    precision of the largest entry, see :func:`manifoldnorm.nn._batch_stats.degenerate_batch`) -- carries no
+    dispersion; it is scaled with the running variance :math:`r`, which is then left unchanged (the training
+    variance too). This keeps :math:`\|\partial L/\partial X\|` at the size of a normal batch instead of the
+    :math:`1/\sqrt\epsilon` blow-up of the reference code. The running mean is still updated. Every other
+    batch, however small its dispersion (e.g. :math:`v^2 = 10^{-8} \ll \epsilon`), is normalized by the formula
+    above and gets the output dispersion :math:`s^2 v^2/(v^2+\epsilon)`. With a synchronized layer the test
+    covers the batch of all processes (one extra ``max`` all-reduce per channel group).
 
     Deviations
     ----------
@@ -246,9 +253,7 @@ class LieBatchNorm(RefittableNorm):
         d2, scaler = g.dispersion(g.center(Z, centre))
         v, count = batch_mean_count(d2, red)
         v_eta = v if eta == 1.0 else (1.0 - eta) * t + eta * v
-        degenerate = v_eta.detach() < self.eps
-        if count == 1 and eta == 1.0:
-            degenerate = torch.ones_like(degenerate)
+        degenerate = degenerate_batch(Z, count, red)
         out = scaler(self._factor(torch.where(degenerate, r, v_eta), Z.dtype), B)
         with torch.no_grad():
             m = self.momentum

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
 
-from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, reduce_fn
+from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, degenerate_batch, reduce_fn
 from ._common import (
     DomainStatsMixin,
     as_domain_ids,
@@ -117,8 +117,10 @@ class SPDMomentumBatchNorm(RefittableNorm):
 
     Notes
     -----
-    If :math:`r_\eta` falls below ``eps`` (one matrix, or identical matrices, with :math:`\eta = 1`), the running
-    variance is used for scaling and left unchanged, which keeps gradients bounded.
+    Degenerate batches (one matrix, or all matrices equal to working precision; see the Notes of
+    :class:`~manifoldnorm.nn.LieBatchNorm`) are scaled with the running variance :math:`r` and leave both
+    variances unchanged, which keeps gradients bounded. Every batch of two or more distinct matrices is
+    normalized by the formula above, however small its dispersion.
 
     Deviations
     ----------
@@ -213,9 +215,7 @@ class SPDMomentumBatchNorm(RefittableNorm):
         E = mf.sym_eig(Z)  # one decomposition for the dispersion and the power
         v_b, count = batch_mean_count(torch.log(E.eigvals()).square().sum(-1), red)
         r_eta = (1.0 - eta) * r + eta * v_b
-        degenerate = r_eta.detach() < self.eps
-        if count == 1 and eta == 1.0:
-            degenerate = torch.ones_like(degenerate)
+        degenerate = degenerate_batch(x4, count, red)
         var = torch.where(degenerate, r, r_eta)
         y = self._bias(E.powm(self._factor(var, x4.dtype)), x4.dtype)
         with torch.no_grad():
@@ -275,11 +275,13 @@ class DomainSPDBatchNorm(DomainStatsMixin, SPDMomentumBatchNorm):
     ----------
     n : int
         Matrix size.
-    num_domains : int
-        Initial number of domain slots. Buffers have a leading ``num_domains`` dimension
-        (``running_mean``: ``(D, C, n, n)``, ``running_var``: ``(D, C)``, and the ``train_*`` twins). A domain
-        id ``>= D`` grows the buffers (new slots start at (identity, 1)); ``load_state_dict`` adopts the stored
-        size. Fix ``num_domains`` up front under DistributedDataParallel, which requires constant buffer shapes.
+    num_domains : int or None
+        Number of domains ``D`` of the data (the configs pass ``data_info.num_domains``). Buffers have a leading
+        ``D`` dimension (``running_mean``: ``(D, C, n, n)``, ``running_var``: ``(D, C)``, and the ``train_*``
+        twins), every slot starting at (identity, 1), so a domain first seen at test time (refit) has its slot.
+        Ids outside ``0..D-1`` raise a ValueError naming the valid range and the largest id seen. ``None``
+        (undeclared): one slot to start, a larger id grows the buffers with a warning. ``load_state_dict``
+        adopts the stored size. Declare it under DistributedDataParallel, which requires constant buffer shapes.
     momentum, train_momentum, karcher_steps, eps, channels, refit_karcher_steps, detach_mean, validate,
     compute_dtype
         As :class:`SPDMomentumBatchNorm`.
@@ -297,11 +299,13 @@ class DomainSPDBatchNorm(DomainStatsMixin, SPDMomentumBatchNorm):
     domain_aware = True
     _stat_names = _STATS
 
-    def __init__(self, n: int, num_domains: int = 1, momentum: float = 0.1, train_momentum: float = 1.0,
+    def __init__(self, n: int, num_domains: int | None = None, momentum: float = 0.1, train_momentum: float = 1.0,
                  karcher_steps: int = 1, eps: float = 1e-5, channels: int = 1, refit_karcher_steps: int = 50,
                  detach_mean: bool = True, validate: bool = True, compute_dtype: torch.dtype | str | None = None,
                  dtype: torch.dtype = torch.float64, device=None) -> None:
-        self._num_domains_init = check_positive_int(num_domains, "num_domains", "DomainSPDBatchNorm")
+        self._domains_declared = num_domains is not None
+        self._num_domains_init = 1 if num_domains is None else check_positive_int(num_domains, "num_domains",
+                                                                                   "DomainSPDBatchNorm")
         super().__init__(n, momentum=momentum, train_momentum=train_momentum, karcher_steps=karcher_steps, eps=eps,
                          channels=channels, refit_karcher_steps=refit_karcher_steps, detach_mean=detach_mean,
                          validate=validate, compute_dtype=compute_dtype, dtype=dtype, device=device)

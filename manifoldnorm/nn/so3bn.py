@@ -21,7 +21,7 @@ from manifoldnorm.functional.so3 import (
 )
 from manifoldnorm.manifolds import SpecialOrthogonal
 
-from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, reduce_fn
+from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, degenerate_batch, reduce_fn
 from ._common import autocast_off, check_compute_dtype, check_momentum, check_positive_int, resolve_dtype
 from .momentum_bn import RefittableNorm
 
@@ -101,7 +101,7 @@ class SO3BatchNorm(RefittableNorm):
         checked.
     compute_dtype : None, torch.float32, torch.float64 or their names
         Dtype of the computation (default: the promoted dtype of input and parameters, at least float32). The
-        output has the promoted dtype of input and parameters.
+        output has the promoted dtype of input and parameters (float16/bfloat16 inputs: their own dtype).
     dtype, device
         Of the parameters and buffers.
 
@@ -111,8 +111,10 @@ class SO3BatchNorm(RefittableNorm):
 
     Notes
     -----
-    Degenerate batches: features whose (momentum) dispersion is below ``eps`` (one rotation, or identical ones)
-    are scaled with the running variance, which is then left unchanged; the running mean is still updated.
+    Degenerate batches: features whose batch is degenerate (one rotation, or all rotations equal to working
+    precision, see :class:`~manifoldnorm.nn.LieBatchNorm`) are scaled with the running variance, which is then
+    left unchanged; the running mean is still updated. Every other batch is normalized by the formula above,
+    however small its dispersion.
     ``forward_ref`` recomputes the training output with the textbook formulas (matrix exponential,
     :math:`\arccos` logarithm); it is undefined when a sample coincides with the batch mean.
 
@@ -231,7 +233,10 @@ class SO3BatchNorm(RefittableNorm):
         if x.numel() == 0 and not allow_empty:
             raise ValueError(f"{owner}: got an empty batch")
         with torch.no_grad():
-            if validate:
+            if validate and x.dtype in (torch.float16, torch.bfloat16):  # no half-precision det kernels
+                atol = max(1e-6, 3.0 * float(torch.finfo(x.dtype).eps) ** 0.5)  # check_rotation's default, x's dtype
+                check_rotation(x.float(), f"{owner} input", atol=atol)
+            elif validate:
                 check_rotation(x, f"{owner} input")
             elif not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{owner} input: contains NaN or Inf entries")
@@ -282,9 +287,7 @@ class SO3BatchNorm(RefittableNorm):
         L = so3_log(left_mul(centre.mT, X))
         v, count = batch_mean_count(L.square().sum(-1), red)
         v_eta = v if eta == 1.0 else (1.0 - eta) * t + eta * v
-        degenerate = v_eta.detach() < self.eps
-        if count == 1 and eta == 1.0:
-            degenerate = torch.ones_like(degenerate)
+        degenerate = degenerate_batch(X, count, red)
         var = torch.where(degenerate, r, v_eta)
         with torch.no_grad():
             m = self.momentum
@@ -328,7 +331,7 @@ class SO3BatchNorm(RefittableNorm):
         L = so3_log_ref(M.mT @ X)
         v = L.square().sum(-1).mean(dim=0)
         r = self.running_var.to(cdt)
-        degenerate = (v.detach() < self.eps) | (X.shape[0] == 1)
+        degenerate = degenerate_batch(X, X.shape[0], None)
         c = self.shift.to(cdt) / torch.sqrt(torch.where(degenerate, r, v) + self.eps)
         y = self.weight.to(cdt) @ so3_exp_ref(c.unsqueeze(-1) * L)
         return y.to(odt)

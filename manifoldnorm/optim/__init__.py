@@ -18,6 +18,7 @@ from manifoldnorm.optim.compose import (
     is_manifold_parameter,
 )
 from manifoldnorm.optim.conda import Conda, conda_basis, conda_update
+from manifoldnorm.optim.finite import drop_grads, grad_norm, grads_finite
 from manifoldnorm.optim.muon import Muon, NorMuon, adjust_lr, muon_update, newton_schulz, normuon_update
 from manifoldnorm.optim.registry import (
     OptimizerInfo,
@@ -60,5 +61,8 @@ __all__ = [
     "list_optimizers",
     "register_optimizer",
     "WarmupCosine",
+    "drop_grads",
+    "grad_norm",
+    "grads_finite",
     "warmup_cosine_factor",
 ]

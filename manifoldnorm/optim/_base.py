@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from manifoldnorm.optim._newton_schulz import as_matrix
+from manifoldnorm.optim._validate import check_options
 
 __all__ = ["StepOptimizer", "MatrixOptimizer"]
 
@@ -18,7 +19,15 @@ class StepOptimizer(torch.optim.Optimizer):
 
     ``step`` evaluates the closure (gradients enabled), skips parameters without a gradient, rejects sparse
     gradients (and what :meth:`_check` rejects), and calls ``_update(p, group)`` under ``torch.no_grad``.
+    Every parameter group (the constructor's defaults included) is checked when it is added
+    (:func:`~manifoldnorm.optim._validate.check_options`), so a bad option fails at construction, not at the
+    first step.
     """
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        options = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        check_options(options, owner=type(self).__name__)
+        super().add_param_group(param_group)
 
     def _check(self, p: Tensor) -> None:
         if p.grad.is_sparse:

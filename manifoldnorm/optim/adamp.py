@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from manifoldnorm.optim._base import StepOptimizer
+from manifoldnorm.optim._validate import check_options
 from manifoldnorm.optim.registry import register_optimizer
 
 __all__ = ["AdamP", "SGDP", "projection", "adamp_update", "sgdp_update"]
@@ -209,19 +210,6 @@ def sgdp_update(
     return v.clone(), 1.0
 
 
-def _check(lr: float, weight_decay: float, eps: float, delta: float, wd_ratio: float) -> None:
-    if not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if not eps > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if not delta >= 0.0:
-        raise ValueError(f"delta must be >= 0, got {delta}")
-    if not 0.0 <= wd_ratio <= 1.0:
-        raise ValueError(f"wd_ratio must be in [0, 1], got {wd_ratio}")
-
-
 class _ProjectedOptimizer(StepOptimizer):
     def _check(self, p: Tensor) -> None:
         super()._check(p)
@@ -267,9 +255,8 @@ class AdamP(_ProjectedOptimizer):
         wd_ratio: float = 0.1,
         nesterov: bool = False,
     ) -> None:
-        _check(lr, weight_decay, eps, delta, wd_ratio)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
+        check_options(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio,
+                           nesterov=nesterov), owner="AdamP")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
                         wd_ratio=wd_ratio, nesterov=nesterov)
         super().__init__(params, defaults)
@@ -334,9 +321,8 @@ class SGDP(_ProjectedOptimizer):
         delta: float = 0.1,
         wd_ratio: float = 0.1,
     ) -> None:
-        _check(lr, weight_decay, eps, delta, wd_ratio)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        check_options(dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                           nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio), owner="SGDP")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,

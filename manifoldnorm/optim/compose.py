@@ -19,6 +19,7 @@ import torch
 from geoopt.optim.mixin import OptimMixin
 from torch import Tensor, nn
 
+from manifoldnorm.optim._validate import check_options
 from manifoldnorm.optim.registry import _plain, build_optimizer, get_optimizer, list_optimizers
 
 __all__ = [
@@ -179,6 +180,7 @@ class CompositeOptimizer(torch.optim.Optimizer):
             target = targets.pop()
         if target not in self.optimizers:
             raise ValueError(f"unknown sub-optimizer {target!r}; this optimizer has {sorted(self.optimizers)}")
+        check_options({k: v for k, v in group.items() if k != "params"}, owner=f"sub-optimizer {target!r}")
         _check_geometry(target, [group], self.optimizers[target])
         self.optimizers[target].add_param_group(group)
         self._sync_groups()
@@ -234,6 +236,7 @@ def _spec(spec: Mapping[str, Any], role: str) -> tuple[str, dict[str, Any]]:
     if name is None:
         raise ValueError(f"{role}: missing 'name'; valid optimizers: {', '.join(list_optimizers())}")
     get_optimizer(name)  # unknown names fail here even when no parameter is routed to this optimizer
+    check_options(kwargs, role)  # and bad values ("rest.lr must be a real number >= 0, got 'abc' (str)")
     return name, kwargs
 
 
@@ -293,6 +296,7 @@ def _parse_rules(rules: Sequence[Mapping[str, Any]]) -> list[_NameRule]:
                 raise ValueError(f"{where}: 'key' names a sub-optimizer of its own; it cannot go with 'into'")
             if into not in keys:
                 raise ValueError(f"{where}: unknown sub-optimizer {into!r} for 'into'; valid: {', '.join(keys)}")
+            check_options(entry, where)
             parsed.append(_NameRule(f"{into}[{i}]", compiled, None, into, entry))
             continue
         key = f"rule{i}" if key is None else str(key)
@@ -349,8 +353,11 @@ def create_optimizer(
     ------
     ValueError
         Unknown optimizer name, keyword or group option (the message lists the valid ones), an invalid regular
-        expression, a manifold parameter routed to a Euclidean optimizer (by any rule), or no trainable
-        parameters.
+        expression, a manifold parameter routed to a Euclidean optimizer (by any rule), no trainable
+        parameters, or a hyper-parameter out of range; the message names the option by its key, e.g.
+        ``rest.lr`` or ``rules[0].weight_decay``.
+    TypeError
+        A hyper-parameter of the wrong type (``lr: abc``, ``nesterov: maybe``), named the same way.
     """
     named = list(model.named_parameters() if isinstance(model, nn.Module) else model)
     named = [(n, p) for n, p in named if p.requires_grad]

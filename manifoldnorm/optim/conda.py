@@ -15,6 +15,7 @@ from torch import Tensor
 
 from manifoldnorm.optim._base import MatrixOptimizer
 from manifoldnorm.optim._newton_schulz import as_matrix
+from manifoldnorm.optim._validate import check_options
 from manifoldnorm.optim.registry import register_optimizer
 
 __all__ = ["Conda", "conda_update", "conda_basis"]
@@ -211,18 +212,8 @@ class Conda(MatrixOptimizer):
         update_proj_gap: int = 2000,
         scale: float = 0.25,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
-        if not eps > 0.0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) or update_proj_gap < 1:
-            raise ValueError(f"update_proj_gap must be a positive int, got {update_proj_gap!r}")
-        if not scale > 0.0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+        check_options(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
+                           scale=scale), owner="Conda")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         update_proj_gap=update_proj_gap, scale=scale)
         super().__init__(params, defaults)

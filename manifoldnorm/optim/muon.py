@@ -25,6 +25,7 @@ from manifoldnorm.optim._newton_schulz import (
     resolve_dtype,
 )
 from manifoldnorm.optim._sharding import ShardedMatrixOptimizer
+from manifoldnorm.optim._validate import check_options
 from manifoldnorm.optim.registry import register_optimizer
 
 __all__ = ["Muon", "NorMuon", "muon_update", "normuon_update", "adjust_lr", "newton_schulz"]
@@ -194,19 +195,6 @@ def normuon_update(
     return _normuon_finish(O, second_moment, beta2, eps, mode, grad.shape, grad.dtype)
 
 
-def _check_common(lr: float, weight_decay: float, momentum: float, ns_steps: int, eps: float) -> None:
-    if not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
-        raise ValueError(f"ns_steps must be a positive int, got {ns_steps!r}")
-    if not eps > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-
-
 class _NewtonSchulzOptimizer(ShardedMatrixOptimizer):
     """Muon's momentum and Newton–Schulz as the three phases of :class:`ShardedMatrixOptimizer`."""
 
@@ -296,10 +284,9 @@ class Muon(_NewtonSchulzOptimizer):
         distributed: bool = True,
         process_group: Any = None,
     ) -> None:
-        _check_common(lr, weight_decay, momentum, ns_steps, eps)
-        check_adjust_mode(adjust_lr_fn)
-        if len(ns_coefficients) != 3:
-            raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {tuple(ns_coefficients)}")
+        check_options(dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                           ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                           ns_dtype=ns_dtype, distributed=distributed), owner="Muon")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=resolve_dtype(ns_dtype))
@@ -379,14 +366,9 @@ class NorMuon(_NewtonSchulzOptimizer):
         distributed: bool = True,
         process_group: Any = None,
     ) -> None:
-        _check_common(lr, weight_decay, momentum, ns_steps, ns_eps)
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
-        if not eps > 0.0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        check_adjust_mode(adjust_lr_fn)
-        if len(ns_coefficients) != 3:
-            raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {tuple(ns_coefficients)}")
+        check_options(dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2, nesterov=nesterov,
+                           ns_coefficients=ns_coefficients, eps=eps, ns_eps=ns_eps, ns_steps=ns_steps,
+                           adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, distributed=distributed), owner="NorMuon")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_eps=ns_eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=resolve_dtype(ns_dtype))

@@ -11,6 +11,8 @@ import geoopt
 import torch
 from torch import Tensor
 
+from manifoldnorm.optim._validate import check_options
+
 __all__ = ["OptimizerInfo", "register_optimizer", "get_optimizer", "list_optimizers", "build_optimizer"]
 
 KINDS = ("euclidean", "riemannian")
@@ -90,7 +92,10 @@ def build_optimizer(name: str, params: Iterable[Tensor] | Iterable[dict], **kwar
     """Instantiate the registered optimizer ``name`` on ``params``.
 
     Unknown keyword arguments raise a ValueError listing the accepted ones (instead of the constructor's
-    ``TypeError``), so a typo in a config names the valid keys.
+    ``TypeError``), so a typo in a config names the valid keys. The values of the keyword arguments and of the
+    options of parameter groups given as dicts are checked by :func:`~manifoldnorm.optim._validate.check_options`
+    (TypeError for a wrong type, ValueError for a value out of range), also for the torch and geoopt optimizers,
+    some of which would only fail at their first step.
     """
     info = get_optimizer(name)
     valid = info.keyword_names()
@@ -99,6 +104,12 @@ def build_optimizer(name: str, params: Iterable[Tensor] | Iterable[dict], **kwar
         raise ValueError(
             f"optimizer {name!r} got unknown argument(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
         )
+    check_options(kwargs, owner=f"optimizer {name!r}")
+    params = list(params)
+    for i, group in enumerate(params):
+        if isinstance(group, Mapping):
+            options = {k: v for k, v in group.items() if k != "params"}
+            check_options(options, f"param_groups[{i}]", f"optimizer {name!r}")
     return info.cls(params, **_plain(kwargs))
 
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from manifoldnorm.optim._validate import check_int, check_real
+
 __all__ = ["WarmupCosine", "warmup_cosine_factor"]
 
 
@@ -66,15 +68,12 @@ class WarmupCosine(LambdaLR):
         min_lr_ratio: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        total_steps = check_int(total_steps, "total_steps", "WarmupCosine", low=1)
         if isinstance(warmup_steps, float):
             if not 0.0 <= warmup_steps < 1.0:
-                raise ValueError(f"a float warmup_steps is a fraction in [0, 1), got {warmup_steps}")
+                raise ValueError(f"WarmupCosine: a float warmup_steps is a fraction in [0, 1), got {warmup_steps}")
             warmup_steps = int(round(warmup_steps * total_steps))
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= total_steps:
-            raise ValueError(f"warmup_steps must be an int in [0, total_steps={total_steps}], got {warmup_steps!r}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        warmup_steps = check_int(warmup_steps, "warmup_steps", "WarmupCosine", low=0, high=total_steps)
+        min_lr_ratio = float(check_real(min_lr_ratio, "min_lr_ratio", "WarmupCosine", 0.0, 1.0))
         self.total_steps, self.warmup_steps, self.min_lr_ratio = total_steps, warmup_steps, min_lr_ratio
         super().__init__(optimizer, _Factor(total_steps, warmup_steps, min_lr_ratio), last_epoch=last_epoch)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from manifoldnorm.optim._base import MatrixOptimizer
 from manifoldnorm.optim._newton_schulz import as_matrix
+from manifoldnorm.optim._validate import check_options
 from manifoldnorm.optim.registry import register_optimizer
 
 __all__ = ["SinkGD", "sinkhorn_normalize", "sinkgd_update"]
@@ -144,13 +145,7 @@ class SinkGD(MatrixOptimizer):
         weight_decay: float = 0.0,
         eps: float = 1e-8,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        _check_iters(iters)
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if not eps > 0.0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        check_options(dict(lr=lr, iters=iters, weight_decay=weight_decay, eps=eps), owner="SinkGD")
         super().__init__(params, dict(lr=lr, iters=iters, weight_decay=weight_decay, eps=eps))
 
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:

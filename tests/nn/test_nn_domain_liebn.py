@@ -110,7 +110,7 @@ def test_eval_uses_each_domains_running_stats(metric, seed):
 @pytest.mark.parametrize("metric", METRICS)
 def test_refit_centres_a_new_target_domain_at_the_bias(metric, seed):
     n = 3
-    bn = _layer(metric, n=n, seed=seed, num_domains=2, karcher_steps=1)
+    bn = _layer(metric, n=n, seed=seed, num_domains=5, karcher_steps=1)  # domain 4: held out until the refit
     X, _ = _two_domains(n, seed)
     for _ in range(3):
         bn(X, domain=0)
