@@ -145,8 +145,10 @@ def sync_stats_traffic(norm: str, n: int, channels: int = 1, karcher_steps: int 
     From the reductions listed in :func:`manifoldnorm.distributed.convert_sync_norm`, for ``C`` channels of
     ``n x n`` matrices: a mean's first reduction (the arithmetic start of a Karcher flow, or the codomain mean of
     LEM/LCM) carries ``C n^2`` sums and the sample count, each further Karcher step ``C n^2`` (the count is
-    reused), the dispersion ``C`` sums and its count. With the default ``detach_mean=True`` only the dispersion
-    is reduced again in the backward (its gradient, ``C + 1`` numbers). SPDBN has no dispersion. Known norms:
+    reused), the dispersion ``C`` sums and its count, and (LieBN) the degenerate-batch test one entry-wise
+    maximum of ``2 C n^2`` numbers (:func:`manifoldnorm.nn._batch_stats.degenerate_batch`). With the default
+    ``detach_mean=True`` only the dispersion is reduced again in the backward (its gradient, ``C + 1`` numbers).
+    SPDBN has neither dispersion nor degenerate-batch test. Known norms:
     ``liebn_lem``/``liebn_lcm``, ``liebn_aim``/``liebn_crim`` and ``spdbn``.
     """
     stats, disp = channels * n * n, channels + 1
@@ -159,8 +161,9 @@ def sync_stats_traffic(norm: str, n: int, channels: int = 1, karcher_steps: int 
     else:
         raise ValueError(f"no traffic model for norm {norm!r}")
     bwd = [] if norm == "spdbn" else [disp]
-    return {"calls": len(fwd) + len(bwd), "bytes": dtype_bytes * (sum(fwd) + sum(bwd)), "fwd_calls": len(fwd),
-            "bwd_calls": len(bwd)}
+    mx = [] if norm == "spdbn" else [2 * stats]  # the degenerate-batch test: entry-wise max and -min
+    return {"calls": len(fwd) + len(bwd) + len(mx), "bytes": dtype_bytes * (sum(fwd) + sum(bwd) + sum(mx)),
+            "fwd_calls": len(fwd), "bwd_calls": len(bwd), "max_calls": len(mx), "max_bytes": dtype_bytes * sum(mx)}
 
 
 def ring_allreduce_bytes(nbytes: float, processes: int) -> float:

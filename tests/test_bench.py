@@ -150,7 +150,7 @@ def test_scale_traffic_model_matches_the_reductions_of_the_layer(norm: str, n: i
     want = sync_stats_traffic(norm, n, karcher_steps=karcher_steps)
     assert counter.totals() == (want["calls"], want["bytes"])
     assert counter.counts["fwd"][0] == want["fwd_calls"] and counter.counts["bwd"][0] == want["bwd_calls"]
-    assert counter.counts["max"] == [0, 0]
+    assert counter.counts["max"] == [want["max_calls"], want["max_bytes"]]
 
 
 def test_scale_ring_allreduce_volume() -> None:

@@ -21,8 +21,10 @@ import datetime
 import errno
 import logging
 import os
+import pickle
 import secrets
 import shutil
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -198,7 +200,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
         verify_checkpoint(path)
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except pickle.UnpicklingError as err:  # weights_only refused an object: never executed, reported in one line
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+            raise CheckpointError(
+                f"checkpoint {path}: refused to load objects other than tensors and plain containers ({first[:200]}); "
+                "it was not written by this project's training, or holds code: load it with "
+                "torch.load(..., weights_only=False) yourself only if you trust its source") from err
 
 
 class CarryBestCheckpoint(Callback):
@@ -313,9 +323,31 @@ def run_dir(base: str, key: str | None = None, ckpt_path: str | None = None) -> 
     return _reserve(base, stamp)
 
 
+def _multirun_command() -> bool:
+    """True in the process that started a sweep (``-m``/``--multirun``/``hydra.mode=MULTIRUN`` on its command line)."""
+    args = sys.argv[1:]
+    return any(a in ("-m", "--multirun") or a.replace(" ", "") == "hydra.mode=MULTIRUN" for a in args)
+
+
+def sweep_dir(base: str) -> str:
+    """The directory of a sweep: ``<base>/<YYYY-mm-dd_HH-MM-SS>``, claimed with an exclusive ``mkdir``.
+
+    In the process that starts the sweep, a name another sweep took already gets ``_1``, ``_2``..., so two sweeps
+    started in the same second never share a directory (nor their job folders ``0/``, ``1/``...). The resolver's
+    value is cached in the config (``use_cache=True``) and Hydra copies that cache into the config of every job
+    of the sweep, also into the jobs the submitit launcher runs on SLURM nodes, so every job gets the directory
+    its launcher claimed. Outside a sweep command (a config only composed, a single run) nothing is created.
+    """
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    if not _multirun_command():
+        return f"{base}/{stamp}"
+    return _reserve(base, stamp)
+
+
 def register_resolvers() -> None:
-    """Register ``mn.run_dir`` with OmegaConf (idempotent); done when this module is imported."""
+    """Register ``mn.run_dir`` and ``mn.sweep_dir`` with OmegaConf (idempotent); done when this module is imported."""
     OmegaConf.register_new_resolver("mn.run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("mn.sweep_dir", sweep_dir, replace=True, use_cache=True)
 
 
 register_resolvers()

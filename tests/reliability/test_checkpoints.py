@@ -118,6 +118,28 @@ def test_flipped_byte_loads_silently_without_the_check(good_ckpt: Path, tmp_path
     assert any(not torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_code_is_refused_in_one_line_and_never_runs(tmp_path: Path) -> None:
+    """A checkpoint whose pickle calls a function (here os.system) is a valid zip: the load refuses it (weights-only
+    unpickling) with one line naming the file and the blocked global; the code never runs."""
+    marker, evil = tmp_path / "ran", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, evil)
+    verify_checkpoint(evil)  # the archive itself is intact
+    module = Tiny()
+    with pytest.raises(CheckpointError) as info:
+        tiny_trainer(tmp_path / "resumed", max_epochs=2).fit(module, ckpt_path=evil)
+    msg = str(info.value)
+    assert "\n" not in msg and str(evil) in msg and "system" in msg, msg
+    assert module.steps == 0 and not marker.exists()
+
+
 def test_not_a_zip_checkpoint_and_missing_file_refused(tmp_path: Path) -> None:
     legacy = tmp_path / "legacy.ckpt"
     torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)

@@ -61,10 +61,11 @@ def test_run_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert name.startswith(f"{base}/{datetime.date.today():%Y-%m-%d}_") and not Path(name).exists()
 
 
-def launch(log_dir: Path, cache: Path, *overrides: str) -> subprocess.Popen:
+def launch(log_dir: Path, cache: Path, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "WANDB_", "SLURM_", "TORCHELASTIC"))}
     env.update(MANIFOLDNORM_CACHE=str(cache), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "launch/train.py", *TINY, f"paths.log_dir={log_dir}", *overrides],
+    cmd = [sys.executable, "launch/train.py", *flags, *TINY, f"paths.log_dir={log_dir}", *overrides]
+    return subprocess.Popen(cmd,
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -99,3 +100,57 @@ def test_two_launches_in_one_second_get_distinct_dirs(first: list[str], tmp_path
     assert sorted(by_seed) == [1, 2]
     w1, w2 = (by_seed[s]["state_dict"] for s in (1, 2))
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # each directory holds its own run's checkpoint
+
+
+def _sweep_in_child(base: str, argv: list[str], start: mp.Barrier, out: mp.Queue) -> None:
+    checkpoint._RESERVED.clear()
+    sys.argv = argv
+    start.wait()
+    out.put(checkpoint.sweep_dir(base))
+
+
+def test_sweep_dirs_are_claimed_only_by_a_sweep_command(tmp_path: Path) -> None:
+    """Four sweep commands released together claim four directories; a composed config or a single run claims none."""
+    ctx = mp.get_context("fork")
+    base = str(tmp_path / "multirun")
+    start, out = ctx.Barrier(4), ctx.Queue()
+    argvs = [["train.py", "-m", "seed=1"], ["train.py", "--multirun"], ["train.py", "hydra.mode=MULTIRUN"],
+             ["train.py", "-m"]]
+    procs = [ctx.Process(target=_sweep_in_child, args=(base, a, start, out)) for a in argvs]
+    for p in procs:
+        p.start()
+    dirs = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert len(set(dirs)) == 4 and all(Path(d).is_dir() for d in dirs), dirs
+    start, out = ctx.Barrier(1), ctx.Queue()
+    p = ctx.Process(target=_sweep_in_child, args=(str(tmp_path / "single"), ["train.py", "seed=1"], start, out))
+    p.start()
+    name = out.get(timeout=60)
+    p.join(timeout=60)
+    assert not Path(name).exists() and not (tmp_path / "single").exists()
+
+
+@pytest.mark.slow
+def test_two_sweeps_in_one_second_get_distinct_dirs(tmp_path: Path) -> None:
+    """Two one-point sweeps launched together, every second of the next two minutes taken already: each sweep
+    claims its own suffixed directory and its job writes there (before: both wrote into ``multirun/<time>/0``)."""
+    base = tmp_path / "outputs" / "spd_eeg" / "multirun"
+    now = datetime.datetime.now()
+    for s in range(120):
+        (base / f"{now + datetime.timedelta(seconds=s):%Y-%m-%d_%H-%M-%S}").mkdir(parents=True)
+    taken = set(os.listdir(base))
+    procs = {seed: launch(tmp_path / "outputs", tmp_path / "cache", f"seed={seed}", flags=("-m",)) for seed in (1, 2)}
+    outputs = {}
+    for seed, proc in procs.items():
+        try:
+            outputs[seed] = proc.communicate(timeout=600)[0]
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, outputs[seed][-3000:]
+    new = sorted(set(os.listdir(base)) - taken)
+    assert len(new) == 2, new
+    seeds = sorted(OmegaConf.load(base / name / "0" / "config_resolved.yaml").seed for name in new)
+    assert seeds == [1, 2]
+    for name in new:
+        assert (base / name / "0" / "checkpoints" / "last.ckpt").is_file()
