@@ -8,6 +8,7 @@ a config file. Errors a user can cause through the config (unknown names, invali
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -21,6 +22,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from manifoldnorm.lit.checkpoint import AtomicCheckpointIO, CarryBestCheckpoint, CheckpointError, verify_checkpoint
@@ -185,12 +187,27 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
 
 
 def save_config(cfg: DictConfig, loggers: list[Logger], output_dir: str | Path) -> dict[str, Any]:
-    """Write the fully resolved config to ``<output_dir>/config_resolved.yaml`` and log it as hyperparameters."""
+    """Write the fully resolved config to ``<output_dir>/config_resolved.yaml`` and log it as hyperparameters.
+
+    Written by the process of global rank 0 only, atomically. A resume continues in the run directory of its
+    checkpoint: when that directory holds a different ``config_resolved.yaml`` (the resume changed an option, or
+    added ``ckpt_path``), the earlier one is kept as ``config_resolved.prev<k>.yaml`` (k = 1, 2, ...), so the config
+    the first epochs ran with is never lost.
+    """
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(resolved), out / "config_resolved.yaml")
+    if rank_zero_only.rank == 0:
+        path, text = out / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved))
+        if path.is_file() and path.read_text() != text:
+            keep = next(out / f"config_resolved.prev{k}.yaml" for k in itertools.count(1)
+                        if not (out / f"config_resolved.prev{k}.yaml").exists())
+            path.rename(keep)
+            log.info("%s held the config of an earlier launch of this run: kept as %s", path, keep.name)
+        tmp = out / f".config_resolved.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, path)
     for lg in loggers:
         lg.log_hyperparams(resolved)
     return resolved

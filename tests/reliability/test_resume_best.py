@@ -168,3 +168,23 @@ def test_resume_in_another_dir_carries_best(carry: bool, tmp_path: Path, caplog:
     assert float(best.best_model_score) == 1.0 and best.best_model_path == str(original_best)
     assert original_best.is_file() and not list((tmp_path / "b" / "checkpoints").glob("best-*"))
     assert any("is carried over" in r.getMessage() and "val/loss=1.0000" in r.getMessage() for r in caplog.records)
+
+
+def test_a_resume_keeps_the_config_of_the_earlier_launch(tmp_path: Path) -> None:
+    """The resumed launch writes its config into the original run directory; a different earlier config is kept as
+    ``config_resolved.prev1.yaml`` (before: overwritten, so the options of the first epochs were lost)."""
+    from omegaconf import OmegaConf
+
+    from manifoldnorm.lit import run as run_helpers
+
+    first = OmegaConf.create({"seed": 0, "optimizer": {"lr": 0.01}, "ckpt_path": None})
+    run_helpers.save_config(first, [], tmp_path)
+    run_helpers.save_config(first, [], tmp_path)  # a requeued job: the same config, nothing to keep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config_resolved.yaml"]
+    resumed = OmegaConf.create({"seed": 0, "optimizer": {"lr": 0.001}, "ckpt_path": "x/last.ckpt"})
+    run_helpers.save_config(resumed, [], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config_resolved.prev1.yaml", "config_resolved.yaml"]
+    assert OmegaConf.load(tmp_path / "config_resolved.prev1.yaml").optimizer.lr == 0.01
+    assert OmegaConf.load(tmp_path / "config_resolved.yaml").optimizer.lr == 0.001
+    run_helpers.save_config(first, [], tmp_path)
+    assert OmegaConf.load(tmp_path / "config_resolved.prev2.yaml").optimizer.lr == 0.001
