@@ -69,18 +69,16 @@ def launch(log_dir: Path, cache: Path, *overrides: str, flags: tuple[str, ...] =
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("first", [[], pytest.param(["trainer=ddp_cpu"], marks=pytest.mark.slow, id="ddp_cpu")])
-def test_two_launches_in_one_second_get_distinct_dirs(first: list[str], tmp_path: Path) -> None:
-    """Two runs launched together; in the slow case the first is ``trainer=ddp_cpu`` (Lightning starts its second
-    process, which must join rank 0's directory, not reserve its own). Every second of the next two minutes is
-    taken already (a run started in that second), so both runs take a suffixed name and race for it."""
-    base = tmp_path / "outputs" / "spd_eeg"
+def take_two_minutes(base: Path) -> set[str]:
+    """Create a directory for every second of the next two minutes (as if a run had started in each)."""
     now = datetime.datetime.now()
     for s in range(120):
         (base / f"{now + datetime.timedelta(seconds=s):%Y-%m-%d_%H-%M-%S}").mkdir(parents=True)
-    taken = set(os.listdir(base))
-    procs = {seed: launch(tmp_path / "outputs", tmp_path / "cache", f"seed={seed}", *extra)
-             for seed, extra in ((1, first), (2, []))}
+    return set(os.listdir(base))
+
+
+def finish(procs: dict[int, subprocess.Popen]) -> dict[int, str]:
+    """Wait for the launches (by seed); each must succeed. Returns their output."""
     outputs = {}
     for seed, proc in procs.items():
         try:
@@ -88,6 +86,18 @@ def test_two_launches_in_one_second_get_distinct_dirs(first: list[str], tmp_path
         finally:
             proc.kill()
         assert proc.returncode == 0, outputs[seed][-3000:]
+    return outputs
+
+
+@pytest.mark.parametrize("first", [[], pytest.param(["trainer=ddp_cpu"], marks=pytest.mark.slow, id="ddp_cpu")])
+def test_two_launches_in_one_second_get_distinct_dirs(first: list[str], tmp_path: Path) -> None:
+    """Two runs launched together; in the slow case the first is ``trainer=ddp_cpu`` (Lightning starts its second
+    process, which must join rank 0's directory, not reserve its own). Every second of the next two minutes is
+    taken already (a run started in that second), so both runs take a suffixed name and race for it."""
+    base = tmp_path / "outputs" / "spd_eeg"
+    taken = take_two_minutes(base)
+    outputs = finish({seed: launch(tmp_path / "outputs", tmp_path / "cache", f"seed={seed}", *extra)
+                      for seed, extra in ((1, first), (2, []))})
     new = sorted(set(os.listdir(base)) - taken)
     assert len(new) == 2 and all("_" in name[len("2026-01-01_00-00-00"):] for name in new), new  # suffixed
     by_seed = {}
@@ -136,18 +146,8 @@ def test_two_sweeps_in_one_second_get_distinct_dirs(tmp_path: Path) -> None:
     """Two one-point sweeps launched together, every second of the next two minutes taken already: each sweep
     claims its own suffixed directory and its job writes there (before: both wrote into ``multirun/<time>/0``)."""
     base = tmp_path / "outputs" / "spd_eeg" / "multirun"
-    now = datetime.datetime.now()
-    for s in range(120):
-        (base / f"{now + datetime.timedelta(seconds=s):%Y-%m-%d_%H-%M-%S}").mkdir(parents=True)
-    taken = set(os.listdir(base))
-    procs = {seed: launch(tmp_path / "outputs", tmp_path / "cache", f"seed={seed}", flags=("-m",)) for seed in (1, 2)}
-    outputs = {}
-    for seed, proc in procs.items():
-        try:
-            outputs[seed] = proc.communicate(timeout=600)[0]
-        finally:
-            proc.kill()
-        assert proc.returncode == 0, outputs[seed][-3000:]
+    taken = take_two_minutes(base)
+    finish({seed: launch(tmp_path / "outputs", tmp_path / "cache", f"seed={seed}", flags=("-m",)) for seed in (1, 2)})
     new = sorted(set(os.listdir(base)) - taken)
     assert len(new) == 2, new
     seeds = sorted(OmegaConf.load(base / name / "0" / "config_resolved.yaml").seed for name in new)
