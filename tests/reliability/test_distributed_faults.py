@@ -229,15 +229,21 @@ def test_lightning_ddp_run_ends_when_a_rank_stalls_or_dies(tmp_path: Path, fault
     print(f"rank 1 {fault}: the run ended {took:.1f} s later (timeout {timeout} s)")
     assert main.returncode != 0
     assert not any(alive(pid) for pid in kids)  # the stopped process was ended too
-    line = out.rstrip().splitlines()[-3]  # the traceback's last line, then Hydra's hint
-    assert line.startswith("RuntimeError: rank 0 of 2: "), out[-3000:]
+    # the error line (warnings of other processes may be interleaved after it, so search rather than index)
+    ours = [ln for ln in out.splitlines() if ln.startswith("RuntimeError: rank 0 of 2: ")]
     if fault == "stop":
+        assert ours, out[-3000:]
         assert timeout - 0.5 < took < timeout + 30, took
-        assert f"timed out after {timeout} s; rank 1 did not answer" in line
-        assert "trainer.strategy.timeout=<seconds>" in line
+        assert f"timed out after {timeout} s; rank 1 did not answer" in ours[-1]
+        assert "trainer.strategy.timeout=<seconds>" in ours[-1]
     else:
         assert took < 25, took
-        assert "failed: a connection to another rank closed; rank 1 did not answer (died?)" in line
+        # whichever notices first: rank 0's collective (our line), or Lightning's launcher, which watches the
+        # processes it started and ends the job when one dies (its line names the rank and the signal)
+        lightning = [ln for ln in out.splitlines()
+                     if "[rank: 1] Child process" in ln and "terminated with code -9" in ln]
+        assert lightning or any("failed: a connection to another rank closed; rank 1 did not answer (died?)" in ln
+                                for ln in ours), out[-3000:]
 
 
 def rank_of(pid: int) -> int | None:
