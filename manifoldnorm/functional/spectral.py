@@ -70,6 +70,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import anchor_inputs, once_differentiable
+from ._spectral_checks import _advice, _all_finite, _check_domain, _reconstruct, _reconstruct_exp
 from .validation import check_symmetric, strict_inputs_enabled
 
 __all__ = [
@@ -127,69 +128,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _reconstruct(U: Tensor, vals: Tensor) -> Tensor:
-    return (U * vals.unsqueeze(-2)) @ U.transpose(-1, -2)
-
-
-def _reconstruct_exp(U: Tensor, lam: Tensor) -> Tensor:
-    r""":math:`U e^{\Lambda} U^\top`, overflowing to ±inf entries instead of NaN (``inf - inf``, ``0 * inf``).
-
-    The eigenvalues above the overflow threshold contribute :math:`e^{top}\,U_o e^{\Lambda_o - top} U_o^\top`
-    (``top`` the largest): its non-zero entries become ±inf with their sign, the others keep the finite part
-    :math:`U_f e^{\Lambda_f} U_f^\top`. Without such eigenvalues the result is bit-identical to the plain
-    reconstruction (one more product of a zero spectrum).
-    """
-    top = lam[..., -1:]  # eigh sorts ascending
-    limit = math.log(torch.finfo(lam.dtype).max) - math.log(max(lam.shape[-1], 1)) - 1.0
-    high = lam > limit
-    zero = torch.zeros_like(lam)
-    out = _reconstruct(U, torch.where(high, zero, torch.exp(lam)))
-    over = _reconstruct(U, torch.where(high, torch.exp(lam - top), zero))
-    return torch.where(over == 0, out, out + over * torch.exp(top).unsqueeze(-1))
-
-
 def _outputs(U: Tensor, lam: Tensor, flams: Sequence[Tensor], specs: Sequence[_Spec]) -> tuple[Tensor, ...]:
     return tuple(_reconstruct_exp(U, lam) if spec.overflows else _reconstruct(U, fl)
                  for spec, fl in zip(specs, flams, strict=True))
-
-
-def _advice(dtype: torch.dtype, fix: str) -> str:
-    """``fix`` as a sentence, preceded by the advice to compute in float64 for lower precisions."""
-    if dtype == torch.float64:
-        return f"{fix[0].upper()}{fix[1:]}."
-    return (f"In {dtype} the matrices may be singular to working precision: compute in float64 "
-            f"(compute_dtype=torch.float64 on a layer, or pass X.double()), or {fix}.")
-
-
-def _check_domain(lam: Tensor, specs: Sequence[_Spec], dtype: torch.dtype) -> None:
-    """Refuse eigenvalues outside the domain of the functions (one reduction and one host sync)."""
-    domains = {spec.domain for spec in specs} - {None}
-    if not domains:
-        return
-    if lam.numel() == 0:
-        return
-    strict = "pos" in domains
-    lo = lam[..., 0]
-    bad = ~(lo > 0) if strict else ~(lo >= 0)  # NaN counts as bad
-    if not bool(bad.any()):
-        return
-    name = next(spec.name for spec in specs if spec.domain is not None)
-    count, total = int(bad.sum()), bad.numel()
-    if bool(torch.isnan(lam).any()):
-        raise ValueError(f"{name}: the input holds NaN/Inf entries (its eigenvalues are NaN); check the data or "
-                         "the layer before (manifoldnorm.functional.check_finite)")
-    what = "non-positive" if strict else "negative"
-    hi = float(lam[..., -1].max())
-    raise ValueError(
-        f"{name}: {count} of {total} matri{'x has' if total == 1 else 'ces have'} a {what} eigenvalue "
-        f"(smallest {float(lo.min()):.3g}, largest {hi:.3g}); the function is undefined there (the result would "
-        "be NaN). " + _advice(dtype, "make them positive definite (add eps * I, a shrinkage estimator, or sym_reeig)")
-    )
-
-
-def _all_finite(t: Tensor) -> bool:
-    """One reduction in the common case: a finite sum has finite terms; a non-finite one is checked exactly."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _loewner_exact(li: Tensor, lj: Tensor, fi: Tensor, fj: Tensor, spec: _Spec, pp: Tensor) -> Tensor:
@@ -420,13 +361,16 @@ class SymEig:
         self._Xc = X.to(self._cdtype)
         with torch.no_grad(), _no_autocast(X):
             self.lam, self.U = torch.linalg.eigh(self._Xc.detach())
+        self._domains_checked: set[str | None] = {None}  # one domain check (host sync) per domain, not per call
 
     def eigvals(self) -> Tensor:
         r"""Eigenvalues ``(..., n)`` in ascending order; backward :math:`U\,\mathrm{diag}(g)\,U^\top`."""
         return _EigvalsFromEig.apply(self._Xc, self.lam, self.U).to(self.dtype)
 
     def _apply(self, spec: _Spec, p: Tensor | float | None = None) -> Tensor:
-        _check_domain(self.lam, (spec,), self.dtype)
+        if spec.domain not in self._domains_checked:
+            _check_domain(self.lam, (spec,), self.dtype)
+            self._domains_checked.update(("pos", "nonneg") if spec.domain == "pos" else (spec.domain,))
         if not _needs_graph(self.X, p):
             pt = _exponent(self.X, p, self._cdtype)
             with _no_autocast(self.X):

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,27 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def fault_after_first_checkpoint(cmd: list[str], cache: Path, ckpts: Path, victim_of: Callable[[list[int]], int],
+                                 sig: int, limit: float) -> tuple[float, str, int | None, list[int]]:
+    """Start ``cmd``, wait for its first checkpoint (training is under way), send ``sig`` to the child process that
+    ``victim_of(children)`` picks, and wait up to ``limit`` seconds for the launcher to end. Returns the seconds
+    it took, its output, its return code and its child processes; the launcher and its children are killed after."""
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(MANIFOLDNORM_CACHE=str(cache)),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    kids: list[int] = []
+    try:
+        wait_for(lambda: ckpts.is_dir() and any(ckpts.iterdir()), 240, "first checkpoint", [launcher])
+        kids = children(launcher.pid)
+        os.kill(victim_of(kids), sig)
+        took, out = end_after(launcher, limit)
+    finally:
+        launcher.kill()
+        for pid in kids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    return took, out, launcher.returncode, kids
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["stop", "kill"])
 def test_lightning_ddp_run_ends_when_a_rank_stalls_or_dies(tmp_path: Path, fault: str) -> None:
@@ -211,23 +233,16 @@ def test_lightning_ddp_run_ends_when_a_rank_stalls_or_dies(tmp_path: Path, fault
     timeout = 5
     cmd = [sys.executable, "launch/train.py", *TINY, f"trainer.strategy.timeout={timeout}",
            f"hydra.run.dir={tmp_path / 'run'}"]
-    main = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(MANIFOLDNORM_CACHE=str(tmp_path / "cache")),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    kids: list[int] = []
-    try:
-        ckpts = tmp_path / "run" / "checkpoints"
-        wait_for(lambda: ckpts.is_dir() and any(ckpts.iterdir()), 240, "first checkpoint", [main])  # training
-        kids = children(main.pid)
+
+    def only_child(kids: list[int]) -> int:
         assert len(kids) == 1, kids  # Lightning started rank 1
-        os.kill(kids[0], signal.SIGSTOP if fault == "stop" else signal.SIGKILL)
-        took, out = end_after(main, timeout + 40)
-    finally:
-        main.kill()
-        for pid in kids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        return kids[0]
+
+    took, out, returncode, kids = fault_after_first_checkpoint(
+        cmd, tmp_path / "cache", tmp_path / "run" / "checkpoints", only_child,
+        signal.SIGSTOP if fault == "stop" else signal.SIGKILL, timeout + 40)
     print(f"rank 1 {fault}: the run ended {took:.1f} s later (timeout {timeout} s)")
-    assert main.returncode != 0
+    assert returncode != 0
     assert not any(alive(pid) for pid in kids)  # the stopped process was ended too
     # the error line (warnings of other processes may be interleaved after it, so search rather than index)
     ours = [ln for ln in out.splitlines() if ln.startswith("RuntimeError: rank 0 of 2: ")]
@@ -264,24 +279,16 @@ def test_torchrun_job_ends_when_a_rank_stalls(tmp_path: Path) -> None:
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--rdzv-id={run_id}", "launch/train.py", *TINY,
            "trainer.devices=2", "trainer.num_nodes=1", f"trainer.strategy.timeout={timeout}",
            f"paths.log_dir={tmp_path}"]
-    agent = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(MANIFOLDNORM_CACHE=str(tmp_path / "cache")),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    workers: list[int] = []
-    try:
-        ckpts = tmp_path / "spd_eeg" / run_id / "checkpoints"
-        wait_for(lambda: ckpts.is_dir() and any(ckpts.iterdir()), 240, "first checkpoint", [agent])
-        workers = children(agent.pid)
+
+    def rank_1(workers: list[int]) -> int:
         victim = [pid for pid in workers if rank_of(pid) == 1]
         assert len(victim) == 1, (workers, [rank_of(p) for p in workers])
-        os.kill(victim[0], signal.SIGSTOP)
-        took, out = end_after(agent, timeout + 60)
-    finally:
-        agent.kill()
-        for pid in workers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        return victim[0]
+
+    took, out, returncode, workers = fault_after_first_checkpoint(
+        cmd, tmp_path / "cache", tmp_path / "spd_eeg" / run_id / "checkpoints", rank_1, signal.SIGSTOP, timeout + 60)
     print(f"rank 1 stopped: torchrun ended {took:.1f} s later (timeout {timeout} s)")
-    assert agent.returncode != 0
+    assert returncode != 0
     assert not any(alive(pid) for pid in workers)
     assert timeout - 0.5 < took < timeout + 50, took
     assert "rank 0 of 2: " in out and f"timed out after {timeout} s; rank 1 did not answer" in out, out[-3000:]
