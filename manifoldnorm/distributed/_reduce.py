@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
+from manifoldnorm._dist import is_multiprocess
 from manifoldnorm.nn.euclidean.sync_bn import all_reduce_sum
 
 __all__ = ["ProcessGroupReducer"]
@@ -36,9 +37,7 @@ class ProcessGroupReducer:
     @property
     def active(self) -> bool:
         """Whether there are other processes to reduce over."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return False
-        return dist.get_world_size(self.process_group) > 1
+        return is_multiprocess(self.process_group)
 
     def sum(self, t: Tensor) -> Tensor:
         """Differentiable sum of ``t`` over the group (every process must call it, in the same order)."""

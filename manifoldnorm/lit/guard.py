@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from manifoldnorm._dist import is_multiprocess
 from manifoldnorm.optim.finite import drop_grads, grad_norm
 
 __all__ = ["NonFiniteError", "NonFiniteGuard", "numerical_errors", "nonfinite_parameters", "first_nonfinite_output"]
@@ -163,8 +164,7 @@ def _diagnosis(pl_module: pl.LightningModule, batch: Any, batch_idx: int | None)
 
 def _multiprocess() -> bool:
     """In a multi-process run the re-run is left out: a synchronized norm would start collectives on one rank."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
+    return is_multiprocess()
 
 
 def _grad_scaler(trainer: pl.Trainer | None) -> Any:

@@ -30,6 +30,8 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Sampler
 
+from manifoldnorm._dist import is_multiprocess, world_size
+
 __all__ = ["ResumableDataLoader", "RNGStates", "seeded_loader"]
 
 log = logging.getLogger(__name__)
@@ -143,8 +145,8 @@ class RNGStates(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         local = _encode(_collect_rng_states(include_cuda=torch.cuda.is_available()))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            states: list[Any] = [None] * dist.get_world_size()
+        if is_multiprocess():
+            states: list[Any] = [None] * world_size()
             dist.all_gather_object(states, local)
         else:
             states = [local]

@@ -136,7 +136,7 @@ class GPT(nn.Module):
         MLP hidden width ``int(mlp_ratio * d_model)``.
     dropout : float, default 0
         Dropout on the embeddings, attention probabilities and sub-layer outputs.
-    norm_layer : str, class or functools.partial, default "layernorm"
+    norm_layer : str, class, functools.partial or None, default "layernorm"
         Any Euclidean norm of :func:`manifoldnorm.nn.list_norms` (``"dyt"``/``"derf"`` give the
         normalization-free variants), built by ``create_norm_layer(spec, d_model, expect="euclidean")``.
     placement : str, default "pre"

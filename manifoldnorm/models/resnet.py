@@ -166,7 +166,7 @@ class ResNet(nn.Module):
     widths : sequence of int, default (16, 32, 64)
         Channels of each stage (one stage per entry).
     blocks_per_stage : int, default 1
-    norm_layer : str, class or functools.partial, default "batchnorm"
+    norm_layer : str, class, functools.partial or None, default "batchnorm"
         Any Euclidean norm from :func:`manifoldnorm.nn.list_norms` (``"batchnorm"``, ``"groupnorm"``,
         ``"evonorm_b0"``, ``"layernorm"``, ``"none"``, ...), built as
         ``create_norm_layer(norm_layer, channels, expect="euclidean")`` and wrapped by

@@ -29,8 +29,9 @@ class SPDNet(SPDTrunk):
     dims : sequence of int
         Output sizes of the BiMap layers (non-increasing, each ``<=`` the previous size).
     num_classes : int
-    norm_layer : str, class or functools.partial
-        Any norm accepting SPD inputs from :func:`manifoldnorm.nn.list_norms` (``'none'`` for plain SPDNet).
+    norm_layer : str, class, functools.partial or None
+        Any norm accepting SPD inputs from :func:`manifoldnorm.nn.list_norms`; ``None`` (or ``'none'``) for plain
+        SPDNet.
     norm_kwargs : dict, optional
         Extra arguments of every norm layer (e.g. ``{'momentum': 0.05}``, ``{'num_domains': 8}``).
     reeig_threshold : float

@@ -36,8 +36,8 @@ class TSMNet(SPDTrunk):
         Temporal kernel length ``K`` (25 samples in the paper).
     spd_dims : sequence of int
         BiMap output sizes (``(20,)`` in the paper).
-    norm_layer : str, class or functools.partial
-        Any SPD-capable registered norm (default ``'spddsmbn'``; ``'none'`` disables it).
+    norm_layer : str, class, functools.partial or None
+        Any SPD-capable registered norm (default ``'spddsmbn'``; ``None`` or ``'none'`` disables it).
     norm_kwargs : dict, optional
         Extra norm arguments, e.g. ``{'num_domains': 10}``.
     reeig_threshold : float

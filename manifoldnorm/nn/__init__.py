@@ -4,6 +4,7 @@ No Lightning or Hydra imports here: every layer works in a plain PyTorch loop.
 """
 
 from .adapt import refit_domain_norms, refit_mode, refittable_norms
+from .base import RefittableNorm
 from .domain_liebn import DomainLieBatchNorm
 from .euclidean import (
     BatchChannelNorm,
@@ -34,7 +35,7 @@ from .euclidean import (
 )
 from .gbwbn import GBWBatchNorm
 from .liebn import LieBatchNorm
-from .momentum_bn import DomainSPDBatchNorm, RefittableNorm, SPDMomentumBatchNorm
+from .momentum_bn import DomainSPDBatchNorm, SPDMomentumBatchNorm
 from .registry import (
     KINDS,
     IdentityNorm,

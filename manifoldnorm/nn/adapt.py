@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .momentum_bn import RefittableNorm
+from .base import RefittableNorm
 
 __all__ = ["refit_mode", "refit_domain_norms", "refittable_norms"]
 

@@ -2,6 +2,8 @@ r"""Domain-specific LieBN: Lie group batch normalization with one set of running
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -16,6 +18,7 @@ from ._common import (
     to_channels,
 )
 from .liebn import LieBatchNorm
+from .registry import register_norm
 
 __all__ = ["DomainLieBatchNorm"]
 
@@ -28,7 +31,7 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
     (θ,α,β)-AIM, (α,β)-LEM or θ-LCM metric, made domain-specific as in the SPDDSMBN of Kobler, Hirayama, Zhao &
     Kawanabe ("SPD domain-specific batch normalization to crack interpretable unsupervised domain adaptation in
     EEG", NeurIPS 2022). With :math:`\phi` the metric's deformation, :math:`\odot` its group operation and
-    :math:`E` the identity (see :mod:`manifoldnorm.nn._lie_groups`), a training step on a batch whose samples
+    :math:`E` the identity (see :mod:`manifoldnorm.functional._lie_groups`), a training step on a batch whose samples
     :math:`X_i` carry domain ids :math:`d_i` computes, for every domain :math:`d` present, over
     :math:`I_d = \{i : d_i = d\}`,
 
@@ -145,3 +148,8 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_domains={self.num_domains}"
+
+
+register_norm("dsliebn_aim", "spd")(functools.partial(DomainLieBatchNorm, metric="aim"))
+register_norm("dsliebn_lem", "spd")(functools.partial(DomainLieBatchNorm, metric="lem"))
+register_norm("dsliebn_lcm", "spd")(functools.partial(DomainLieBatchNorm, metric="lcm"))

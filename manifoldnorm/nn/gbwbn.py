@@ -8,10 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
+from manifoldnorm.functional import _gbwbn_ops as ops
 from manifoldnorm.functional._batch import default_tol
 from manifoldnorm.functional.spd_bw import geodesic_bw
 
-from . import _gbwbn_ops as ops
 from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, degenerate_batch, reduce_fn
 from ._common import (
     autocast_off,
@@ -24,7 +24,8 @@ from ._common import (
     to_channels,
 )
 from ._gbwbn_ref import gbwbn_reference
-from .momentum_bn import RefittableNorm
+from .base import RefittableNorm
+from .registry import register_norm
 
 __all__ = ["GBWBatchNorm"]
 
@@ -345,3 +346,6 @@ class GBWBatchNorm(RefittableNorm):
         return (f"{self.n}, theta={self.theta:g}, momentum={self.momentum:g}, "
                 f"train_momentum={self.train_momentum:g}, eps={self.eps:g}, channels={self.channels}, "
                 f"mean_steps={self.mean_steps}, learn_metric={self.learn_metric}")
+
+
+register_norm("gbwbn", "spd")(GBWBatchNorm)

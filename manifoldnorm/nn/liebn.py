@@ -2,12 +2,14 @@ r"""LieBN: Riemannian batch normalization on SPD matrices through a Lie group st
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
+from manifoldnorm.functional._lie_groups import LIE_METRICS, make_group
 
 from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, degenerate_batch, reduce_fn
 from ._common import (
@@ -20,9 +22,9 @@ from ._common import (
     spd_identity_parameter,
     to_channels,
 )
-from ._lie_groups import LIE_METRICS, make_group
 from ._reference import liebn_reference
-from .momentum_bn import RefittableNorm
+from .base import RefittableNorm
+from .registry import register_norm
 
 __all__ = ["LieBatchNorm"]
 
@@ -33,7 +35,7 @@ class LieBatchNorm(RefittableNorm):
     Chen, Song, Liu & Sebe, "A Lie Group Approach to Riemannian Batch Normalization", ICLR 2024, Alg. 1 as
     instantiated on SPD manifolds in Sec. 5.2 (scaling: Eq. 14). With :math:`\phi` the metric's deformation,
     :math:`\odot` its group operation and :math:`E` the identity (all in the codomain of :math:`\phi`, see
-    :mod:`manifoldnorm.nn._lie_groups`), a training step on a batch :math:`\{X_i\}_{i=1}^N` is
+    :mod:`manifoldnorm.functional._lie_groups`), a training step on a batch :math:`\{X_i\}_{i=1}^N` is
 
     .. math::
 
@@ -59,7 +61,7 @@ class LieBatchNorm(RefittableNorm):
         Matrix size; inputs are ``(N, n, n)`` or ``(N, C, n, n)`` with statistics per channel over ``N``.
     metric : {'aim', 'lem', 'lcm', 'crim'}
         ``'crim'``: the Cholesky right-invariant metric of the LieBN toolbox (see
-        :mod:`manifoldnorm.nn._lie_groups`): AIM-LieBN in the coordinates :math:`\iota(X^\theta)`,
+        :mod:`manifoldnorm.functional._lie_groups`): AIM-LieBN in the coordinates :math:`\iota(X^\theta)`,
         :math:`\iota(P) = L_P^{-1}L_P^{-\top}`.
     theta : float
         Power deformation :math:`\theta \neq 0` (AIM, LCM, CRIM; must stay 1 for LEM, where it has no effect).
@@ -293,3 +295,9 @@ class LieBatchNorm(RefittableNorm):
         return (f"{self.n}, metric={self.metric!r}, theta={self.theta:g}, alpha={self.alpha:g}, "
                 f"beta={self.beta:g}, momentum={self.momentum:g}, train_momentum={self.train_momentum:g}, "
                 f"karcher_steps={self.karcher_steps}, eps={self.eps:g}, channels={self.channels}")
+
+
+register_norm("liebn_aim", "lie")(functools.partial(LieBatchNorm, metric="aim"))
+register_norm("liebn_lem", "lie")(functools.partial(LieBatchNorm, metric="lem"))
+register_norm("liebn_lcm", "lie")(functools.partial(LieBatchNorm, metric="lcm"))
+register_norm("liebn_crim", "lie")(functools.partial(LieBatchNorm, metric="crim"))

@@ -21,8 +21,10 @@ from ._common import (
     to_channels,
 )
 from ._reference import spdmbn_reference
+from .base import RefittableNorm
+from .registry import register_norm
 
-__all__ = ["SPDMomentumBatchNorm", "DomainSPDBatchNorm", "RefittableNorm"]
+__all__ = ["SPDMomentumBatchNorm", "DomainSPDBatchNorm"]
 
 _STATS = ("train_mean", "train_var", "running_mean", "running_var")
 
@@ -31,48 +33,6 @@ def _aim_sqdist(P_invsqrt: Tensor, X: Tensor) -> Tensor:
     r""":math:`d^2_{\mathrm{AIM}}(X, P) = \|\log(P^{-1/2} X P^{-1/2})\|_F^2` from eigenvalues only, ``(...)``."""
     lam = torch.linalg.eigvalsh(mf.congruence(P_invsqrt, X))
     return torch.log(lam).square().sum(-1)
-
-
-class RefittableNorm(nn.Module):
-    """Base of the norm layers whose statistics can be re-estimated on unlabeled data (test-time adaptation).
-
-    While ``self.refitting`` is true, ``forward`` replaces the (per-domain) running statistics by the exact
-    Fréchet mean and dispersion of the batch and normalizes with them; see
-    :func:`manifoldnorm.nn.refit_domain_norms`. Subclasses hold ``momentum`` (running statistics) and
-    ``train_momentum`` (statistics training normalizes with) and share their validation and
-    :meth:`set_momentum`.
-
-    Every batch average inside the statistics (mean iterations, dispersion) goes through
-    :mod:`manifoldnorm.nn._batch_stats`: with ``stats_reducer`` left at ``None`` the local batch is averaged;
-    :func:`manifoldnorm.distributed.convert_sync_norm` sets a reducer that averages over the batches of all
-    processes of a data-parallel group.
-    """
-
-    refitting: bool = False
-    domain_aware: bool = False
-    #: how batch statistics are reduced: ``None`` (local batch) or a synchronizing
-    #: :class:`~manifoldnorm.nn._batch_stats.StatReducer` (set by ``manifoldnorm.distributed.convert_sync_norm``)
-    stats_reducer: StatReducer | None = None
-    momentum: float
-    train_momentum: float
-
-    def _check_train_momentum(self, value: float) -> float:
-        """Validate a training momentum :math:`\\eta \\in (0, 1]`."""
-        value = check_momentum(value, "train_momentum", type(self).__name__)
-        if value == 0.0:
-            raise ValueError(f"{type(self).__name__}: train_momentum must be > 0 (0 would ignore every batch)")
-        return value
-
-    def set_momentum(self, train: float | None = None, test: float | None = None) -> None:
-        r"""Change the training momentum :math:`\eta` (``train``) and/or the running-statistics momentum (``test``).
-
-        Used by momentum schedules (:func:`manifoldnorm.nn.set_norm_momentum`,
-        :class:`manifoldnorm.lit.callbacks.MomentumSchedule`).
-        """
-        if train is not None:
-            self.train_momentum = self._check_train_momentum(train)
-        if test is not None:
-            self.momentum = check_momentum(test, "momentum", type(self).__name__)
 
 
 class SPDMomentumBatchNorm(RefittableNorm):
@@ -355,3 +315,7 @@ class DomainSPDBatchNorm(DomainStatsMixin, SPDMomentumBatchNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_domains={self.num_domains}"
+
+
+register_norm("spdmbn", "spd")(SPDMomentumBatchNorm)
+register_norm("spddsmbn", "spd")(DomainSPDBatchNorm)

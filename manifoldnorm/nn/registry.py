@@ -1,12 +1,14 @@
 """Norm-layer registry: names -> factories with metadata, one construction path for every model slot.
 
-A norm slot accepts a registered name (``"liebn_aim"``), a class, or a ``functools.partial`` (e.g. a Hydra
-``_partial_: true`` node). Every factory is called as ``factory(num_features, **kwargs)`` and the resulting
-module has ``forward(x, domain=None)``.
+A norm slot accepts a registered name (``"liebn_aim"``), a class, a ``functools.partial`` (e.g. a Hydra
+``_partial_: true`` node), or ``None`` for no normalization (the ``"none"`` entry, :class:`IdentityNorm`). Every factory is called as ``factory(num_features, **kwargs)`` and the resulting
+module has ``forward(x, domain=None)``. Each norm registers itself with :func:`register_norm` in the module that
+defines it (the mechanism is :class:`manifoldnorm.registry.Registry`, shared with the optimizers);
+``import manifoldnorm.nn`` imports every such module.
 
 >>> layer = create_norm_layer("liebn_lem", 8, momentum=0.05)
 >>> sorted(list_norms(kind="lie"))
-['liebn_aim', 'liebn_crim', 'liebn_lcm', 'liebn_lem']
+['liebn_aim', 'liebn_crim', 'liebn_lcm', 'liebn_lem', 'liebn_so3']
 """
 
 from __future__ import annotations
@@ -19,12 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .domain_liebn import DomainLieBatchNorm
-from .gbwbn import GBWBatchNorm
-from .liebn import LieBatchNorm
-from .momentum_bn import DomainSPDBatchNorm, SPDMomentumBatchNorm
-from .so3bn import SO3BatchNorm
-from .spdbn import SPDBatchNorm
+from manifoldnorm.registry import Registry, unwrap_factory
 
 __all__ = [
     "KINDS",
@@ -38,7 +35,7 @@ __all__ = [
 ]
 
 KINDS: tuple[str, ...] = ("spd", "lie", "euclidean")
-NormSpec = str | type | Callable[..., nn.Module]
+NormSpec = str | type | Callable[..., nn.Module] | None
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ class NormInfo:
         Family: ``"spd"`` (Riemannian BN on SPD matrices), ``"lie"`` (Lie group BN), ``"euclidean"``.
     inputs : tuple of str
         Spaces the layer accepts: ``"spd"`` for ``(N, [C,] n, n)`` SPD stacks, ``"so3"`` for ``(N, ..., 3, 3)``
-        rotation matrices, ``"euclidean"`` for vectors.
+        rotation matrices, ``"euclidean"`` for vectors, ``"weight"`` for a module whose weight it reparametrizes.
     domain_aware : bool
         Whether ``forward(x, domain)`` uses the domain ids.
     """
@@ -67,18 +64,12 @@ class NormInfo:
     domain_aware: bool
 
 
-_REGISTRY: dict[str, NormInfo] = {}
-
-
-def _unwrap(factory: Any) -> Any:
-    while isinstance(factory, functools.partial):
-        factory = factory.func
-    return factory
+NORMS: Registry[NormInfo] = Registry("norm", KINDS, what="norm layer")
 
 
 def register_norm(name: str, kind: str, *, inputs: tuple[str, ...] | None = None,
                   domain_aware: bool | None = None) -> Callable[[Any], Any]:
-    """Decorator registering a norm class or factory under ``name``.
+    """Decorator registering a norm class or factory under ``name``, used where the class is defined.
 
     Parameters
     ----------
@@ -89,18 +80,21 @@ def register_norm(name: str, kind: str, *, inputs: tuple[str, ...] | None = None
         Accepted input spaces; default ``("spd",)`` for ``spd``/``lie`` kinds, ``("euclidean",)`` otherwise.
     domain_aware : bool, optional
         Default: the factory class's ``domain_aware`` attribute (False if absent).
+
+    Examples
+    --------
+    >>> @register_norm("my_rmsnorm", "euclidean")            # doctest: +SKIP
+    ... class MyRMSNorm(nn.Module): ...
+    >>> register_norm("liebn_aim", "lie")(functools.partial(LieBatchNorm, metric="aim"))  # doctest: +SKIP
     """
-    if not isinstance(name, str) or not name or name != name.lower():
-        raise ValueError(f"norm names must be non-empty lower-case strings, got {name!r}")
-    if kind not in KINDS:
-        raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    NORMS.check_name(name)
+    NORMS.check_kind(kind)
 
     def decorator(factory: Any) -> Any:
-        if name in _REGISTRY:
-            raise ValueError(f"a norm named {name!r} is already registered ({_REGISTRY[name].factory!r})")
-        aware = bool(getattr(_unwrap(factory), "domain_aware", False)) if domain_aware is None else domain_aware
+        aware = bool(getattr(unwrap_factory(factory), "domain_aware", False)) if domain_aware is None \
+            else domain_aware
         ins = inputs if inputs is not None else (("euclidean",) if kind == "euclidean" else ("spd",))
-        _REGISTRY[name] = NormInfo(name, factory, kind, tuple(ins), aware)
+        NORMS.add(NormInfo(name, factory, kind, tuple(ins), aware))
         return factory
 
     return decorator
@@ -108,22 +102,16 @@ def register_norm(name: str, kind: str, *, inputs: tuple[str, ...] | None = None
 
 def list_norms(kind: str | None = None) -> list[str]:
     """Registered norm names (sorted), optionally only those of one ``kind``."""
-    if kind is not None and kind not in KINDS:
-        raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-    return sorted(k for k, info in _REGISTRY.items() if kind is None or info.kind == kind)
-
-
-def _unknown_name(name: str) -> ValueError:
-    return ValueError(f"unknown norm layer {name!r}; valid names: {', '.join(list_norms())}")
+    return NORMS.names(kind)
 
 
 def get_norm_layer(spec: NormSpec) -> Callable[..., nn.Module]:
-    """Resolve a name, class or partial to a factory ``factory(num_features, **kwargs)``."""
+    """Resolve a name, class or partial to a factory ``factory(num_features, **kwargs)``; ``None`` means
+    the ``"none"`` entry (no normalization)."""
+    if spec is None:
+        spec = "none"
     if isinstance(spec, str):
-        info = _REGISTRY.get(spec.lower())
-        if info is None:
-            raise _unknown_name(spec)
-        return info.factory
+        return NORMS.get(spec.lower()).factory
     if callable(spec):
         return spec
     raise TypeError(f"a norm layer is given by a registered name, a class or a functools.partial; "
@@ -131,21 +119,17 @@ def get_norm_layer(spec: NormSpec) -> Callable[..., nn.Module]:
 
 
 def get_norm_info(spec: NormSpec) -> NormInfo | None:
-    """Metadata for a name (ValueError if unknown) or for a registered class/partial (``None`` if unregistered)."""
+    """Metadata for a name (ValueError if unknown) or for a registered class/partial (``None`` if unregistered);
+    ``spec=None`` is the ``"none"`` entry."""
+    if spec is None:
+        spec = "none"
     if isinstance(spec, str):
-        info = _REGISTRY.get(spec.lower())
-        if info is None:
-            raise _unknown_name(spec)
-        return info
-    target = _unwrap(spec)
-    for info in _REGISTRY.values():
-        if _unwrap(info.factory) is target:
-            return info
-    return None
+        return NORMS.get(spec.lower())
+    return NORMS.find(spec)
 
 
 def _describe(spec: NormSpec, factory: Any) -> str:
-    base = _unwrap(factory)
+    base = unwrap_factory(factory)
     cls_name = getattr(base, "__name__", repr(base))
     return f"norm layer {spec!r} ({cls_name})" if isinstance(spec, str) else f"norm layer {cls_name}"
 
@@ -176,12 +160,16 @@ def _check_kwargs(spec: NormSpec, factory: Any, kwargs: dict[str, Any]) -> None:
 
 def create_norm_layer(spec: NormSpec, num_features: int, *, expect: str | None = None,
                       **kwargs: Any) -> nn.Module:
-    """Build a norm layer for ``num_features`` (matrix size ``n`` for SPD norms, width for Euclidean ones).
+    """Build a norm layer for ``num_features``: the matrix size ``n`` for SPD norms, the width for Euclidean ones,
+    and for ``liebn_so3`` the number of rotations per sample (a feature dimension; the matrices are always 3x3, and
+    ``None`` means input ``(N, 3, 3)``).
 
     Parameters
     ----------
-    spec : str, class or functools.partial
-        Registered name (see :func:`list_norms`), or a factory called as ``spec(num_features, **kwargs)``.
+    spec : str, class, functools.partial or None
+        Registered name (see :func:`list_norms`), or a factory called as ``spec(num_features, **kwargs)``;
+        ``None`` builds the ``"none"`` entry (an :class:`IdentityNorm`, no normalization), as ``norm_layer=None``
+        does in timm.
     num_features : int
     expect : {'spd', 'euclidean'}, optional
         The slot's input space; a registered layer that does not accept it raises a ValueError.
@@ -194,7 +182,7 @@ def create_norm_layer(spec: NormSpec, num_features: int, *, expect: str | None =
         if info is not None and expect not in info.inputs:
             raise ValueError(f"{_describe(spec, factory)} takes {'/'.join(info.inputs)} inputs and cannot fill "
                              f"a {expect} slot; suitable names: "
-                             f"{', '.join(k for k in list_norms() if expect in _REGISTRY[k].inputs)}")
+                             f"{', '.join(k for k in list_norms() if expect in NORMS.get(k).inputs)}")
     _check_kwargs(spec, factory, kwargs)
     return factory(num_features, **kwargs)
 
@@ -212,17 +200,4 @@ class IdentityNorm(nn.Module):
         return x
 
 
-
-register_norm("liebn_aim", "lie")(functools.partial(LieBatchNorm, metric="aim"))
-register_norm("liebn_lem", "lie")(functools.partial(LieBatchNorm, metric="lem"))
-register_norm("liebn_lcm", "lie")(functools.partial(LieBatchNorm, metric="lcm"))
-register_norm("liebn_crim", "lie")(functools.partial(LieBatchNorm, metric="crim"))
-register_norm("liebn_so3", "lie", inputs=("so3",))(SO3BatchNorm)
-register_norm("dsliebn_aim", "spd")(functools.partial(DomainLieBatchNorm, metric="aim"))
-register_norm("dsliebn_lem", "spd")(functools.partial(DomainLieBatchNorm, metric="lem"))
-register_norm("dsliebn_lcm", "spd")(functools.partial(DomainLieBatchNorm, metric="lcm"))
-register_norm("spdbn", "spd")(SPDBatchNorm)
-register_norm("gbwbn", "spd")(GBWBatchNorm)
-register_norm("spdmbn", "spd")(SPDMomentumBatchNorm)
-register_norm("spddsmbn", "spd")(DomainSPDBatchNorm)
 register_norm("none", "euclidean", inputs=("spd", "euclidean"))(IdentityNorm)

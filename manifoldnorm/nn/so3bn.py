@@ -23,7 +23,8 @@ from manifoldnorm.manifolds import SpecialOrthogonal
 
 from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, degenerate_batch, reduce_fn
 from ._common import autocast_off, check_compute_dtype, check_momentum, check_positive_int, resolve_dtype
-from .momentum_bn import RefittableNorm
+from .base import RefittableNorm
+from .registry import register_norm
 
 __all__ = ["SO3BatchNorm"]
 
@@ -73,8 +74,9 @@ class SO3BatchNorm(RefittableNorm):
     Parameters
     ----------
     num_features : int, optional
-        Size of a single feature dimension: ``shape=(num_features,)``. ``None`` or 1 mean no feature dimension
-        (input ``(N, 3, 3)``). With an explicit ``shape`` it must be ``None`` or ``prod(shape)``.
+        Number of features, i.e. rotations per sample (``shape=(num_features,)``), **not** the matrix size
+        (always 3): ``create_norm_layer("liebn_so3", J)`` takes ``(N, J, 3, 3)``. ``None`` or 1 mean no feature
+        dimension (input ``(N, 3, 3)``). With an explicit ``shape`` it must be ``None`` or ``prod(shape)``.
     shape : tuple of int
         Feature dimensions ``F`` (e.g. ``(joints,)`` or ``(frames, joints)``); one mean, variance, bias and
         dispersion per feature. Parameters: ``weight`` ``(*F, 3, 3)``, ``shift`` ``F``; buffers
@@ -228,8 +230,10 @@ class SO3BatchNorm(RefittableNorm):
             layout = ["B"] * (nb + len(F))
             for i, f in zip(feat_dims, F, strict=True):
                 layout[i] = str(f)
+            hint = (f"; num_features/shape count rotations per sample (here {F}), not the matrix size (always 3): "
+                    f"for (N, 3, 3) input build it with num_features=None" if F else "")
             raise ValueError(f"{owner}: expected rotations of shape ({', '.join(layout)}, 3, 3) with batch "
-                             f"dims {self.batch_dims} and feature shape {F}, got {tuple(x.shape)}")
+                             f"dims {self.batch_dims} and feature shape {F}, got {tuple(x.shape)}{hint}")
         if x.numel() == 0 and not allow_empty:
             raise ValueError(f"{owner}: got an empty batch")
         with torch.no_grad():
@@ -339,3 +343,8 @@ class SO3BatchNorm(RefittableNorm):
     def extra_repr(self) -> str:
         return (f"shape={self.shape}, batch_dims={self.batch_dims}, momentum={self.momentum:g}, "
                 f"train_momentum={self.train_momentum:g}, eps={self.eps:g}, karcher_steps={self.karcher_steps}")
+
+
+# the size argument of create_norm_layer("liebn_so3", num_features) counts rotations per sample (a feature
+# dimension), not the matrix size, which is always 3: create_norm_layer("liebn_so3", None) for (N, 3, 3) inputs
+register_norm("liebn_so3", "lie", inputs=("so3",))(SO3BatchNorm)

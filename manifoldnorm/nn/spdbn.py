@@ -19,7 +19,8 @@ from ._common import (
     to_channels,
 )
 from ._reference import spdbn_reference
-from .momentum_bn import RefittableNorm
+from .base import RefittableNorm
+from .registry import register_norm
 
 __all__ = ["SPDBatchNorm"]
 
@@ -135,3 +136,6 @@ class SPDBatchNorm(RefittableNorm):
     def extra_repr(self) -> str:
         return (f"{self.n}, momentum={self.momentum:g}, train_momentum={self.train_momentum:g}, "
                 f"karcher_steps={self.karcher_steps}, channels={self.channels}")
+
+
+register_norm("spdbn", "spd")(SPDBatchNorm)

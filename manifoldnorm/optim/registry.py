@@ -1,4 +1,9 @@
-"""Registry of the optimizers a composite can be built from: name -> class, kind, keyword arguments."""
+"""Registry of the optimizers a composite can be built from: name -> class, kind, keyword arguments.
+
+Each optimizer of ours registers itself at the bottom of its module (``register_optimizer("muon", Muon,
+"euclidean")``); the torch and geoopt optimizers are registered here. The mechanism is
+:class:`manifoldnorm.registry.Registry`, shared with the norm layers.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ import torch
 from torch import Tensor
 
 from manifoldnorm.optim._validate import check_options
+from manifoldnorm.registry import Registry
 
-__all__ = ["OptimizerInfo", "register_optimizer", "get_optimizer", "list_optimizers", "build_optimizer"]
+__all__ = ["OPTIMIZERS", "OptimizerInfo", "register_optimizer", "get_optimizer", "list_optimizers", "build_optimizer"]
 
 KINDS = ("euclidean", "riemannian")
 
@@ -40,6 +46,11 @@ class OptimizerInfo:
     kind: str
     keywords: tuple[str, ...] | None = None
 
+    @property
+    def factory(self) -> type:
+        """The class (the registry's name for what builds an entry)."""
+        return self.cls
+
     def keyword_names(self) -> list[str]:
         """Keyword arguments accepted by the constructor besides ``params``."""
         if self.keywords is not None:
@@ -56,36 +67,28 @@ class OptimizerInfo:
         return sorted(names)
 
 
-_REGISTRY: dict[str, OptimizerInfo] = {}
+OPTIMIZERS: Registry[OptimizerInfo] = Registry("optimizer", KINDS, plural="optimizers")
 
 
 def register_optimizer(
     name: str, cls: type, kind: str, keywords: tuple[str, ...] | None = None
 ) -> OptimizerInfo:
-    """Register ``cls`` under the lower-case key ``name``; returns the stored :class:`OptimizerInfo`."""
-    if name != name.lower():
-        raise ValueError(f"optimizer names are lower case, got {name!r}")
-    if kind not in KINDS:
-        raise ValueError(f"unknown optimizer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-    if name in _REGISTRY:
-        raise ValueError(f"optimizer {name!r} is already registered")
-    info = OptimizerInfo(name=name, cls=cls, kind=kind, keywords=keywords)
-    _REGISTRY[name] = info
-    return info
+    """Register ``cls`` under the lower-case key ``name``; returns the stored :class:`OptimizerInfo`.
+
+    Called once, at the bottom of the module that defines ``cls``. ``kind="riemannian"`` optimizers update
+    ``geoopt.ManifoldParameter`` s on their manifold; ``"euclidean"`` ones refuse them.
+    """
+    return OPTIMIZERS.add(OptimizerInfo(name=name, cls=cls, kind=kind, keywords=keywords))
 
 
 def list_optimizers(kind: str | None = None) -> list[str]:
     """Sorted registry keys, optionally only those of one ``kind`` (``"euclidean"`` or ``"riemannian"``)."""
-    if kind is not None and kind not in KINDS:
-        raise ValueError(f"unknown optimizer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-    return sorted(n for n, info in _REGISTRY.items() if kind is None or info.kind == kind)
+    return OPTIMIZERS.names(kind)
 
 
 def get_optimizer(name: str) -> OptimizerInfo:
     """Look up a registered optimizer; an unknown name raises a ValueError listing the valid ones."""
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(list_optimizers())}")
-    return _REGISTRY[name]
+    return OPTIMIZERS.get(name)
 
 
 def build_optimizer(name: str, params: Iterable[Tensor] | Iterable[dict], **kwargs: Any) -> torch.optim.Optimizer:

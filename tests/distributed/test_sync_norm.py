@@ -310,7 +310,7 @@ def test_world_size_one_group_is_local(tmp_path) -> None:
 
 def test_unsupported_registered_norm_is_rejected() -> None:
     from manifoldnorm.nn import register_norm
-    from manifoldnorm.nn.registry import _REGISTRY
+    from manifoldnorm.nn.registry import NORMS
 
     class Unhooked(nn.Module):
         def __init__(self, n: int) -> None:
@@ -321,7 +321,7 @@ def test_unsupported_registered_norm_is_rejected() -> None:
         with pytest.raises(TypeError, match="stats_reducer"):
             convert_sync_norm(nn.Sequential(Unhooked(3)))
     finally:
-        del _REGISTRY["_test_unhooked_spd"]
+        NORMS.remove("_test_unhooked_spd")
 
 
 # ------------------------------------------------------------------------------------- Lightning LayerSync

@@ -14,6 +14,7 @@ from manifoldnorm.models import SPDNet, TSMNet
 from manifoldnorm.nn import (
     BiMap,
     DomainSPDBatchNorm,
+    IdentityNorm,
     LieBatchNorm,
     get_norm_info,
     list_norms,
@@ -182,3 +183,19 @@ def test_models_run_on_cuda(norm):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     cpu = TSMNet(5, 2, temporal_filters=2, spatial_filters=6, temporal_kernel=9, spd_dims=(4,), norm_layer=norm)
     cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+
+
+@pytest.mark.parametrize("model", ["spdnet", "tsmnet"])
+def test_norm_layer_none_is_the_none_entry(model):
+    """``norm_layer=None`` builds the same network as ``norm_layer="none"``: identity norms, equal outputs."""
+    def build(spec):
+        torch.manual_seed(0)
+        if model == "spdnet":
+            return SPDNet(8, [6], 3, norm_layer=spec).double()
+        return TSMNet(4, 3, spatial_filters=6, spd_dims=(4,), norm_layer=spec)
+
+    a, b = build(None), build("none")
+    assert [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+    assert any(isinstance(m, IdentityNorm) for m in a.modules())
+    x = random_spd(5, n=8, seed=1) if model == "spdnet" else torch.randn(5, 4, 64)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from manifoldnorm._dist import world_size
+
 from .._common import check_momentum, check_positive_int
 from ..registry import register_norm
 
@@ -45,12 +47,6 @@ def all_reduce_sum(t: Tensor, group=None) -> Tensor:
     over the group. Every process of the group must call both the forward and the backward.
     """
     return _AllReduceSum.apply(t, group)
-
-
-def _world_size(group) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -177,7 +173,7 @@ class SyncBatchNorm(nn.Module):
         sdt = _stats_dtype(x)
         s = xa.sum(dims).to(sdt)
         ss = (xa * xa).sum(dims).to(sdt)
-        world = _world_size(self.process_group)
+        world = world_size(self.process_group)
         if world > 1:
             cnt = torch.full_like(s.detach(), float(local_n))
             stats = all_reduce_sum(torch.stack([cnt, s, ss]), self.process_group)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from manifoldnorm import functional as mf
-from manifoldnorm.nn._lie_groups import _ChannelScale, _LCMFinish, make_group, sq_frobenius
+from manifoldnorm.functional._lie_groups import _ChannelScale, _LCMFinish, make_group, sq_frobenius
 
 F64 = torch.float64
 
