@@ -30,7 +30,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = run.build_datamodule(cfg)
     module = run.build_module(cfg)
     loggers = run.build_loggers(cfg)
-    callbacks = run.build_callbacks(cfg, has_logger=bool(loggers))
+    callbacks = run.build_callbacks(cfg)
     trainer = run.build_trainer(cfg, callbacks, loggers)
     run.save_config(cfg, loggers, cfg.paths.output_dir)
 

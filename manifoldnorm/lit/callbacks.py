@@ -1,8 +1,13 @@
-"""Lightning callbacks of the norm layers: Kobler's batch-size-aware momentum schedule."""
+"""Lightning callbacks: Kobler's batch-size-aware momentum schedule of the norm layers, and a learning-rate monitor
+that stays quiet when there is nothing to monitor."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import LearningRateMonitor as _LightningLRMonitor
 
 from manifoldnorm.nn.schedule import (
     DEFAULT_BASE_BATCH_SIZE,
@@ -11,7 +16,9 @@ from manifoldnorm.nn.schedule import (
     set_norm_momentum,
 )
 
-__all__ = ["MomentumSchedule"]
+__all__ = ["LearningRateMonitor", "MomentumSchedule"]
+
+log = logging.getLogger(__name__)
 
 EPOCHS_OFFSET = 10  # the paper ramps the momentum over all but the last 10 epochs
 
@@ -96,3 +103,30 @@ class MomentumSchedule(pl.Callback):
     def __repr__(self) -> str:
         return (f"MomentumSchedule(epochs={self.epochs}, batch_size={self.batch_size}, "
                 f"base_batch_size={self.base_batch_size}, tau0={self.tau0})")
+
+
+class LearningRateMonitor(_LightningLRMonitor):
+    """Lightning's ``LearningRateMonitor`` (same arguments) that does nothing in a run without an LR scheduler or
+    without a logger, instead of logging constant learning rates or raising for the missing logger.
+
+    So one callbacks config (``conf/callbacks/default.yaml``) serves every scheduler and logger choice: the
+    callback itself decides, at the start of training, whether there is a schedule to record.
+    """
+
+    _active: bool = True
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._active = bool(trainer.loggers) and bool(trainer.lr_scheduler_configs)
+        if not self._active:
+            log.debug("LearningRateMonitor: no %s, nothing to monitor",
+                      "logger" if not trainer.loggers else "LR scheduler")
+            return
+        super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self._active:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self._active:
+            super().on_train_epoch_start(trainer, *args, **kwargs)

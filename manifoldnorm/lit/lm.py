@@ -21,7 +21,7 @@ from manifoldnorm.data.text import (
     split_text,
 )
 from manifoldnorm.lit.guard import numerical_errors
-from manifoldnorm.lit.module import OptimizerFactory, SchedulerFactory, check_module_options, optimizers_for
+from manifoldnorm.lit.module import OptimizerFactory, OptimizerSetup, SchedulerFactory, check_module_options
 from manifoldnorm.lit.resume import seeded_loader
 from manifoldnorm.optim._validate import check_fractions, check_int
 
@@ -142,7 +142,7 @@ class CharLMDataModule(pl.LightningDataModule):
         return self._loader("test")
 
 
-class LanguageModelModule(pl.LightningModule):
+class LanguageModelModule(OptimizerSetup, pl.LightningModule):
     """Train/evaluate ``model(x, domain=domain) -> logits (B, T, V)`` by next-token cross-entropy.
 
     The loss is the mean cross-entropy over every position of every window. Logs ``train/loss`` (per step and
@@ -246,7 +246,3 @@ class LanguageModelModule(pl.LightningModule):
         finally:
             self.model.train(was_training)
         return idx
-
-    def configure_optimizers(self) -> Any:
-        return optimizers_for(self.model, self.optimizer_factory, self.scheduler_factory,
-                              self.hparams.scheduler_interval, self.hparams.scheduler_monitor, self._trainer)

@@ -19,7 +19,7 @@ from manifoldnorm.nn import refit_domain_norms, refittable_norms
 from manifoldnorm.optim import create_optimizer
 from manifoldnorm.optim._validate import check_bool, check_int
 
-__all__ = ["ClassificationModule", "RunLengthUnknown", "optimizers_for"]
+__all__ = ["ClassificationModule", "OptimizerSetup", "RunLengthUnknown", "optimizers_for"]
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -37,14 +37,17 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
 
 
 def optimizers_for(model: nn.Module, optimizer: OptimizerFactory | None, scheduler: SchedulerFactory | None,
-                   interval: str, monitor: str, trainer: pl.Trainer | None = None) -> Any:
+                   interval: str, monitor: str, trainer: pl.Trainer | None = None,
+                   built: torch.optim.Optimizer | None = None) -> Any:
     """What ``configure_optimizers`` returns: the optimizer (default :func:`create_optimizer`), with its scheduler.
+
+    ``built``: an optimizer already built by ``optimizer(model)``, used instead of building another.
 
     A scheduler factory that leaves ``total_steps`` unset (``functools.partial`` / Hydra ``_partial_`` with
     ``total_steps: null``, e.g. :class:`~manifoldnorm.optim.WarmupCosine`) gets the run's length in scheduler
     steps from ``trainer``: ``estimated_stepping_batches`` for ``interval="step"``, ``max_epochs`` for ``"epoch"``.
     """
-    opt = (optimizer or create_optimizer)(model)
+    opt = built if built is not None else (optimizer or create_optimizer)(model)
     if scheduler is None:
         return opt
     kwargs = {}
@@ -65,6 +68,48 @@ class RunLengthUnknown(ValueError):
     """A scheduler's ``total_steps`` must come from a trainer, and none is attached yet."""
 
 
+class OptimizerSetup:
+    """``configure_optimizers`` of the Lightning modules, with the optimizer built once.
+
+    :meth:`build_optimizer` builds the optimizer from ``self.optimizer_factory`` on ``self.model`` right away, so
+    that an unknown optimizer name or a bad option fails when the run is assembled, not at the start of ``fit``;
+    the next :meth:`configure_optimizers` (called by the trainer in ``fit``, after moving the model) hands that
+    same optimizer to Lightning, with the scheduler, which may need the trainer for its length. The built
+    optimizer is used only when the model still holds the same parameter objects on the same devices and dtypes
+    (a strategy that replaced or moved them gets a fresh one, built as before), and only once: a second ``fit``
+    builds anew.
+    """
+
+    model: nn.Module
+    optimizer_factory: OptimizerFactory | None
+    scheduler_factory: SchedulerFactory | None
+    _built_optimizer: tuple[torch.optim.Optimizer, tuple[tuple[Tensor, torch.device, torch.dtype], ...]] | None = None
+
+    def _parameter_keys(self) -> tuple[tuple[Tensor, torch.device, torch.dtype], ...]:
+        return tuple((p, p.device, p.dtype) for p in self.model.parameters())
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """Build the optimizer now and keep it for the next :meth:`configure_optimizers`."""
+        opt = (self.optimizer_factory or create_optimizer)(self.model)
+        self._built_optimizer = (opt, self._parameter_keys())
+        return opt
+
+    def _take_built_optimizer(self) -> torch.optim.Optimizer | None:
+        built, self._built_optimizer = self._built_optimizer, None
+        if built is None:
+            return None
+        opt, keys = built
+        now = self._parameter_keys()
+        same = len(keys) == len(now) and all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(keys, now, strict=True))
+        return opt if same else None
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams  # type: ignore[attr-defined]
+        return optimizers_for(self.model, self.optimizer_factory, self.scheduler_factory, hp.scheduler_interval,
+                              hp.scheduler_monitor, self._trainer,  # type: ignore[attr-defined]
+                              built=self._take_built_optimizer())
+
+
 def check_module_options(owner: str, optimizer: Any, scheduler: Any, interval: Any, monitor: Any) -> None:
     """Types of the options the Lightning modules share; raises at construction with the option's name."""
     for name, factory in (("optimizer", optimizer), ("scheduler", scheduler)):
@@ -83,7 +128,7 @@ def _wants_total_steps(factory: SchedulerFactory) -> bool:
     return "total_steps" in inspect.signature(factory.func).parameters
 
 
-class ClassificationModule(pl.LightningModule):
+class ClassificationModule(OptimizerSetup, pl.LightningModule):
     """Train/evaluate ``model(x, domain=domain) -> logits`` on ``(x, y, domain)`` batches.
 
     Logs per epoch ``{train,val,test}/loss``, ``/acc`` (micro accuracy) and ``/bacc`` (balanced accuracy: the
@@ -193,8 +238,3 @@ class ClassificationModule(pl.LightningModule):
                 refit_domain_norms(self.model, x_all[mask], d_all[mask], domain_aware_only=True)
         else:
             refit_domain_norms(self.model, x_all, d_all)
-
-    # ----------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> Any:
-        return optimizers_for(self.model, self.optimizer_factory, self.scheduler_factory,
-                              self.hparams.scheduler_interval, self.hparams.scheduler_monitor, self._trainer)

@@ -20,15 +20,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from manifoldnorm.lit.checkpoint import AtomicCheckpointIO, CarryBestCheckpoint, CheckpointError, verify_checkpoint
-from manifoldnorm.lit.module import RunLengthUnknown
+from manifoldnorm.lit.loggers import slurm_run_id
 from manifoldnorm.lit.requeue import SLURMRequeue
-from manifoldnorm.lit.sync import RiemannianSyncBatchNorm
 
 __all__ = [
     "ConfigError",
@@ -36,8 +35,8 @@ __all__ = [
     "build_datamodule",
     "build_module",
     "build_callbacks",
-    "slurm_run_id",
     "build_loggers",
+    "slurm_run_id",
     "build_trainer",
     "save_config",
     "fit_and_test",
@@ -88,70 +87,44 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
-    """Instantiate ``cfg.model`` and wrap it in ``cfg.module``; build the optimizer once to validate it."""
+    """Instantiate ``cfg.model`` and wrap it in ``cfg.module``; build its optimizer, so that unknown optimizer
+    names or arguments fail here, not at the start of ``fit`` (the trainer then uses that optimizer)."""
     with config_errors("model/norm"):
         model = instantiate(cfg.model)
     with config_errors("module/optimizer/scheduler"):
         module = instantiate(cfg.module, model=model)
-        try:  # unknown optimizer names or arguments fail here, not mid-fit
-            module.configure_optimizers()
-        except RunLengthUnknown:  # the optimizer is built; the scheduler's length comes from the trainer in fit
-            pass
+        if callable(getattr(module, "build_optimizer", None)):
+            module.build_optimizer()
     return module
 
 
-def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[Callback]:
-    """Instantiate every non-null entry of ``cfg.callbacks``.
-
-    A ``LearningRateMonitor`` is kept only when an LR scheduler is configured and a logger is present.
-    """
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """Instantiate every non-null entry of ``cfg.callbacks``."""
     callbacks: list[Callback] = []
     with config_errors("callbacks"):
         for key, node in (cfg.get("callbacks") or {}).items():
             if node is None:
                 continue
             cb = instantiate(node)
-            if isinstance(cb, LearningRateMonitor) and (cfg.module.get("scheduler") is None or not has_logger):
-                continue
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks.{key} built a {type(cb).__name__}, not a Lightning Callback")
             callbacks.append(cb)
     return callbacks
 
 
-def slurm_run_id() -> str | None:
-    """``<cluster>-<job id>`` inside a SLURM job, else ``None``: one id per job, kept when the job is requeued.
-
-    Each task of an array job has its own ``SLURM_JOB_ID``, hence its own id.
-    """
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return None
-    return f"{os.environ.get('SLURM_CLUSTER_NAME') or 'slurm'}-{job}"
-
-
 def build_loggers(cfg: DictConfig) -> list[Logger]:
     """Instantiate every non-null entry of ``cfg.logger``.
 
-    A ``WandbLogger`` without an ``id`` gets :func:`slurm_run_id` inside a SLURM job, so that all processes
-    and every requeued restart of the job write to one W&B run (``resume: allow`` in ``conf/logger/wandb.yaml``);
-    outside SLURM W&B picks a fresh id. Only the process of global rank 0 creates the run.
-    An offline ``WandbLogger`` (``mode: offline``) sets ``WANDB_MODE=offline`` in the process environment: W&B
-    builds its analytics exporter from the environment before ``wandb.init`` sees ``mode``, and would otherwise
-    look up and contact its server (with ``settings`` in ``conf/logger/wandb.yaml``, no request at all).
+    Each logger config carries what its object needs: ``conf/logger/wandb.yaml`` builds
+    :class:`manifoldnorm.lit.loggers.WandbLogger`, which takes its run id from the SLURM job and keeps an
+    offline run off the network.
     """
     loggers: list[Logger] = []
     with config_errors("logger"):
         for key, node in (cfg.get("logger") or {}).items():
             if node is None:
                 continue
-            extra = {}
-            if str(node.get("_target_", "")).endswith("WandbLogger") and node.get("id") is None:
-                if (run_id := slurm_run_id()) is not None:
-                    extra["id"] = run_id
-            if str(node.get("_target_", "")).endswith("WandbLogger") and node.get("mode") in ("offline", "dryrun"):
-                os.environ["WANDB_MODE"] = "offline"
-            lg = instantiate(node, **extra)
+            lg = instantiate(node)
             if not isinstance(lg, Logger):
                 raise TypeError(f"logger.{key} built a {type(lg).__name__}, not a Lightning Logger")
             loggers.append(lg)
@@ -161,29 +134,33 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> pl.Trainer:
     """Instantiate ``cfg.trainer`` with the callbacks and loggers.
 
-    Inside a SLURM job a :class:`~manifoldnorm.lit.requeue.SLURMRequeue` callback is added unless one is
-    configured: SIGUSR1 checkpoints the run at a step all processes agree on and requeues the job.
-    ``sync_norm: true`` adds the :class:`~manifoldnorm.lit.sync.RiemannianSyncBatchNorm` plugin (batch
-    statistics of every batch norm over all processes; nothing changes on a single process).
-    Checkpoints are written and read by :class:`~manifoldnorm.lit.checkpoint.AtomicCheckpointIO` (atomic
-    writes, verified loads) unless ``cfg.trainer.plugins`` holds a ``CheckpointIO``, and a
-    :class:`~manifoldnorm.lit.checkpoint.CarryBestCheckpoint` keeps the best checkpoint of a run resumed
-    in another directory.
+    ``cfg.trainer.plugins`` names the trainer's plugins like ``cfg.callbacks`` names callbacks (a mapping of
+    name -> node; a null entry is dropped; a list, or a single node with ``_target_``, is accepted too). The
+    trainer configs declare :class:`~manifoldnorm.lit.checkpoint.AtomicCheckpointIO` (atomic writes, verified
+    loads) and the :class:`~manifoldnorm.lit.sync.RiemannianSyncBatchNorm` plugin, switched by the top-level
+    ``sync_norm`` (a plugin whose ``enabled`` is false is left out). A trainer config without a ``CheckpointIO``
+    still gets ``AtomicCheckpointIO``. Inside a SLURM job a :class:`~manifoldnorm.lit.requeue.SLURMRequeue`
+    callback is added unless one is configured: SIGUSR1 checkpoints the run at a step all processes agree on
+    and requeues the job. A :class:`~manifoldnorm.lit.checkpoint.CarryBestCheckpoint` keeps the best
+    checkpoint of a run resumed in another directory.
     """
     if SLURMEnvironment.detect() and not any(isinstance(cb, SLURMRequeue) for cb in callbacks):
         callbacks = [*callbacks, SLURMRequeue()]
     if not any(isinstance(cb, CarryBestCheckpoint) for cb in callbacks):
         callbacks = [*callbacks, CarryBestCheckpoint()]
     configured = cfg.trainer.get("plugins") or []
+    if isinstance(configured, Mapping):
+        configured = [configured] if "_target_" in configured else list(configured.values())
     with config_errors("trainer.plugins"):
-        plugins = [instantiate(p) for p in ([configured] if isinstance(configured, Mapping) else configured)]
+        plugins = [instantiate(p) for p in configured if p is not None]
+    plugins = [p for p in plugins if getattr(p, "enabled", True) is not False]
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
-    if cfg.get("sync_norm"):
-        plugins.append(RiemannianSyncBatchNorm())
-    extra: dict[str, Any] = {"plugins": plugins}
     with config_errors("trainer"):
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+        node = OmegaConf.to_container(cfg.trainer, resolve=True)
+        assert isinstance(node, dict)
+        node.pop("plugins", None)  # built above
+        return instantiate(node, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
 
 def save_config(cfg: DictConfig, loggers: list[Logger], output_dir: str | Path) -> dict[str, Any]:

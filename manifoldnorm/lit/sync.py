@@ -34,13 +34,21 @@ class RiemannianSyncBatchNorm(LayerSync):
     process_group : torch.distributed.ProcessGroup, optional
         Group to synchronize over; the default (world) group when ``None``. The group must exist when the
         trainer sets up the model (e.g. created in ``LightningModule.setup``); leave ``None`` otherwise.
+    enabled : bool
+        ``False`` makes the plugin a no-op that :func:`manifoldnorm.lit.run.build_trainer` leaves out, so a
+        trainer config can declare it once and switch it (``conf/trainer/default.yaml``: ``enabled: ${sync_norm}``).
     """
 
-    def __init__(self, process_group=None) -> None:  # noqa: ANN001 - torch.distributed.ProcessGroup
+    def __init__(self, process_group=None, enabled: bool = True) -> None:  # noqa: ANN001 - a ProcessGroup
+        if not isinstance(enabled, bool):
+            raise TypeError(f"RiemannianSyncBatchNorm: enabled must be true or false, got {enabled!r}")
         self.process_group = process_group
+        self.enabled = enabled
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Convert every batch norm of ``model`` to synchronized statistics (see ``convert_sync_norm``)."""
+        if not self.enabled:
+            return model
         model = convert_sync_norm(model, self.process_group)
         layers = synchronizable_layers(model)
         log.info("batch statistics synchronized across processes: %d norm layer(s) (%s)", len(layers),
@@ -49,4 +57,4 @@ class RiemannianSyncBatchNorm(LayerSync):
 
     def revert(self, model: nn.Module) -> nn.Module:
         """Back to local statistics and the original classes (see ``revert_sync_norm``)."""
-        return revert_sync_norm(model)
+        return revert_sync_norm(model) if self.enabled else model

@@ -64,3 +64,16 @@ __all__ = [
     "KINDS", "NormInfo", "register_norm", "get_norm_layer", "get_norm_info", "create_norm_layer", "list_norms",
     "refit_domain_norms", "refit_mode", "refittable_norms",
 ]
+
+
+def _import_every_module() -> None:
+    """Import every module of the package: each registers its norms where they are defined, so a new module is in
+    the registry (and so in the contract tests, the benchmarks and ``list_*``) without an import line here."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(__path__, f"{__name__}."):
+        importlib.import_module(module.name)
+
+
+_import_every_module()

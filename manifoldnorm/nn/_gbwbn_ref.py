@@ -1,4 +1,4 @@
-r"""Plain-autograd reference of the GBWBN training step (tests and ``launch/bench.py norms``).
+r"""Plain-autograd reference of the GBWBN training step (tests and ``python -m benchmarks norms``).
 
 Written straight from the formulas of Wang et al., CVPR 2025 with the ``*_ref`` spectral functions
 (``torch.linalg.eigh``'s own backward), one decomposition per use and the literal exponential and logarithm maps

@@ -1,4 +1,4 @@
-r"""Plain-autograd reference paths of the SPD batch norms (tests and ``launch/bench.py norms``).
+r"""Plain-autograd reference paths of the SPD batch norms (tests and ``python -m benchmarks norms``).
 
 Each function recomputes a layer's training-mode output from the batch statistics, written straight from the
 papers' formulas with the ``*_ref`` spectral functions (``torch.linalg.eigh``'s own backward), explicit

@@ -1,8 +1,9 @@
 """Norm-layer registry: names -> factories with metadata, one construction path for every model slot.
 
 A norm slot accepts a registered name (``"liebn_aim"``), a class, a ``functools.partial`` (e.g. a Hydra
-``_partial_: true`` node), or ``None`` for no normalization (the ``"none"`` entry, :class:`IdentityNorm`). Every factory is called as ``factory(num_features, **kwargs)`` and the resulting
-module has ``forward(x, domain=None)``. Each norm registers itself with :func:`register_norm` in the module that
+``_partial_: true`` node), or ``None`` for no normalization (the ``"none"`` entry, :class:`IdentityNorm`).
+Every factory is called as ``factory(num_features, **kwargs)`` and the resulting module has
+``forward(x, domain=None)``. Each norm registers itself with :func:`register_norm` in the module that
 defines it (the mechanism is :class:`manifoldnorm.registry.Registry`, shared with the optimizers);
 ``import manifoldnorm.nn`` imports every such module.
 

@@ -4,7 +4,9 @@
 (Stiefel BiMap weights, SPD biases) go to a Riemannian optimizer, everything else to a Euclidean one, and
 one :class:`CompositeOptimizer` drives both. Normalized optimizers for matrix parameters: :class:`Muon`,
 :class:`NorMuon`, :class:`Conda`, :class:`SinkGD`; :class:`AdamP`/:class:`SGDP` for scale-invariant weights
-(registry keys ``muon``, ``normuon``, ``conda``, ``sinkgd``, ``adamp``, ``sgdp``).
+(registry keys ``muon``, ``normuon``, ``conda``, ``sinkgd``, ``adamp``, ``sgdp``). A ``geoopt.ManifoldParameter``
+handed to any Euclidean optimizer is refused with one error
+(:func:`~manifoldnorm.optim._validate.check_no_manifold_params`).
 """
 
 from manifoldnorm.optim.adamp import SGDP, AdamP, adamp_update, projection, sgdp_update
@@ -27,6 +29,7 @@ from manifoldnorm.optim.registry import (
     list_optimizers,
     register_optimizer,
 )
+from manifoldnorm.optim.riemannian import RiemannianAdam
 from manifoldnorm.optim.schedules import WarmupCosine, warmup_cosine_factor
 from manifoldnorm.optim.sinkgd import SinkGD, sinkgd_update, sinkhorn_normalize
 
@@ -60,9 +63,23 @@ __all__ = [
     "is_manifold_parameter",
     "list_optimizers",
     "register_optimizer",
+    "RiemannianAdam",
     "WarmupCosine",
     "drop_grads",
     "grad_norm",
     "grads_finite",
     "warmup_cosine_factor",
 ]
+
+
+def _import_every_module() -> None:
+    """Import every module of the package: each registers its optimizers where they are defined, so a new module is in
+    the registry (and so in the contract tests, the benchmarks and ``list_*``) without an import line here."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(__path__, f"{__name__}."):
+        importlib.import_module(module.name)
+
+
+_import_every_module()

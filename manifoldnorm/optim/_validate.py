@@ -8,20 +8,28 @@ which a Hydra override passes through as a string) as booleans. Real numbers mus
 
 :data:`OPTIMIZER_OPTIONS` maps every numeric or flag hyper-parameter that an optimizer of the registry takes
 to its check; :func:`check_options` applies it to a constructor's keyword arguments or a parameter group.
+
+:func:`check_no_manifold_params` is the one refusal of a ``geoopt.ManifoldParameter`` handed to a Euclidean
+optimizer, whichever way it gets there (:func:`~manifoldnorm.optim.create_optimizer`, a hand-built
+:class:`~manifoldnorm.optim.CompositeOptimizer`, :func:`~manifoldnorm.optim.build_optimizer`, or the constructor
+and ``add_param_group`` of the library's own optimizers).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
+import geoopt
 import torch
+from torch import Tensor
 
 from manifoldnorm.optim._newton_schulz import check_adjust_mode, resolve_dtype
 
-__all__ = ["OPTIMIZER_OPTIONS", "check_bool", "check_fractions", "check_int", "check_options", "check_real"]
+__all__ = ["OPTIMIZER_OPTIONS", "check_bool", "check_fractions", "check_int", "check_no_manifold_params",
+           "check_options", "check_real", "is_manifold_tensor"]
 
 
 def _got(value: Any) -> str:
@@ -213,3 +221,90 @@ def check_options(options: Mapping[str, Any], where: str = "", owner: str = "") 
         check = OPTIMIZER_OPTIONS.get(key)
         if check is not None:
             check(value, f"{where}.{key}" if where else key, owner)
+
+
+def is_manifold_tensor(param: Any) -> bool:
+    """True for a ``geoopt`` manifold tensor whose manifold is not Euclidean (Stiefel, SPD, sphere, ...)."""
+    return isinstance(param, geoopt.ManifoldTensor) and not isinstance(param.manifold, geoopt.Euclidean)
+
+
+def check_no_manifold_params(
+    params: Tensor | Iterable[Tensor] | Iterable[Mapping[str, Any]],
+    optimizer_name: str,
+    *,
+    names: Mapping[int, str] | None = None,
+    key: str | None = None,
+) -> Any:
+    """Refuse a ``geoopt.ManifoldParameter`` on a non-Euclidean manifold for the Euclidean ``optimizer_name``.
+
+    A Euclidean step leaves the manifold (a Stiefel weight stops being orthonormal, an SPD bias can lose
+    definiteness), silently. Every route to a Euclidean optimizer calls this one check, so the error reads the
+    same everywhere: :func:`~manifoldnorm.optim.create_optimizer` and
+    :class:`~manifoldnorm.optim.CompositeOptimizer` (also ``add_param_group``),
+    :func:`~manifoldnorm.optim.build_optimizer` for the registry's Euclidean entries (torch's optimizers
+    included), and the constructors and ``add_param_group`` of the library's own optimizers
+    (:class:`~manifoldnorm.optim._base.StepOptimizer`). It only inspects: no value, order or step changes.
+
+    Parameters
+    ----------
+    params : Tensor, iterable of Tensor or iterable of parameter-group dicts
+        What an optimizer constructor takes. It is read once: a one-shot iterator (a generator) is read into a
+        list, at the top level and as a group's ``"params"`` (written back into the group dict, as
+        ``torch.optim.Optimizer.add_param_group`` does), so pass the returned value on, not the argument.
+    optimizer_name : str
+        The optimizer as the message names it: a registry key (``"adamw"``), a class name (``"Muon"``) or a
+        composite's sub-optimizer.
+    names : mapping of ``id(param)`` to str, optional
+        Labels of the parameters in the message (``create_optimizer`` passes the quoted parameter names);
+        default ``of shape (m, n)``.
+    key : str, optional
+        The composite's sub-optimizer that would hold the parameter, added to the message.
+
+    Returns
+    -------
+    ``params``, with one-shot iterators replaced by lists.
+
+    Raises
+    ------
+    ValueError
+        ``parameter <label> is a geoopt.ManifoldParameter on <Manifold> but would be updated by the Euclidean
+        optimizer '<name>' [(sub-optimizer '<key>')], which leaves the manifold; route manifold parameters to a
+        Riemannian optimizer (<the registry's Riemannian entries>)``.
+    """
+    if isinstance(params, Iterator):
+        params = list(params)
+    if not isinstance(params, Iterable) or isinstance(params, Tensor):
+        _check_tensors([params], optimizer_name, names, key)
+        return params
+    for entry in params:
+        if not isinstance(entry, Mapping):
+            _check_tensors([entry], optimizer_name, names, key)
+            continue
+        tensors = entry.get("params", ())
+        if isinstance(tensors, Iterator):
+            if not isinstance(entry, MutableMapping):
+                continue  # reading it would lose it; torch refuses a group that is not a dict anyway
+            entry["params"] = tensors = list(tensors)
+        if not isinstance(tensors, Iterable) or isinstance(tensors, Tensor):
+            tensors = [tensors]
+        _check_tensors(tensors, optimizer_name, names, key)
+    return params
+
+
+def _check_tensors(tensors: Iterable[Any], optimizer_name: str, names: Mapping[int, str] | None,
+                   key: str | None) -> None:
+    for p in tensors:
+        if is_manifold_tensor(p):
+            raise ValueError(_manifold_message(p, optimizer_name, names, key))
+
+
+def _manifold_message(p: Any, optimizer_name: str, names: Mapping[int, str] | None, key: str | None) -> str:
+    from manifoldnorm.optim.registry import list_optimizers  # the registry imports this module
+
+    label = (names or {}).get(id(p), f"of shape {tuple(p.shape)}")
+    return (
+        f"parameter {label} is a geoopt.ManifoldParameter on {type(p.manifold).__name__} but would be updated by "
+        f"the Euclidean optimizer {optimizer_name!r}{'' if key is None else f' (sub-optimizer {key!r})'}, which "
+        f"leaves the manifold; route manifold parameters to a Riemannian optimizer "
+        f"({', '.join(list_optimizers('riemannian'))})"
+    )

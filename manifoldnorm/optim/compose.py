@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-import geoopt
 import torch
 from geoopt.optim.mixin import OptimMixin
 from torch import Tensor, nn
 
-from manifoldnorm.optim._validate import check_options
+from manifoldnorm.optim._validate import check_no_manifold_params, check_options, is_manifold_tensor
 from manifoldnorm.optim.registry import _plain, build_optimizer, get_optimizer, list_optimizers
 
 __all__ = [
@@ -38,7 +37,7 @@ DEFAULT_REST: Mapping[str, Any] = MappingProxyType({"name": "adamw"})
 
 def is_manifold_parameter(name: str, param: Tensor) -> bool:
     """True for a ``geoopt`` manifold tensor whose manifold is not Euclidean (Stiefel, SPD, ...)."""
-    return isinstance(param, geoopt.ManifoldTensor) and not isinstance(param.manifold, geoopt.Euclidean)
+    return is_manifold_tensor(param)
 
 
 def _always(name: str, param: Tensor) -> bool:
@@ -214,18 +213,7 @@ def _check_geometry(
 ) -> None:
     if isinstance(opt, OptimMixin) or (isinstance(opt, type) and issubclass(opt, OptimMixin)):
         return
-    for group in groups:
-        params = [group["params"]] if isinstance(group["params"], Tensor) else group["params"]
-        for p in params:
-            if is_manifold_parameter("", p):
-                label = (names or {}).get(id(p), f"of shape {tuple(p.shape)}")
-                raise ValueError(
-                    f"parameter {label} is a geoopt.ManifoldParameter on {type(p.manifold).__name__} but would "
-                    f"be updated by the Euclidean optimizer {opt_name!r}"
-                    f"{'' if key is None else f' (sub-optimizer {key!r})'}, which leaves the manifold; route "
-                    f"manifold parameters to a Riemannian optimizer "
-                    f"({', '.join(list_optimizers('riemannian'))})"
-                )
+    check_no_manifold_params(groups, opt_name, names=names, key=key)
 
 
 def _spec(spec: Mapping[str, Any], role: str) -> tuple[str, dict[str, Any]]:

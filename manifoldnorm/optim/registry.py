@@ -16,7 +16,7 @@ import geoopt
 import torch
 from torch import Tensor
 
-from manifoldnorm.optim._validate import check_options
+from manifoldnorm.optim._validate import check_no_manifold_params, check_options
 from manifoldnorm.registry import Registry
 
 __all__ = ["OPTIMIZERS", "OptimizerInfo", "register_optimizer", "get_optimizer", "list_optimizers", "build_optimizer"]
@@ -109,6 +109,8 @@ def build_optimizer(name: str, params: Iterable[Tensor] | Iterable[dict], **kwar
         )
     check_options(kwargs, owner=f"optimizer {name!r}")
     params = list(params)
+    if info.kind == "euclidean":  # torch's classes cannot refuse a manifold parameter themselves
+        check_no_manifold_params(params, name)
     for i, group in enumerate(params):
         if isinstance(group, Mapping):
             options = {k: v for k, v in group.items() if k != "params"}
@@ -124,11 +126,4 @@ def _plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 register_optimizer("adamw", torch.optim.AdamW, "euclidean")
 register_optimizer("adam", torch.optim.Adam, "euclidean")
 register_optimizer("sgd", torch.optim.SGD, "euclidean")
-# geoopt's Riemannian Adam reads only these group keys in its step (no fused/foreach/decoupled decay).
-register_optimizer(
-    "riemannian_adam",
-    geoopt.optim.RiemannianAdam,
-    "riemannian",
-    keywords=("lr", "betas", "eps", "weight_decay", "amsgrad", "stabilize"),
-)
 register_optimizer("riemannian_sgd", geoopt.optim.RiemannianSGD, "riemannian")

@@ -87,6 +87,13 @@ def test_karcher_mean_of_identical_matrices_has_finite_gradient() -> None:
     X = torch.eye(4, dtype=F64).expand(5, 4, 4).clone().requires_grad_()
     mf.mean_aim(X, karcher_steps=3).sum().backward()
     assert torch.isfinite(X.grad).all()
+    # exact, not merely finite: at N identical matrices the mean moves by the average perturbation,
+    # d mean = (1/N) sum_i dX_i, so <G, mean> has gradient G/N for every matrix (all eigenvalues tied at I)
+    for A in (torch.eye(4, dtype=F64), random_spd(n=4, seed=3)):
+        X = A.expand(5, 4, 4).clone().requires_grad_()
+        G = mf.sym(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=F64))
+        (mf.mean_aim(X, karcher_steps=3) * G).sum().backward()
+        torch.testing.assert_close(X.grad, (G / 5).expand(5, 4, 4), atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("metric", mf.METRICS)

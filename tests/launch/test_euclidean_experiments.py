@@ -104,9 +104,22 @@ def test_experiments_instantiate_the_new_modules(tmp_path: Path) -> None:
         cfg = _cfg(f"+experiment={experiment}", *TINY[experiment], out=tmp_path)
         dm, module = run.build_datamodule(cfg), run.build_module(cfg)
         assert isinstance(dm, kinds[0]) and isinstance(module, kinds[1])
-        x, _, domain = next(iter(dm.val_dataloader()))
+        x, y, domain = next(iter(dm.val_dataloader()))
         out = module(x, domain=domain)
         assert torch.isfinite(out).all()
+        # the overrides reached the objects, and the untrained model is an honest starting point
+        if experiment == "lm_char":
+            assert (module.model.n_layer, module.model.d_model) == (1, 16) and x.shape == (8, 16)
+            vocab = dm.info()["vocab_size"]
+            assert out.shape == (8, 16, vocab)
+            # GPT's small init: next-token predictions close to uniform over the vocabulary
+            loss = float(torch.nn.functional.cross_entropy(out.flatten(0, 1), y.flatten()))
+            assert abs(loss - math.log(vocab)) < 0.1, (loss, math.log(vocab))
+        else:
+            assert tuple(module.model.widths) == (8, 16) and out.shape == (x.shape[0], 10)
+            module.eval()  # evaluation is per image: one image alone gets its row of the batch's logits
+            torch.testing.assert_close(module(x[:1], domain=domain[:1]), module(x, domain=domain)[:1],
+                                       atol=1e-5, rtol=1e-5)
 
 
 def test_command_line_multirun(tmp_path: Path) -> None:

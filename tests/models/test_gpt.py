@@ -62,6 +62,10 @@ def ref_norm(layer, x):
         return (x - mu) / torch.sqrt(var + layer.eps) * layer.weight + layer.bias
     if isinstance(layer, RMSNorm):  # also QKNorm
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + layer.eps) * layer.weight
+    if isinstance(layer, DyT):  # Zhu et al. 2025, Eq. (1)
+        return torch.tanh(layer.alpha * x) * layer.weight + layer.bias
+    if isinstance(layer, Derf):
+        return torch.erf(layer.alpha * x + layer.shift) * layer.weight + layer.bias
     raise AssertionError(f"no reference for {type(layer).__name__}")
 
 
@@ -131,6 +135,8 @@ def ref_forward(m, idx, placement):
     kinds, emb_norm, final_norm = EXPECTED[placement]
     alpha = (2 * L) ** 0.25
     x = m.wte.weight[idx] + m.wpe.weight[: idx.shape[1]]
+    if m.embed_scale is not None:
+        x = x * m.embed_scale
     if emb_norm:
         x = ref_norm(m.emb_norm, x)
     for b, kind in zip(m.blocks, kinds, strict=True):
@@ -343,6 +349,14 @@ def test_norm_swap_by_name(name, cls):
     assert torch.isfinite(m(idx_batch())).all()
     h = tiny(norm_layer=name, placement="hybrid").blocks[0].attn
     assert all(isinstance(n, cls) and n.num_features == D // H for n in (h.q_norm, h.k_norm, h.v_norm))
+    # the swapped norms sit where the placement puts them: the model is the hand-written forward with this norm
+    for placement in ("peri", "hybrid"):
+        torch.manual_seed(3)
+        m = tiny(norm_layer=name, placement=placement).to(F64).eval()
+        perturb_(m)
+        idx = idx_batch()
+        with torch.no_grad():
+            torch.testing.assert_close(m(idx), ref_forward(m, idx, placement), rtol=1e-10, atol=1e-10)
 
 
 def test_norm_swap_by_partial_and_class():

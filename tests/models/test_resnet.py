@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import math
@@ -55,6 +56,15 @@ def _inner(slot: nn.Module) -> nn.Module:
     return slot.layer if isinstance(slot, MovedFeatures) else slot
 
 
+@torch.no_grad()
+def _perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:
+    """Move every parameter off its init (norm gains, zero-initialized Fixup convs and head included)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------- shapes, slots
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("size,channels", [(8, 1), (16, 3)])
@@ -64,15 +74,51 @@ def test_output_shape_every_norm(norm: str, size: int, channels: int) -> None:
     x = torch.randn(3, channels, size, size)
     out = model(x)
     assert out.shape == (3, 5) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    # training is equivariant to a permutation of the batch (batch statistics are symmetric in the samples)
+    perm = torch.tensor([2, 0, 1])
+    _perturb(model)
+    y_train = model(x)
+    torch.testing.assert_close(model(x[perm]), y_train[perm], atol=1e-5, rtol=1e-5)
     model.eval()
     assert model(x).shape == (3, 5)
     assert model.features(x).shape == (3, WIDTHS[-1])
+    # the logits are the linear head on the pooled features
+    f = model.features(x)
+    if model.head_bias_in is not None:
+        f = f + model.head_bias_in
+    torch.testing.assert_close(model.head(f), model(x), atol=0, rtol=0)
+    # evaluation is per sample: equivariant to permutations, a sample alone gets the same logits
+    y = model(x)
+    torch.testing.assert_close(model(x[perm]), y[perm], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x[1:2]), y[1:2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_gradcheck_every_norm(norm: str) -> None:
+    """float64 finite differences of a tiny ResNet in training mode, w.r.t. the input and the head."""
+    torch.manual_seed(1)
+    model = _perturb(ResNet(1, 2, widths=(2, 4), norm_layer=norm).double())
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = model.head.weight.detach().clone().requires_grad_(True)
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(copy.deepcopy(model), {"head.weight": w}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, w), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
 def test_default_widths_on_8x8_digits() -> None:
     model = ResNet(1, 10)
     assert model.widths == (16, 32, 64) and len(model.blocks) == 3
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    # stages run at 8, 4, 2 pixels; the head reads the global average of the last stage
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, inp, out: seen.append(out.detach()))
+    x = torch.randn(2, 1, 8, 8)
+    logits = model(x)
+    assert [tuple(h.shape[1:]) for h in seen] == [(16, 8, 8), (32, 4, 4), (64, 2, 2)]
+    torch.testing.assert_close(logits, model.head(seen[-1].mean(dim=(2, 3))), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -91,8 +137,23 @@ def test_norm_slots_hold_requested_class(norm: str) -> None:
 def test_norm_layer_as_class_and_partial() -> None:
     model = ResNet(1, 3, widths=WIDTHS, norm_layer=functools.partial(GroupNorm, num_groups=2))
     assert all(isinstance(s, GroupNorm) and s.num_groups == 2 for s in _norm_slots(model))
+    # the partial's argument reaches the computation: the stem normalizes over 2 groups of channels
+    seen = []
+    model.stem_norm.register_forward_hook(lambda m, inp, out: seen.append((inp[0].detach(), out.detach())))
+    model(torch.randn(3, 1, 8, 8))
+    h, y = seen[0]
+    norm = model.stem_norm
+    torch.testing.assert_close(y, F.group_norm(h, 2, norm.weight, norm.bias, norm.eps), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(y, F.group_norm(h, WIDTHS[0], norm.weight, norm.bias, norm.eps), atol=1e-3)
     model = ResNet(1, 3, widths=WIDTHS, norm_layer=euclidean.EvoNormB0)
     assert all(isinstance(s, euclidean.EvoNormB0) for s in _norm_slots(model))
+    # a class builds the same network as its registry name
+    torch.manual_seed(0)
+    by_class = ResNet(1, 3, widths=WIDTHS, norm_layer=euclidean.EvoNormB0)
+    torch.manual_seed(0)
+    by_name = ResNet(1, 3, widths=WIDTHS, norm_layer="evonorm_b0")
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(by_class(x), by_name(x), atol=0, rtol=0)
 
 
 def test_channels_last_norm_normalizes_over_channels() -> None:
@@ -218,6 +279,11 @@ def test_plain_network_branches_are_not_zero() -> None:
     model = ResNet(1, 3, widths=WIDTHS, norm_layer="none", fixup=False)
     h = model.stem(torch.randn(2, 1, 8, 8))
     assert model.blocks[0].branch(h).abs().sum() > 0
+    # without norms and Fixup the block is the plain conv-ReLU-conv branch plus the identity, hand-built
+    block = model.blocks[0]
+    branch = F.conv2d(F.relu(F.conv2d(h, block.conv1.weight, padding=1)), block.conv2.weight, padding=1)
+    torch.testing.assert_close(block.branch(h), branch, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(block(h), F.relu(branch + h), atol=1e-6, rtol=1e-6)
 
 
 # -------------------------------------------------------------------------------------------- training, state dict
@@ -313,3 +379,16 @@ def test_block_shapes() -> None:
     block = BasicBlock(4, 8, 2, "groupnorm")
     assert block(torch.randn(2, 4, 7, 7)).shape == (2, 8, 4, 4)
     assert block.proj_conv is not None and BasicBlock(4, 4, 1, "groupnorm").proj_conv is None
+    # the block against a hand-built post-activation block (He et al. 2016, option B projection)
+    _perturb(block)
+    x = torch.randn(2, 4, 7, 7)
+
+    def gn(layer, h):
+        return F.group_norm(h, layer.num_groups, layer.weight, layer.bias, layer.eps)
+
+    h = F.relu(gn(block.norm1, F.conv2d(x, block.conv1.weight, stride=2, padding=1)))
+    h = gn(block.norm2, F.conv2d(h, block.conv2.weight, padding=1))
+    short = gn(block.proj_norm, F.conv2d(x, block.proj_conv.weight, stride=2))
+    torch.testing.assert_close(block(x), F.relu(h + short), atol=1e-5, rtol=1e-5)
+    same = _perturb(BasicBlock(4, 4, 1, "groupnorm"))
+    torch.testing.assert_close(same(x), F.relu(same.branch(x) + x), atol=0, rtol=0)

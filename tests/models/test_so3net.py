@@ -49,8 +49,25 @@ def test_shapes(norm_layer, pooling) -> None:
     assert logits.shape == (6, 3) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
     frames = 6 if pooling == "none" else 1
     assert model.features(X).shape == (6, frames * 8 * 3)
+    # training is equivariant to a permutation of the batch
+    perm = torch.tensor([4, 2, 0, 5, 1, 3])
+    torch.testing.assert_close(model(X[perm]), model(X)[perm], atol=1e-5, rtol=1e-5)
     model.eval()
     assert model(X.float(), domain=torch.zeros(6, dtype=torch.long)).shape == (6, 3)
+    # the logits are the float32 classifier on the float64 features; float32 input only rounds the input
+    f = model.features(X)
+    assert f.dtype == F64
+    torch.testing.assert_close(model(X), model.classifier(f.float()), atol=0, rtol=0)
+    torch.testing.assert_close(model(X.float()), model(X), atol=1e-4, rtol=1e-4)
+    # evaluation is per sample: permutation equivariant, one sample alone gets the same logits
+    y = model(X)
+    torch.testing.assert_close(model(X[perm]), y[perm], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(X[3:4]), y[3:4], atol=1e-5, rtol=1e-5)
+    if norm_layer != "liebn_so3" and pooling == "none":
+        # no norm, no pooling: the features are the ReLU'd axis-angle vectors of the RotMap outputs W_jk X_j
+        W = model.rotmap.weight.detach().reshape(4, 2, 3, 3)
+        rotated = W.unsqueeze(0).unsqueeze(0) @ X.unsqueeze(3)  # (N, T, J, K, 3, 3)
+        torch.testing.assert_close(f, torch.relu(so3_log(rotated)).flatten(1), atol=1e-12, rtol=1e-12)
 
 
 def test_gradients_reach_every_parameter() -> None:

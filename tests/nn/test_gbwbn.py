@@ -80,9 +80,26 @@ def test_frozen_metric_gets_no_gradient_and_learned_metric_does():
     frozen(X).sum().backward()
     assert not frozen.metric_weight.requires_grad and frozen.metric_weight.grad is None
     learned = GBWBatchNorm(3)
-    (learned(X) * random_spd(6, n=3, seed=2)).sum().backward()
+    G = random_spd(6, n=3, seed=2)
+    (learned(X) * G).sum().backward()
     g = learned.metric_weight.grad
     assert g is not None and torch.isfinite(g).all() and float(g.abs().max()) > 1e-6
+    # away from the identity (the reference's plain eigh autograd needs distinct eigenvalues): the metric
+    # gradient is the one of the independent plain-autograd reference (same detached batch mean) ...
+    learned, ref = _layer(3), _layer(3)
+    A = X.clone().requires_grad_(True)
+    Y = learned(A)
+    (Y * G).sum().backward()
+    (ref.forward_ref(X) * G).sum().backward()
+    torch.testing.assert_close(mf.sym(learned.metric_weight.grad), mf.sym(ref.metric_weight.grad), atol=1e-9,
+                               rtol=1e-8)
+    # ... and freezing the metric only stops it learning: same outputs and input gradients as the learned one
+    still = _layer(3, learn_metric=False)
+    B = X.clone().requires_grad_(True)
+    Y_frozen = still(B)
+    (Y_frozen * G).sum().backward()
+    torch.testing.assert_close(Y_frozen, Y, atol=0, rtol=0)
+    torch.testing.assert_close(B.grad, A.grad, atol=1e-12, rtol=1e-12)
 
 
 # ---- statistics --------------------------------------------------------------------------------------------------
@@ -212,10 +229,18 @@ def test_batch_of_one_and_identical_matrices():
 def test_ill_conditioned_inputs_stay_finite(theta):
     layer = _layer(5, theta=theta)
     X = random_spd(8, n=5, cond=1e6, seed=5).requires_grad_(True)
+    ref = copy.deepcopy(layer)
     Y = layer(X)
     (Y * random_spd(8, n=5, seed=1)).sum().backward()
     assert torch.isfinite(Y).all() and torch.isfinite(X.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    # not merely finite: the output and gradients are those of the plain-autograd reference, and SPD
+    Xr = X.detach().clone().requires_grad_(True)
+    Yr = ref.forward_ref(Xr)
+    (Yr * random_spd(8, n=5, seed=1)).sum().backward()
+    torch.testing.assert_close(Y, Yr, atol=1e-7, rtol=1e-7)
+    torch.testing.assert_close(X.grad, Xr.grad, atol=1e-6, rtol=1e-6)
+    assert float(torch.linalg.eigvalsh(Y.detach()).min()) > 0
     layer.eval()
     assert torch.isfinite(layer(X)).all()
 

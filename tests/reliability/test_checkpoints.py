@@ -291,7 +291,7 @@ def test_every_trainer_config_writes_atomically(overrides: list[str], tmp_path: 
         cfg.trainer.devices = 2 if "ddp" in cfg.trainer.get("strategy", {}).get("_target_", "") else 1
         if "process_group_backend" in (cfg.trainer.get("strategy") or {}):
             cfg.trainer.strategy.process_group_backend = "gloo"
-    trainer = run.build_trainer(cfg, run.build_callbacks(cfg, has_logger=False), [])
+    trainer = run.build_trainer(cfg, run.build_callbacks(cfg), [])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert any(isinstance(cb, CarryBestCheckpoint) for cb in trainer.callbacks)
     assert isinstance(getattr(trainer.strategy, "_layer_sync", None), RiemannianSyncBatchNorm) == bool(

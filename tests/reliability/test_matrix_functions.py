@@ -18,8 +18,8 @@ import torch
 
 from manifoldnorm import functional as mf
 from manifoldnorm.functional._bw_ops import exp_transport_op
-from manifoldnorm.functional.spd_aim import congruence
 from manifoldnorm.functional._lie_groups import _LCMFinish
+from manifoldnorm.functional.spd_aim import congruence
 
 F64, F32 = torch.float64, torch.float32
 

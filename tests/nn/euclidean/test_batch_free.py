@@ -11,6 +11,7 @@ from torch.func import functional_call
 import manifoldnorm.nn.euclidean.batch_free  # noqa: F401  (registers the layers)
 from manifoldnorm.nn import create_norm_layer
 from manifoldnorm.nn.euclidean.batch_free import EvoNormB0, EvoNormS0, PowerNorm
+from tests.nn.euclidean.twin_helpers import assert_step_matches_twin, float64_twin
 
 F64 = torch.float64
 
@@ -306,12 +307,15 @@ def test_registry_key_resolves(key: str) -> None:
 def test_shape_dtype_and_finite_backward(key: str, dtype: torch.dtype) -> None:
     cls, shape = LAYERS[key]
     layer = cls(4).train()
+    twin = float64_twin(layer)
     x = _rand(*shape, seed=17).to(dtype).requires_grad_()
     y = layer(x)
     assert y.shape == x.shape and y.dtype == dtype
     (y * _rand(*shape, seed=18).to(dtype)).sum().backward()
     assert torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    # the step computes in the promoted dtype: it matches the float64 step up to the round-off of the input dtype
+    assert_step_matches_twin(layer, twin, x, y, _rand(*shape, seed=18).to(dtype))
     assert layer.eval()(x).dtype == dtype
 
 

@@ -11,6 +11,7 @@ from torch.func import functional_call
 import manifoldnorm.nn.euclidean.online_norm  # noqa: F401  (registers the layer)
 from manifoldnorm.nn import create_norm_layer
 from manifoldnorm.nn.euclidean.online_norm import OnlineNorm
+from tests.nn.euclidean.twin_helpers import assert_step_matches_twin, float64_twin
 
 F64 = torch.float64
 EPS = 1e-5
@@ -214,11 +215,17 @@ def test_registry_key_resolves() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_shape_dtype_and_finite_backward(dtype: torch.dtype) -> None:
     layer = OnlineNorm(4).to(dtype).train()
+    with torch.no_grad():  # statistics and control buffers away from their initial values
+        for i, b in enumerate((layer.running_mean, layer.running_var, layer.err_y, layer.err_1)):
+            b.copy_(_rand(4, seed=112 + i, scale=0.3, shift=1.0 if i == 1 else 0.0))
+    twin = float64_twin(layer)
     x = _rand(6, 4, 4, seed=110).to(dtype).requires_grad_()
     y = layer(x)
     assert y.shape == x.shape and y.dtype == dtype
     (y * _rand(6, 4, 4, seed=111).to(dtype)).sum().backward()
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    # forward, control-process backward and every buffer update match the float64 step
+    assert_step_matches_twin(layer, twin, x, y, _rand(6, 4, 4, seed=111).to(dtype))
     assert layer.eval()(x).dtype == dtype
 
 

@@ -8,9 +8,11 @@ import pytest
 import scipy.special
 import torch
 from torch import nn
+from torch.func import functional_call
 
 import manifoldnorm.nn.euclidean.pointwise as pw
 from manifoldnorm.nn import create_norm_layer, get_norm_info
+from tests.nn.euclidean.twin_helpers import assert_step_matches_twin, float64_twin
 
 F64 = torch.float64
 C = 5
@@ -208,7 +210,8 @@ def test_gradcheck(key):
 @pytest.mark.parametrize("key", sorted(KEYS))
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_shape_dtype_and_backward(key, dtype):
-    layer = KEYS[key](C)  # float32 parameters; a float64 input must stay float64
+    layer = _randomize(KEYS[key](C))  # float32 parameters; a float64 input must stay float64
+    twin = float64_twin(layer)
     x = _x(2, 3, C, dtype=dtype).requires_grad_()
     y = layer(x, domain=torch.zeros(2, dtype=torch.long))
     assert y.shape == x.shape and y.dtype == dtype
@@ -217,6 +220,19 @@ def test_shape_dtype_and_backward(key, dtype):
     for p in layer.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
     assert layer(_x(C, dtype=dtype)).shape == (C,)
+    # computed in the promoted dtype: output and gradients match the float64 layer to the input's round-off
+    assert_step_matches_twin(layer, twin, x, y, domain=torch.zeros(2, dtype=torch.long))
+    # a single vector is one token: the same as that row of a batch
+    torch.testing.assert_close(layer(x.detach()[1, 2]), y.detach()[1, 2], rtol=0, atol=0)
+    # and the gradient is the derivative (float64 finite differences through the same layer in float64)
+    names = [k for k, _ in twin.named_parameters()]
+
+    def f(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        return functional_call(twin, dict(zip(names, values, strict=True)), (x,))
+
+    params = [p.detach().clone().requires_grad_() for p in twin.parameters()]
+    assert torch.autograd.gradcheck(f, (x.detach().double().requires_grad_(), *params), eps=1e-6, atol=1e-6,
+                                    rtol=1e-5)
 
 
 @pytest.mark.parametrize("key", sorted(KEYS))

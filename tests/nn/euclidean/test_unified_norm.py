@@ -12,6 +12,7 @@ from torch.func import functional_call
 import manifoldnorm.nn.euclidean.unified_norm  # noqa: F401  (registers the layer)
 from manifoldnorm.nn import create_norm_layer
 from manifoldnorm.nn.euclidean.unified_norm import UnifiedNorm
+from tests.nn.euclidean.twin_helpers import assert_step_matches_twin, float64_twin
 
 F64 = torch.float64
 EPS = 1e-5
@@ -216,11 +217,15 @@ def test_registry_key_resolves() -> None:
 def test_shape_dtype_and_finite_backward(dtype: torch.dtype) -> None:
     layer = UnifiedNorm(C, warmup_iters=0, compensation_iters=0, outlier_filtration=True).to(dtype).train()
     for seed in range(6):
+        twin = float64_twin(layer)
+        layer.zero_grad()
         x = _rand(6, 3, C, seed=seed).to(dtype).requires_grad_()
         y = layer(x)
         assert y.shape == x.shape and y.dtype == dtype
         (y * _rand(6, 3, C, seed=seed + 10).to(dtype)).sum().backward()
         assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+        # each step (window, filtration, compensation, approximate backward) matches the float64 step
+        assert_step_matches_twin(layer, twin, x, y, _rand(6, 3, C, seed=seed + 10).to(dtype))
     assert layer.eval()(x).dtype == dtype
 
 

@@ -11,11 +11,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from manifoldnorm.lit import run
+from manifoldnorm.lit.callbacks import LearningRateMonitor
 from manifoldnorm.models import SPDNet, TSMNet
 from manifoldnorm.nn import get_norm_info, get_norm_layer, list_norms
 from manifoldnorm.optim import CompositeOptimizer
@@ -125,8 +126,21 @@ def test_every_model_norm_pair_instantiates_and_runs(cfg_of, model: str) -> None
             x = a @ a.mT / 30
         module = run.build_module(cfg)
         assert isinstance(module.model, SPDNet if model == "spdnet" else TSMNet)
-        out = module(x, domain=torch.tensor([0, 0, 1, 1, 2, 2]))
+        domain = torch.tensor([0, 0, 1, 1, 2, 2])
+        out = module(x, domain=domain)
         assert out.shape == (6, 4) and torch.isfinite(out).all(), (model, norm)
+        # every norm slot holds the registered layer, with the options of the config file
+        registered = get_norm_layer(norm)
+        norms = [stage.norm for stage in module.model.stages]
+        assert norms and all(type(n) is getattr(registered, "func", registered) for n in norms), (model, norm)
+        for n in norms:
+            for key in ("metric", "momentum", "train_momentum", "karcher_steps"):
+                if key in cfg.norm:
+                    assert getattr(n, key) == cfg.norm[key], (model, norm, key)
+        # evaluation is per sample (running statistics of each sample's domain)
+        module.eval()
+        torch.testing.assert_close(module(x[2:4], domain=domain[2:4]), module(x, domain=domain)[2:4],
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("model", EUCLIDEAN_MODELS)
@@ -201,17 +215,16 @@ def test_every_trainer_logger_callbacks_option(cfg_of, tmp_path: Path) -> None:
         trainer = run.build_trainer(cfg_of(f"trainer={name}"), [], [])
         assert trainer.max_epochs == 30
     assert options("callbacks") == {"default", "early_stopping", "momentum_schedule"}
-    cbs = run.build_callbacks(cfg_of("callbacks=early_stopping"), has_logger=True)
+    cbs = run.build_callbacks(cfg_of("callbacks=early_stopping"))
     kinds = [type(cb) for cb in cbs]
     assert kinds.count(ModelCheckpoint) == 2 and EarlyStopping in kinds
-    assert LearningRateMonitor not in kinds  # no scheduler configured
+    assert LearningRateMonitor in kinds  # inert without a scheduler: tests/lit/test_lr_monitor.py
     from manifoldnorm.lit.callbacks import MomentumSchedule
 
-    cbs = run.build_callbacks(cfg_of("callbacks=momentum_schedule"), has_logger=True)
+    cbs = run.build_callbacks(cfg_of("callbacks=momentum_schedule"))
     assert MomentumSchedule in [type(cb) for cb in cbs] and [type(cb) for cb in cbs].count(ModelCheckpoint) == 2
-    cbs = run.build_callbacks(cfg_of("scheduler=cosine"), has_logger=True)
+    cbs = run.build_callbacks(cfg_of("scheduler=cosine"))
     assert LearningRateMonitor in [type(cb) for cb in cbs]
-    assert LearningRateMonitor not in [type(cb) for cb in run.build_callbacks(cfg_of("scheduler=cosine"), False)]
 
 
 def test_resolved_config_is_saved_and_logged(cfg_of, tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
-"""Overhead of :class:`manifoldnorm.lit.NonFiniteGuard` on the flagship's training step (``+experiment=spd_eeg``).
+"""``guard``: overhead of :class:`manifoldnorm.lit.NonFiniteGuard` on the flagship's step (``+experiment=spd_eeg``).
 
-    python launch/_bench_guard.py                 # 1 thread, 6 rounds of one epoch per arm (a few minutes)
-    python launch/_bench_guard.py --quick         # smoke run: 2 rounds of 20 steps
-    python launch/_bench_guard.py --out outputs/bench_guard.json
+    python -m benchmarks guard                    # 1 thread, 6 rounds of one epoch per arm (a few minutes)
+    python -m benchmarks guard --quick            # smoke run: 2 rounds of 20 steps
+    python -m benchmarks guard --out outputs/bench_guard.json
 
 One process, one thread. The flagship's data module and Lightning module are built once from the Hydra config;
 each round trains a fresh copy of the module for one epoch with the guard off, then with it on (the order
@@ -10,27 +10,27 @@ alternates between rounds), without logger, checkpoints or validation; then, as 
 with the guard active on every other step only (both arms under the same machine load; this leaves out
 Lightning's dispatch of the guard's hooks, a few microseconds). The step time is the wall time from
 ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, guard, optimizer step). Also timed: the
-guard's ``on_before_optimizer_step`` alone on the flagship's gradients. Prints a Markdown table, writes JSON.
+guard's ``on_before_optimizer_step`` alone on the flagship's gradients. Prints a Markdown table, writes JSON
+(one flat object, no ``rows``: ``experiment``, ``threads``, ``rounds``, ``steps_per_arm``, ``step_ms_off``/``_on``,
+``overhead_pct``, the ``cpu_`` and ``toggled_`` variants, ``guard_check_us``, ``guard_check_pct_of_step``,
+``torch``); ``outputs/bench_guard.json`` under the repository root by default.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import lightning.pytorch as pl
+import torch
+from hydra import compose, initialize_config_dir
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from manifoldnorm.lit import NonFiniteGuard, run  # noqa: E402
+from benchmarks._harness import ROOT, md_table, median_ms, timed, torch_threads, write_json
+from manifoldnorm.lit import NonFiniteGuard, run
 
 
 class _StepTimer(pl.Callback):
@@ -81,30 +81,47 @@ def _hook_cost(module: pl.LightningModule, datamodule: pl.LightningDataModule, r
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     x, y, d = next(iter(datamodule.train_dataloader()))
     torch.nn.functional.cross_entropy(module(x, domain=d), y).backward()
-    guard = NonFiniteGuard()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        guard.on_before_optimizer_step(None, module, opt)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    step = timed(partial(NonFiniteGuard().on_before_optimizer_step, None, module, opt), time.perf_counter)
+    return median_ms(step, repeats) / 1e3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks guard", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 20 steps (smoke run)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per arm (default 6, --quick 2)")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_guard.json", help="JSON path")
+    return parser
+
+
+def _median_ms(times: list[tuple[float, float]]) -> list[float]:
+    """Median wall and process-CPU ms of ``(wall s, cpu s)`` pairs."""
+    return [1e3 * statistics.median(t[i] for t in times) for i in (0, 1)]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_guard.json")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    rounds = args.rounds or (2 if args.quick else 6)
-    steps = 20 if args.quick else None
+    args = build_parser().parse_args(argv)
+    with torch_threads(1):
+        result, med, counts = _bench(args.quick, args.rounds)
+    print(md_table(["guard", "median step, wall (ms)", "median step, process CPU (ms)", "steps"],
+                   [[arm, f"{med[arm][0]:.3f}", f"{med[arm][1]:.3f}", counts[arm]] for arm in med]))
+    print(f"\noverhead (on/off - 1), whole epochs alternated: wall {result['overhead_pct']:+.2f}%, CPU "
+          f"{result['cpu_overhead_pct']:+.2f}%; steps alternated within an epoch: wall "
+          f"{result['toggled_overhead_pct']:+.2f}%, CPU {result['toggled_cpu_overhead_pct']:+.2f}%; "
+          f"the guard's per-step check alone: {result['guard_check_us']:.1f} us = "
+          f"{result['guard_check_pct_of_step']:.3f}% of a step (process CPU)")
+    write_json(args.out, result)
+    return result
+
+
+def _bench(quick: bool, rounds: int | None) -> tuple[dict, dict[str, list[float]], dict[str, int]]:
+    rounds = rounds or (2 if quick else 6)
+    steps = 20 if quick else None
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["+experiment=spd_eeg", "paths.output_dir=outputs/bench_guard"])
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = run.build_datamodule(cfg)
     module = run.build_module(cfg)
-    times: dict[str, list[float]] = {"off": [], "on": [], "toggled off": [], "toggled on": []}
+    times: dict[str, list[tuple[float, float]]] = {"off": [], "on": [], "toggled off": [], "toggled on": []}
     for r in range(rounds):
         for arm in (("off", "on") if r % 2 == 0 else ("on", "off")):
             times[arm] += _fit(module, datamodule, arm == "on", steps)
@@ -112,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         steps_times = _fit(module, datamodule, None, steps)[2:]
         times["toggled off"] += steps_times[1::2]  # odd batch_idx (offset 2 keeps the parity)
         times["toggled on"] += steps_times[0::2]
-    med = {arm: [1e3 * statistics.median(t[i] for t in times[arm]) for i in (0, 1)] for arm in times}
+    med = {arm: _median_ms(times[arm]) for arm in times}
     hook = _hook_cost(module, datamodule, 200)
     result = {"experiment": "spd_eeg", "threads": 1, "rounds": rounds, "steps_per_arm": len(times["on"]),
               "step_ms_off": med["off"][0], "step_ms_on": med["on"][0],
@@ -124,17 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
               "toggled_cpu_overhead_pct": 100 * (med["toggled on"][1] / med["toggled off"][1] - 1),
               "guard_check_us": 1e6 * hook, "guard_check_pct_of_step": 1e5 * hook / med["off"][1],
               "torch": torch.__version__}
-    print("| guard | median step, wall (ms) | median step, process CPU (ms) | steps |\n|---|---|---|---|")
-    for arm in times:
-        print(f"| {arm} | {med[arm][0]:.3f} | {med[arm][1]:.3f} | {len(times[arm])} |")
-    print(f"\noverhead (on/off - 1), whole epochs alternated: wall {result['overhead_pct']:+.2f}%, CPU "
-          f"{result['cpu_overhead_pct']:+.2f}%; steps alternated within an epoch: wall "
-          f"{result['toggled_overhead_pct']:+.2f}%, CPU {result['toggled_cpu_overhead_pct']:+.2f}%; "
-          f"the guard's per-step check alone: {result['guard_check_us']:.1f} us = "
-          f"{result['guard_check_pct_of_step']:.3f}% of a step (process CPU)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    return result
+    return result, med, {arm: len(t) for arm, t in times.items()}
 
 
 if __name__ == "__main__":

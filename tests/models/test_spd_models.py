@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import geoopt
@@ -71,8 +72,45 @@ def test_spdnet_forward_backward_with_every_spd_norm(norm):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert all(isinstance(s.bimap.weight, geoopt.ManifoldParameter) for s in model.stages)
     assert model.stages[0].bimap.weight.dtype == F64
+    # training is equivariant to a permutation of the batch (and of its domain ids)
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(X[perm], domain=d[perm]), model(X, domain=d)[perm], atol=1e-5, rtol=1e-5)
     model.eval()
     assert model(X[:1].double(), domain=d[:1]).shape == (1, 2)
+    _check_eval_model(model, X, d)
+
+
+def _is_spd_parameter(p):
+    return isinstance(p, geoopt.ManifoldParameter) and isinstance(p.manifold, geoopt.SymmetricPositiveDefinite)
+
+
+def _check_eval_model(model, X, d):
+    """An SPD model in eval mode: logits = classify(features), per-sample, and exact gradients (float64)."""
+    logits = model(X, domain=d)
+    torch.testing.assert_close(model.classify(model.features(X, domain=d)), logits, atol=0, rtol=0)
+    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(X[perm], domain=d[perm]), logits[perm], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(X[:1].double(), domain=d[:1]), logits[:1], atol=1e-5, rtol=1e-5)
+    # float64 directional derivative of a loss along every parameter, against central differences
+    m64 = copy.deepcopy(model).double()
+    X64 = X.double()
+    g = torch.Generator().manual_seed(2)
+    dirs = [torch.randn(p.shape, generator=g, dtype=F64) for p in m64.parameters()]
+    # SPD parameters are read as symmetric matrices (eigh sees one triangle): symmetric directions only
+    dirs = [0.5 * (v + v.mT) if _is_spd_parameter(p) else v for p, v in zip(m64.parameters(), dirs, strict=True)]
+
+    def loss(t: float) -> torch.Tensor:
+        params = {k: p.detach() + t * v for (k, p), v in zip(m64.named_parameters(), dirs, strict=True)}
+        out = torch.func.functional_call(m64, params, (X64,), {"domain": d})
+        return out.square().sum()
+
+    m64.zero_grad()
+    m64(X64, domain=d).square().sum().backward()
+    analytic = sum((p.grad * v).sum() for p, v in zip(m64.parameters(), dirs, strict=True))
+    h = 1e-5
+    numeric = (loss(h) - loss(-h)) / (2 * h)
+    torch.testing.assert_close(analytic, numeric, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("norm", ["liebn_aim", "liebn_lcm", "spddsmbn", "none"])
@@ -128,6 +166,11 @@ def test_tsmnet_forward_backward_with_every_spd_norm(norm):
     F.cross_entropy(logits, y).backward()
     assert model.temporal.weight.grad is not None and torch.isfinite(model.temporal.weight.grad).all()
     assert model.features(x, domain=d).dtype == F64
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(x[perm], domain=d[perm]), model(x, domain=d)[perm], atol=1e-5, rtol=1e-5)
+    model.eval()
+    _check_eval_model(model, x, d)
 
 
 def test_tsmnet_trains_and_refits_a_new_domain():

@@ -8,7 +8,7 @@ from conftest import concentrated_spd, random_spd
 
 from manifoldnorm import functional as mf
 from manifoldnorm.nn import LieBatchNorm
-from tests.nn.nn_helpers import F64, gradcheck_norm, input_grad_norm, powm, ref_mean, ref_sqdist
+from tests.nn.nn_helpers import F64, call_with, gradcheck_norm, input_grad_norm, powm, ref_mean, ref_sqdist
 
 # (metric, theta, alpha, beta): standard metrics and deformed ones
 CASES = [
@@ -91,10 +91,26 @@ def test_eval_uses_running_stats(metric, seed):
 def test_shift_and_weight_get_gradients(metric):
     X = concentrated_spd(8, 4, sigma=0.5, seed=1)
     bn = _layer(metric, 1.0, 1.0, 0.0, 4, 0)
+    G = random_spd(8, n=4, seed=2)
     Y = bn(X)
-    (Y * random_spd(8, n=4, seed=2)).sum().backward()
+    (Y * G).sum().backward()
     assert bn.shift.grad is not None and float(bn.shift.grad.abs().sum()) > 1e-6
     assert bn.weight.grad is not None and float(bn.weight.grad.abs().sum()) > 1e-6
+    # the parameter gradients of a default training step (detached batch mean) are the derivatives: finite
+    # differences in float64 (the batch statistics do not depend on the parameters) ...
+    W0 = bn.weight.detach().clone().requires_grad_(True)
+    s0 = bn.shift.detach().clone().requires_grad_(True)
+    fresh = _layer(metric, 1.0, 1.0, 0.0, 4, 0)
+
+    def f(W, s):
+        return call_with(fresh, X, {"weight": mf.sym(W), "shift": s})
+
+    assert torch.autograd.gradcheck(f, (W0, s0), eps=1e-6, atol=1e-6, rtol=1e-5)
+    # ... and equal those of the independent plain-autograd reference
+    ref = _layer(metric, 1.0, 1.0, 0.0, 4, 0)
+    (ref.forward_ref(X) * G).sum().backward()
+    torch.testing.assert_close(bn.shift.grad, ref.shift.grad, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(mf.sym(bn.weight.grad), mf.sym(ref.weight.grad), atol=1e-9, rtol=1e-9)
 
 
 def _sym_inputs(X):

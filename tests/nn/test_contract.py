@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import concentrated_spd, random_spd
 
-from manifoldnorm.nn import create_norm_layer, get_norm_info, get_norm_layer, list_norms
+from manifoldnorm.nn import create_norm_layer, get_norm_info, get_norm_layer, list_norms, refit_domain_norms
 from tests.nn.nn_helpers import F64, input_grad_norm
 
 SPD_NORMS = [k for k in list_norms() if "spd" in get_norm_info(k).inputs]
@@ -38,11 +38,47 @@ def test_registry_has_the_required_keys():
 @pytest.mark.parametrize("shape", [(6,), (6, 1)])
 def test_forward_shape_dtype_and_domain_argument(name, shape):
     layer = create_norm_layer(name, N_MAT)
+    fresh = copy.deepcopy(layer)  # untrained twin: every comparison below starts from the same state
     X = random_spd(*shape, n=N_MAT, seed=1)
-    Y = layer(X, domain=_domains(6))
+    d = _domains(6)
+    Y = layer(X, domain=d)
     assert Y.shape == X.shape and Y.dtype == F64 and torch.isfinite(Y).all()
-    Y2 = layer.eval()(X, domain=_domains(6))
+    if name == "none":
+        assert Y is X
+        assert layer.eval()(X, domain=d) is X
+        return
+    # outputs are SPD
+    torch.testing.assert_close(Y, Y.mT, atol=1e-12, rtol=0)
+    assert float(torch.linalg.eigvalsh(Y).min()) > 0
+    # (N, n, n) is the one-channel case of (N, C, n, n)
+    other = X.unsqueeze(1) if len(shape) == 1 else X.squeeze(1)
+    Y_other = copy.deepcopy(fresh)(other, domain=d)
+    torch.testing.assert_close(Y_other.reshape(Y.shape), Y, atol=1e-12, rtol=1e-12)
+    # training is equivariant to a permutation of the batch (the statistics are symmetric in the samples)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    torch.testing.assert_close(copy.deepcopy(fresh)(X[perm], domain=d[perm]), Y[perm], atol=1e-10, rtol=1e-10)
+    # the domain argument: ignored by single-domain layers; a domain-aware layer normalizes each domain alone
+    if get_norm_info(name).domain_aware:
+        for k in (0, 1):
+            rows = d == k
+            alone = copy.deepcopy(fresh)(X[rows], domain=d[rows])
+            torch.testing.assert_close(Y[rows], alone, atol=1e-12, rtol=1e-12)
+    else:
+        torch.testing.assert_close(copy.deepcopy(fresh)(X), Y, atol=0, rtol=0)
+    # evaluation with the statistics training normalized with (train_* copied into running_*) gives the
+    # training output, per domain
+    ev = copy.deepcopy(layer)
+    with torch.no_grad():
+        for k, b in ev.named_buffers():
+            if k.startswith("train_"):
+                getattr(ev, "running_" + k.removeprefix("train_")).copy_(b)
+    torch.testing.assert_close(ev.eval()(X, domain=d), Y, atol=1e-10, rtol=1e-10)
+    Y2 = layer.eval()(X, domain=d)
     assert Y2.shape == X.shape
+    # test-time refit: the refit output is what evaluation with the refitted statistics returns
+    refit = copy.deepcopy(fresh)
+    out = refit_domain_norms(refit, X, d)
+    torch.testing.assert_close(refit.eval()(X, domain=d), out, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("name", NORMALIZING)
@@ -118,10 +154,26 @@ def test_degenerate_batches_keep_gradients_bounded(name):
 @pytest.mark.parametrize("name", [k for k in NORMALIZING if _accepts(k, "channels")])
 def test_multichannel_input(name):
     layer = create_norm_layer(name, 3, channels=2)
+    spd_params = {k for k, p in layer.named_parameters() if isinstance(p, geoopt.ManifoldParameter)}
+    with torch.no_grad():  # different parameters per channel
+        for k, p in layer.named_parameters():
+            for c in range(2):
+                p[c] = random_spd(n=3, seed=20 + c, cond=2.0) if k in spd_params else 0.7 + 0.4 * c
     X = torch.stack([concentrated_spd(5, 3, seed=1), concentrated_spd(5, 3, seed=2)], dim=1)
     Y = layer(X, domain=_domains(5))
     assert Y.shape == (5, 2, 3, 3)
     assert layer.weight.shape == (2, 3, 3)
+    # channels are independent: channel c is a one-channel layer with channel c's parameters
+    for c in range(2):
+        single = create_norm_layer(name, 3)
+        with torch.no_grad():
+            for k, p in single.named_parameters():
+                p.copy_(dict(layer.named_parameters())[k][c:c + 1])
+        torch.testing.assert_close(Y[:, c], single(X[:, c], domain=_domains(5)), atol=1e-12, rtol=1e-12)
+        for k, b in single.named_buffers():
+            dim = -3 if b.dim() >= 3 else -1  # (..., C, n, n) matrices or (..., C) scalars
+            torch.testing.assert_close(dict(layer.named_buffers())[k].select(dim, c), b.select(dim, 0),
+                                       atol=1e-12, rtol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("name", NORMALIZING)

@@ -117,7 +117,7 @@ def test_hydra_option_adds_the_schedule_to_the_default_callbacks(tmp_path: Path,
         cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", "callbacks=momentum_schedule",
                                           "callbacks.momentum_schedule.epochs=7"])
     assert set(cfg.callbacks) == set(base.callbacks) | {"momentum_schedule"}
-    cbs = run.build_callbacks(cfg, has_logger=False)
+    cbs = run.build_callbacks(cfg)
     (sched,) = [cb for cb in cbs if isinstance(cb, MomentumSchedule)]
     assert sched.epochs == 7 and sched.batch_size is None and sched.tau0 == 0.85
     assert {type(cb).__name__ for cb in cbs} >= {"ModelCheckpoint", "MomentumSchedule"}

@@ -65,3 +65,12 @@ def test_batch_of_one_is_bounded():
     bn = _layer(4, 0)
     g_one, Y = input_grad_norm(bn, X[:1])
     assert torch.isfinite(Y).all() and g_one < 3.0 * g_batch
+    # a single matrix is its own mean: the output is the bias, and with the mean detached the input gradient is
+    # that of the fixed congruence Y = W X W^T, W = B^{1/2} X0^{-1/2}
+    B = bn.weight.detach()[0]
+    torch.testing.assert_close(Y[0], B, atol=1e-10, rtol=1e-10)
+    A = X[:1].clone().requires_grad_(True)
+    U = mf.sym(torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    (_layer(4, 0)(A) * U).sum().backward()
+    W = mf.sym_sqrtm(B) @ mf.sym_invsqrtm(X[0])
+    torch.testing.assert_close(A.grad[0], mf.sym(W.mT @ U[0] @ W), atol=1e-10, rtol=1e-10)

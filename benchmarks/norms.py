@@ -1,12 +1,16 @@
-"""The ``norms`` suite of ``launch/bench.py``: forward+backward time and accuracy of every Riemannian norm layer.
+"""``norms``: forward+backward time and accuracy of every Riemannian norm layer, beside the published times.
 
-For each registered SPD and Lie-group norm (``manifoldnorm.nn.list_norms(kind="spd")`` and ``kind="lie"``; the
-domain-specific twins ``dsliebn_*``/``spddsmbn`` time the same math per domain and are left out) it times one
-training-mode forward+backward (``(layer(X) * G).sum().backward()``) on a fixed, well-conditioned batch, as the
-median process CPU time (``time.process_time``, summed over all threads, as the published numbers) over adaptive
-repeats after warm-up; the wall time is kept as well. Layers are built with ``validate=False`` (no Cholesky check
-of the input: the published code has none); the cost of ``validate=True`` is reported once per norm at the first
-size.
+    python -m benchmarks norms                                  # full grid, a few minutes on 2 cores
+    python -m benchmarks norms --quick                          # n=20, N=32, few repeats
+    python -m benchmarks norms --norms liebn_aim spdbn --sizes 20x32 93x128 --threads 1 --dtypes float64
+
+The norms are :func:`default_norms`: every registered SPD and Lie-group norm (``list_norms(kind="spd")`` and
+``kind="lie"``) that is not domain-aware (the domain-specific twins ``dsliebn_*``/``spddsmbn`` time the same math
+per domain). For each it times one training-mode forward+backward (``(layer(X) * G).sum().backward()``) on a
+fixed, well-conditioned batch, as the median process CPU time (``time.process_time``, summed over all threads, as
+the published numbers) over adaptive repeats after warm-up; the wall time is kept as well. Layers are built with
+``validate=False`` (no Cholesky check of the input: the published code has none); the cost of ``validate=True``
+is reported once per norm at the first size.
 
 Every row also reports the relative error of the output and of the input gradient against the layer's
 ``forward_ref`` (an independent plain-autograd path) run in float64 on a float64 copy of the layer, so a fast path
@@ -18,23 +22,40 @@ Inputs, by ``get_norm_info(name).inputs``: ``"spd"``: ``(N, n, n)`` matrices ``Q
 orthogonal ``Q`` and ``log λ`` uniform in ``[log 0.2, log 5]`` (condition number ≤ 25); ``"so3"``: ``(N, J, 3, 3)``
 random rotations with ``J = max(n // 3, 1)`` (a sample is then a block-diagonal ``3J × 3J ≈ n × n`` matrix of
 rotation blocks), built as ``layer = factory(J)``.
+
+JSON: ``{"suite", "torch", "timer", "validate", "overhead": [...], "floors": [...], "rows": [{"norm", "n", "N",
+"dtype", "threads", "ms", "wall_ms", "repeats", "published_ms", "ratio", "target", "met", "out_rel_err",
+"grad_rel_err"}, ...]}``.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks._harness import (
+    adaptive_repeats,
+    default_out,
+    dtype_name,
+    env_info,
+    fmt,
+    md_table,
+    median_ms,
+    round_robin,
+    timed,
+    torch_threads,
+    write_report,
+)
 from manifoldnorm.nn import create_norm_layer, get_norm_info, list_norms
 
-SKIP = ("none", "spddsmbn")
-SKIP_PREFIX = ("dsliebn_",)
 SIZES = ((20, 32), (20, 128), (30, 32), (30, 128), (93, 32), (93, 128))
 QUICK_SIZES = ((20, 32),)
 # published fwd+bwd process-CPU ms (float64, one thread) of the reference implementations
@@ -48,8 +69,9 @@ BUDGET_S = 0.6  # process CPU seconds spent on the timed repeats of one row (ada
 
 
 def default_norms() -> list[str]:
+    """Registered ``spd`` and ``lie`` norms that are not domain-aware, sorted."""
     names = list_norms(kind="spd") + list_norms(kind="lie")
-    return sorted(k for k in names if k not in SKIP and not k.startswith(SKIP_PREFIX))
+    return sorted(k for k in names if not get_norm_info(k).domain_aware)
 
 
 def parse_size(token: str) -> tuple[int, int]:
@@ -115,7 +137,7 @@ def time_layer(layer: nn.Module, X: torch.Tensor, G: torch.Tensor, repeats: int 
         _step(layer, X, G)
         first = time.process_time() - t0
     if repeats is None:
-        repeats = int(min(max(BUDGET_S / max(first, 1e-6), 3), 25))
+        repeats = adaptive_repeats(first, BUDGET_S, 3, 25)
     cpu, wall = [], []
     for _ in range(repeats):
         layer.zero_grad(set_to_none=True)
@@ -129,15 +151,16 @@ def time_layer(layer: nn.Module, X: torch.Tensor, G: torch.Tensor, repeats: int 
 def validation_overhead(fast: nn.Module, checked: nn.Module, X: torch.Tensor, G: torch.Tensor,
                         repeats: int = 15) -> tuple[float, float]:
     """Median process-CPU ms of ``validate=False`` and ``validate=True`` layers, timed alternately."""
-    times: dict[int, list[float]] = {0: [], 1: []}
-    for i in range(2 * (repeats + 1)):
-        layer = (fast, checked)[i % 2]
-        layer.zero_grad(set_to_none=True)
-        t0 = time.process_time()
-        _step(layer, X, G)
-        if i >= 2:
-            times[i % 2].append((time.process_time() - t0) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+    def step(layer: nn.Module) -> Callable[[], float]:
+        def run() -> float:
+            layer.zero_grad(set_to_none=True)
+            t0 = time.process_time()
+            _step(layer, X, G)
+            return time.process_time() - t0
+        return run
+
+    times = round_robin({"false": step(fast), "true": step(checked)}, repeats, warmup=1)
+    return 1e3 * statistics.median(times["false"]), 1e3 * statistics.median(times["true"])
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -174,7 +197,7 @@ def _row(name: str, n: int, N: int, dtype: torch.dtype, threads: int, ms: float,
     target = TARGETS.get(name, DEFAULT_TARGET) if published is not None else None
     ratio = ms / published if published is not None else None
     return {
-        "norm": name, "n": n, "N": N, "dtype": str(dtype).replace("torch.", ""), "threads": threads,
+        "norm": name, "n": n, "N": N, "dtype": dtype_name(dtype), "threads": threads,
         "ms": round(ms, 3), "wall_ms": round(wall, 3), "repeats": repeats, "published_ms": published,
         "ratio": None if ratio is None else round(ratio, 3), "target": target,
         "met": None if ratio is None else bool(ratio <= target),
@@ -184,22 +207,20 @@ def _row(name: str, n: int, N: int, dtype: torch.dtype, threads: int, ms: float,
 
 def bench_norms(norms: Sequence[str], sizes: Sequence[tuple[int, int]], dtypes: Sequence[torch.dtype],
                 threads: Sequence[int], repeats: int | None) -> tuple[list[dict], list[dict]]:
-    """Rows of the norms table and the ``validate=True`` overhead (first size, float64, first thread count)."""
+    """Rows of the norms table and the ``validate=True`` overhead (first size, first dtype, first thread count)."""
     rows, overhead = [], []
-    before = torch.get_num_threads()
-    try:
-        for name in norms:
-            for si, (n, N) in enumerate(sizes):
-                feats, X64, G64 = make_case(name, n, N)
-                layer64 = create_norm_layer(name, feats, validate=False)
-                layer64 = layer64.to(torch.float64)
-                ref = reference(name, layer64, X64, G64)
-                for dtype in dtypes:
-                    layer = copy.deepcopy(layer64).to(dtype)
-                    X, G = X64.to(dtype), G64.to(dtype)
-                    errs = rel_errors(name, layer, X, G, ref)
-                    for t in threads:
-                        torch.set_num_threads(t)
+    for name in norms:
+        for si, (n, N) in enumerate(sizes):
+            feats, X64, G64 = make_case(name, n, N)
+            layer64 = create_norm_layer(name, feats, validate=False)
+            layer64 = layer64.to(torch.float64)
+            ref = reference(name, layer64, X64, G64)
+            for dtype in dtypes:
+                layer = copy.deepcopy(layer64).to(dtype)
+                X, G = X64.to(dtype), G64.to(dtype)
+                errs = rel_errors(name, layer, X, G, ref)
+                for t in threads:
+                    with torch_threads(t):
                         ms, wall, reps = time_layer(layer, X, G, repeats)
                         rows.append(_row(name, n, N, dtype, t, ms, wall, reps, errs))
                         if si == 0 and dtype == dtypes[0] and t == threads[0]:
@@ -209,20 +230,7 @@ def bench_norms(norms: Sequence[str], sizes: Sequence[tuple[int, int]], dtypes: 
                                              "threads": t, "ms_validate_false": round(ms_f, 3),
                                              "ms_validate_true": round(ms_v, 3),
                                              "overhead_ms": round(ms_v - ms_f, 3)})
-    finally:
-        torch.set_num_threads(before)
     return rows, overhead
-
-
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append((time.process_time() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _lem_chain(X: torch.Tensor, G: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
@@ -245,9 +253,7 @@ def floor_rows(sizes: Sequence[tuple[int, int]], repeats: int | None) -> list[di
     floor of a LEM layer on this machine: when it exceeds the target, no exact float64 implementation meets it.
     """
     rows = []
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         for n, N in sizes:
             published = PUBLISHED.get((n, N), {}).get("liebn_lem")
             if published is None:
@@ -256,41 +262,76 @@ def floor_rows(sizes: Sequence[tuple[int, int]], repeats: int | None) -> list[di
             K = 0.1 * (G[0] + G[0].mT)
             reps = repeats or (25 if n < 50 else 7)
 
-            rows.append({"n": n, "N": N, "eigh_ms": round(_median_ms(partial(torch.linalg.eigh, X), reps), 3),
-                         "bmm_ms": round(_median_ms(partial(torch.bmm, X, X), reps), 3),
-                         "lem_chain_ms": round(_median_ms(partial(_lem_chain, X, G, K), reps), 3),
+            def ms(fn: Callable[[], object], reps: int = reps) -> float:
+                return round(median_ms(timed(fn), reps, warmup=2), 3)
+
+            rows.append({"n": n, "N": N, "eigh_ms": ms(partial(torch.linalg.eigh, X)),
+                         "bmm_ms": ms(partial(torch.bmm, X, X)),
+                         "lem_chain_ms": ms(partial(_lem_chain, X, G, K)),
                          "lem_published_ms": published,
                          "lem_target_ms": round(DEFAULT_TARGET * published, 3)})
-    finally:
-        torch.set_num_threads(before)
     return rows
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
-def markdown(rows: list[dict], overhead: list[dict], floors: Sequence[dict] = ()) -> str:
-    lines = ["| norm | n | N | dtype | threads | ms | published ms | ratio | target | met | out rel err "
-             "| grad rel err | wall ms |", "|" + "---|" * 13]
-    for r in rows:
+def markdown(rows: Sequence[dict], overhead: Sequence[dict], floors: Sequence[dict] = ()) -> str:
+    def norm_row(r: dict) -> list[str]:
         met = "—" if r["met"] is None else ("yes" if r["met"] else "no")
         pub = "—" if r["published_ms"] is None else f"{r['published_ms']:g}"
         tgt = "—" if r["target"] is None else f"≤{r['target']:g}×"
-        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        lines.append(f"| {r['norm']} | {r['n']} | {r['N']} | {r['dtype']} | {r['threads']} | {r['ms']:.2f} | {pub} "
-                     f"| {ratio} | {tgt} | {met} | {_fmt(r['out_rel_err'], '.1e')} "
-                     f"| {_fmt(r['grad_rel_err'], '.1e')} | {r['wall_ms']:.2f} |")
+        return [r["norm"], r["n"], r["N"], r["dtype"], r["threads"], f"{r['ms']:.2f}", pub, fmt(r["ratio"], ".3f", "—"),
+                tgt, met, fmt(r["out_rel_err"], ".1e"), fmt(r["grad_rel_err"], ".1e"), f"{r['wall_ms']:.2f}"]
+
+    parts = [md_table(["norm", "n", "N", "dtype", "threads", "ms", "published ms", "ratio", "target", "met",
+                       "out rel err", "grad rel err", "wall ms"], [norm_row(r) for r in rows])]
     if overhead:
-        lines += ["", "validate=True overhead (input manifold check), timed alternately with validate=False:", "",
-                  "| norm | n | N | dtype | ms (validate=False) | ms (validate=True) | overhead ms |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {o['norm']} | {o['n']} | {o['N']} | {o['dtype']} | {o['ms_validate_false']:.2f} "
-                  f"| {o['ms_validate_true']:.2f} | {o['overhead_ms']:+.2f} |" for o in overhead]
+        parts += ["validate=True overhead (input manifold check), timed alternately with validate=False:",
+                  md_table(["norm", "n", "N", "dtype", "ms (validate=False)", "ms (validate=True)", "overhead ms"],
+                           [[o["norm"], o["n"], o["N"], o["dtype"], f"{o['ms_validate_false']:.2f}",
+                             f"{o['ms_validate_true']:.2f}", f"{o['overhead_ms']:+.2f}"] for o in overhead])]
     if floors:
-        lines += ["", "Kernel floor (float64, one thread; bare LEM chain = 2 eigh + 9 products, no elementwise work):",
-                  "", "| n | N | eigh ms | bmm ms | bare LEM chain ms | LEM target ms | chain / target |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {f['n']} | {f['N']} | {f['eigh_ms']:.2f} | {f['bmm_ms']:.2f} | {f['lem_chain_ms']:.2f} "
-                  f"| {f['lem_target_ms']:g} | {f['lem_chain_ms'] / f['lem_target_ms']:.2f} |" for f in floors]
-    return "\n".join(lines)
+        parts += ["Kernel floor (float64, one thread; bare LEM chain = 2 eigh + 9 products, no elementwise work):",
+                  md_table(["n", "N", "eigh ms", "bmm ms", "bare LEM chain ms", "LEM target ms", "chain / target"],
+                           [[f["n"], f["N"], f"{f['eigh_ms']:.2f}", f"{f['bmm_ms']:.2f}", f"{f['lem_chain_ms']:.2f}",
+                             f"{f['lem_target_ms']:g}", f"{f['lem_chain_ms'] / f['lem_target_ms']:.2f}"]
+                            for f in floors])]
+    return "\n\n".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks norms", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="n=20, N=32, 1 thread, 5 repeats (smoke run)")
+    parser.add_argument("--norms", nargs="+", default=None, help="norm names (default: every SPD/Lie norm)")
+    parser.add_argument("--sizes", nargs="+", default=None, help="nxN sizes, e.g. 20x32 93x128")
+    parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts (default 1 2, --quick: 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default: adaptive)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default outputs/bench_norms.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    known = default_norms()
+    norms = args.norms or known
+    unknown = sorted(set(norms) - set(known))
+    if unknown:
+        parser.error(f"unknown norm(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    try:
+        sizes = [parse_size(t) for t in args.sizes] if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
+    except ValueError as err:
+        parser.error(str(err))
+    threads = args.threads or ([1] if args.quick else [1, 2])
+    repeats = args.repeats or (5 if args.quick else None)
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    rows, overhead = bench_norms(norms, sizes, dtypes, threads, repeats)
+    floors = floor_rows(sizes, repeats) if torch.float64 in dtypes else []
+    print(markdown(rows, overhead, floors))
+    meta = {**env_info("norms"), "timer": "time.process_time (process CPU, all threads)", "validate": False,
+            "overhead": overhead, "floors": floors}
+    return write_report(args.out or default_out("norms"), meta, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -58,6 +58,16 @@ def test_determinism_by_seed_and_subject_independence():
 def test_other_sampling_rate_and_duration():
     d = simulate_motor_imagery(n_subjects=1, n_sessions=1, trials_per_class=2, sfreq=250, duration=2.0)
     assert d.X.shape == (8, 22, 500) and d.sfreq == 250.0
+    assert np.bincount(d.y).tolist() == [2, 2, 2, 2]
+    # the rhythms are placed in Hz, not in samples: at 250 Hz the mu peak is still at 9-12 Hz above the floor
+    f, pxx = welch(d.X[:, d.ch_names.index("C3")].astype(np.float64), fs=d.sfreq, nperseg=250)
+    pxx = pxx.mean(0)
+
+    def band(lo, hi):
+        return pxx[(f >= lo) & (f <= hi)].mean()
+
+    assert band(9, 12) > 1.5 * band(5, 6)
+    assert band(9, 12) > 10 * band(60, 120)  # far above the simulated rhythms the spectrum is only the floor
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,11 @@ def test_raw_dataset_items_and_loader():
     assert y.dtype == torch.long and int(y) == 1 and d.dtype == torch.long and int(d) == 1
     xb, yb, db = next(iter(DataLoader(ds, batch_size=4)))
     assert xb.shape == (4, 3, 20) and yb.shape == (4,) and db.tolist() == [0, 0, 0, 1]
+    # the items are the given arrays, in order, cast to float32 / long
+    raw = torch.from_numpy(_raw())
+    torch.testing.assert_close(x, raw[4].float(), rtol=0, atol=0)
+    torch.testing.assert_close(xb, raw[:4].float(), rtol=0, atol=0)
+    assert yb.tolist() == [0, 1, 2, 0]
 
 
 def test_spd_dataset_auto_and_declared():

@@ -202,11 +202,20 @@ def test_gradcheck_rotation_norms_in_axis_angle_coordinates(name):
 @pytest.mark.parametrize("name", [k for k in NORMS if not _is_rot(k)])
 def test_ill_conditioned_inputs_stay_finite_in_float64(name):
     layer = _layer(name)
+    ref = copy.deepcopy(layer)
     X = random_spd(8, n=N_SPD, cond=1e6, seed=5).requires_grad_(True)
     Y = layer(X)
-    (Y * torch.randn_like(Y)).sum().backward()
+    G = torch.randn(Y.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    (Y * G).sum().backward()
     assert torch.isfinite(Y).all() and torch.isfinite(X.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    # not merely finite: SPD outputs, and output and input gradient of the independent plain-autograd path
+    assert float(torch.linalg.eigvalsh(Y.detach()).min()) > 0
+    Xr = X.detach().clone().requires_grad_(True)
+    Yr = ref.forward_ref(Xr)
+    (Yr * G).sum().backward()
+    torch.testing.assert_close(Y, Yr, atol=1e-7, rtol=1e-7)
+    torch.testing.assert_close(X.grad, Xr.grad, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", NORMS)

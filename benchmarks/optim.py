@@ -1,6 +1,13 @@
-"""The ``optim`` suite of ``launch/bench.py``: normalized optimizers on the char-level language model.
+"""``optim``: normalized optimizers against AdamW on the char-level language model (``+experiment=lm_char``).
 
-Two parts, both on ``+experiment=lm_char`` (same model, data, steps and schedule for every optimizer):
+    python -m benchmarks optim                      # 25 runs of 3000 steps, 2 at a time (about 40 min on 2 cores)
+    python -m benchmarks optim --optimizers adamw normuon --seeds 0 1
+    python -m benchmarks optim --from-json docs/bench/bench_optim.json    # summarize saved runs again
+    python -m benchmarks optim --quick              # 1 lr, seed 0, seconds-long runs: a smoke test, not a result
+
+The optimizers are :func:`compared_optimizers`: ``adamw`` (the reference) and every registered optimizer that a
+``conf/optimizer/<name>.yaml`` uses for the hidden matrices (its ``matrix`` group). Two parts, the same model,
+data, steps and schedule for every optimizer:
 
 1. Training. For each optimizer (``optimizer=<name>``) a light learning-rate search on seed 0 (the grid in
    ``LR_GRID``; the lr of the matrix optimizer, or of AdamW for ``adamw``), then the best lr on the other seeds.
@@ -10,20 +17,42 @@ Two parts, both on ``+experiment=lm_char`` (same model, data, steps and schedule
 2. Optimizer step cost, in one process: the lm_char GPT with one set of gradients, ``optimizer.step()`` of every
    composite timed round-robin (median process-CPU ms, one thread) and reported relative to AdamW's, and the
    optimizer state in bytes per parameter (all parameters, and the hidden matrices alone).
+
+JSON: ``{"suite", "torch", "seeds", "jobs", "threads_per_run", "quick", "overrides", "timer", "total_wall_s",
+"plot", "runs": [...], "rows": [{"optimizer", "lr", "seeds", "final_val_loss", "final_val_loss_std",
+"steps_to_adamw_final", "total_steps", "steps_to_loss", "lr_search_final_val_loss", "step_ms", "step_ratio",
+"state_bytes_per_param", "matrix_state_bytes_per_param", "params", "matrix_params"}, ...]}``.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from _bench_euclid import ROOT, read_metrics, run_sweep_jobs
 
-OPTIMIZERS = ("adamw", "muon", "normuon", "conda", "sinkgd")
-# the lr searched per optimizer: AdamW's (whole model) or the matrix optimizer's (AdamW keeps lm_char's 3e-3)
+from benchmarks._harness import (
+    ROOT,
+    default_out,
+    env_info,
+    md_table,
+    pyplot,
+    round_robin,
+    save_figure,
+    timed,
+    torch_threads,
+    write_report,
+)
+from benchmarks.sweep import run_sweep_jobs
+from manifoldnorm.optim import list_optimizers
+
+REFERENCE = "adamw"
+# the lr searched per optimizer: AdamW's (whole model) or the matrix optimizer's (AdamW keeps lm_char's 3e-3); the
+# rows come in this order
 LR_GRID = {
     "adamw": ("optimizer.rest.lr", (1e-3, 3e-3, 1e-2)),
     "muon": ("optimizer.matrix.lr", (1e-3, 3e-3, 1e-2)),
@@ -37,6 +66,28 @@ QUICK_OVERRIDES = ("trainer.max_epochs=2", "data.steps_per_epoch=4", "data.val_b
                    "model.n_layer=1", "model.d_model=16", "model.n_head=2", "data.block_size=16")
 VAL_KEY = "val/loss"
 THRESHOLDS = (1.6, 1.5, 1.4)  # val losses at which the steps to reach them are reported
+
+
+def matrix_optimizers() -> list[str]:
+    """Registered optimizers that their own ``conf/optimizer/<name>.yaml`` puts on the hidden matrices, sorted."""
+    from omegaconf import OmegaConf
+
+    names = []
+    for name in list_optimizers(kind="euclidean"):
+        path = ROOT / "conf" / "optimizer" / f"{name}.yaml"
+        if path.is_file() and OmegaConf.select(OmegaConf.load(path), "matrix.name") == name:
+            names.append(name)
+    return names
+
+
+def compared_optimizers() -> list[str]:
+    """``adamw`` and every :func:`matrix_optimizers` entry, in the order of ``LR_GRID`` (which must cover them)."""
+    names = [REFERENCE, *matrix_optimizers()]
+    missing = [n for n in names if n not in LR_GRID]
+    if missing:
+        raise ValueError(f"optim benchmark: no learning-rate grid for {', '.join(missing)}; add it to "
+                         "benchmarks.optim.LR_GRID")
+    return sorted(names, key=list(LR_GRID).index)
 
 
 def _job(name: str, lr: float, seed: int, quick: bool, extra: Sequence[str]) -> dict:
@@ -84,7 +135,7 @@ def steps_to_reach(steps: Sequence[int], vals: Sequence[float], target: float) -
 
 def summarize_optim(runs: Sequence[dict], best: dict[str, float], cost: dict[str, dict]) -> list[dict]:
     chosen = {n: [r for r in runs if r["optimizer"] == n and r["lr"] == lr] for n, lr in best.items()}
-    target = statistics.fmean(_final(r) for r in chosen["adamw"]) if "adamw" in chosen else None
+    target = statistics.fmean(_final(r) for r in chosen[REFERENCE]) if REFERENCE in chosen else None
     rows = []
     for name, group in chosen.items():
         finals = [_final(r) for r in group]
@@ -100,25 +151,25 @@ def summarize_optim(runs: Sequence[dict], best: dict[str, float], cost: dict[str
     return rows
 
 
-def optim_markdown(rows: Sequence[dict]) -> str:
-    head = " | ".join(f"steps to {t:g}" for t in THRESHOLDS)
-    lines = ["| optimizer | lr (searched) | final val loss | steps to AdamW's final | " + head
-             + " | step time vs AdamW | state bytes/param (all / matrices) |",
-             "|---|---|---|---|" + "---|" * len(THRESHOLDS) + "---|---|"]
-    for r in rows:
+def markdown(rows: Sequence[dict]) -> str:
+    nan = float("nan")
+
+    def cells(r: dict) -> list[str]:
         reach = "not reached" if r["steps_to_adamw_final"] is None else f"{r['steps_to_adamw_final']:.0f}"
         search = ", ".join(f"{k}: {v:.3f}" for k, v in r["lr_search_final_val_loss"].items())
-        lines.append(f"| {r['optimizer']} | {r['lr']:g} ({search}) | {r['final_val_loss']:.3f} ± "
-                     f"{r['final_val_loss_std']:.3f} | {reach} / {r['total_steps']} | "
-                     + "".join("– | " if v is None else f"{v:.0f} | " for v in r["steps_to_loss"].values()) +
-                     f"{r.get('step_ratio', float('nan')):.2f}× ({r.get('step_ms', float('nan')):.2f} ms) | "
-                     f"{r.get('state_bytes_per_param', float('nan')):.1f} / "
-                     f"{r.get('matrix_state_bytes_per_param', float('nan')):.1f} |")
-    return "\n".join(lines)
+        return [r["optimizer"], f"{r['lr']:g} ({search})",
+                f"{r['final_val_loss']:.3f} ± {r['final_val_loss_std']:.3f}", f"{reach} / {r['total_steps']}",
+                *("–" if v is None else f"{v:.0f}" for v in r["steps_to_loss"].values()),
+                f"{r.get('step_ratio', nan):.2f}× ({r.get('step_ms', nan):.2f} ms)",
+                f"{r.get('state_bytes_per_param', nan):.1f} / {r.get('matrix_state_bytes_per_param', nan):.1f}"]
+
+    return md_table(["optimizer", "lr (searched)", "final val loss", "steps to AdamW's final",
+                     *(f"steps to {t:g}" for t in THRESHOLDS), "step time vs AdamW",
+                     "state bytes/param (all / matrices)"], [cells(r) for r in rows])
 
 
 # --------------------------------------------------------------------------------------------- step cost
-def _compose(name: str, quick: bool):
+def _compose(name: str, quick: bool):  # noqa: ANN202 - a DictConfig
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
@@ -147,13 +198,9 @@ def step_cost(optimizers: Sequence[str], quick: bool, repeats: int | None = None
         opt = instantiate(cfg.optimizer)(model)
         opt.step()  # creates the state; later steps reuse the same gradients
         setups[name] = (model, opt)
-    times: dict[str, list[float]] = {n: [] for n in optimizers}
-    for _ in range(repeats or (3 if quick else 30)):
-        for name, (_, opt) in setups.items():
-            t0 = time.process_time()
-            opt.step()
-            times[name].append(time.process_time() - t0)
-    ref = statistics.median(times["adamw"]) if "adamw" in times else None
+    times = round_robin({name: timed(opt.step) for name, (_, opt) in setups.items()},
+                        repeats or (3 if quick else 30))
+    ref = statistics.median(times[REFERENCE]) if REFERENCE in times else None
     cost = {}
     for name, (model, opt) in setups.items():
         params = [p for p in model.parameters() if p.requires_grad]
@@ -171,11 +218,7 @@ def step_cost(optimizers: Sequence[str], quick: bool, repeats: int | None = None
 
 # --------------------------------------------------------------------------------------------------- plot
 def plot_optim(runs: Sequence[dict], best: dict[str, float], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, lr in best.items():
         group = [r for r in runs if r["optimizer"] == name and r["lr"] == lr]
@@ -193,11 +236,62 @@ def plot_optim(runs: Sequence[dict], best: dict[str, float], path: Path) -> Path
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
-__all__ = ["OPTIMIZERS", "LR_GRID", "train_runs", "step_cost", "summarize_optim", "optim_markdown", "plot_optim",
-           "steps_to_reach", "read_metrics"]
+# ---------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    optimizers = compared_optimizers()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks optim", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="seed 0, one lr, seconds-long runs (smoke run)")
+    parser.add_argument("--optimizers", nargs="+", default=optimizers, choices=optimizers,
+                        help="optimizer configs to compare (adamw is the reference)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, nargs="+", default=None, help="torch threads per run (the first; 1)")
+    parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
+    parser.add_argument("--repeats", type=int, default=None, help="timed optimizer steps (default 30, --quick 3)")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="re-summarize the runs saved in this JSON instead of training")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default outputs/bench_optim.json)")
+    return parser
+
+
+def _resummarize(path: Path, meta: dict) -> list[dict]:
+    """Rows from the runs and step costs saved in an earlier report (no training)."""
+    saved = json.loads(path.read_text())
+    best = {r["optimizer"]: r["lr"] for r in saved["rows"]}
+    keys = ("step_ms", "step_ratio", "state_bytes_per_param", "matrix_state_bytes_per_param", "params",
+            "matrix_params")
+    cost = {r["optimizer"]: {k: r[k] for k in keys} for r in saved["rows"]}
+    rows = summarize_optim(saved["runs"], best, cost)
+    print(markdown(rows))
+    meta.update({k: v for k, v in saved.items() if k not in ("rows", "suite", "torch")})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    out = args.out or default_out("optim")
+    meta = env_info("optim")
+    if args.from_json:
+        return write_report(out, meta, _resummarize(args.from_json, meta))
+    seeds = [0] if args.quick else args.seeds
+    threads = (args.threads or [1])[0]
+    t0 = time.perf_counter()
+    runs, best = train_runs(args.optimizers, seeds, out.parent / f"{out.stem}_runs", args.jobs, threads,
+                            args.quick, args.override)
+    with torch_threads(1):
+        cost = step_cost(args.optimizers, args.quick, args.repeats)
+    rows = summarize_optim(runs, best, cost)
+    png = plot_optim(runs, best, args.plot or out.with_suffix(".png"))
+    print(markdown(rows))
+    print(f"wrote {png}")
+    meta.update(seeds=seeds, jobs=args.jobs, threads_per_run=threads, quick=args.quick, overrides=args.override,
+                timer="time.process_time, 1 thread", total_wall_s=time.perf_counter() - t0, plot=str(png), runs=runs)
+    return write_report(out, meta, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""The benchmark suites run (``python -m benchmarks <suite> --quick``) and write reports whose numbers hold together.
+
+No timing targets here (they live in the suites): the tests check what a run must get right whatever the
+machine's speed: the rows are the registry-derived lists, ratios are the quotients they claim to be, gradients
+match their references, times are finite and positive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks._traffic import modelled_norms
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m benchmarks <args>`` from the repository root; fails the test with its stderr on an error."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def report(path: Path, suite: str) -> dict:
+    data = json.loads(path.read_text())
+    assert data["suite"] == suite and data["torch"]
+    return data
+
+
+def positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def test_cli_lists_the_suites_and_refuses_an_unknown_one() -> None:
+    from benchmarks import suites
+
+    assert suites() == ["guard", "layers", "norms", "optim", "scale", "spectral", "sweep"]
+    listed = bench("--help").stdout
+    assert all(f"  {name} " in listed for name in suites())
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "spectrall"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "unknown suite 'spectrall'" in proc.stderr
+
+
+@pytest.mark.parametrize("suite", ["sweep", "optim", "scale", "guard"])
+def test_long_suites_parse_their_options(suite: str) -> None:
+    """The suites too long for a test start and know their options (each also runs as ``-m benchmarks.<suite>``)."""
+    out = subprocess.run([sys.executable, "-m", f"benchmarks.{suite}", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert f"usage: python -m benchmarks {suite}" in out and "--out" in out
+
+
+# -------------------------------------------------------------------------------------------- spectral
+def test_spectral_quick(tmp_path: Path) -> None:
+    from benchmarks.spectral import IMPLS
+
+    out = tmp_path / "spectral.json"
+    proc = bench("spectral", "--quick", "--out", str(out))
+    assert "| n | N | dtype | impl | fwd+bwd ms (median CPU) | × ours |" in proc.stdout
+    rows = report(out, "spectral")["rows"]
+    assert [r["impl"] for r in rows] == list(IMPLS) == ["ours", "eigh_autograd", "svd_loop"]
+    for r in rows:
+        assert (r["op"], r["n"], r["N"], r["dtype"], r["threads"]) == ("logm", 20, 32, "float64", 1)
+        assert positive(r["ms"])
+        assert r["grad_rel_err_vs_ours_f64"] < 1e-10, r  # every contender computes the same gradient
+    finite = {r["impl"]: r["finite_grad_at_2I"] for r in rows}
+    assert finite["ours"] and not finite["eigh_autograd"]  # the Daleckii–Krein backward survives ties
+
+
+# ----------------------------------------------------------------------------------------------- norms
+def test_norms_quick(tmp_path: Path) -> None:
+    from benchmarks.norms import PUBLISHED, default_norms
+    from manifoldnorm.nn import create_norm_layer, get_norm_info, list_norms
+
+    out = tmp_path / "norms.json"
+    proc = bench("norms", "--quick", "--out", str(out))
+    assert "| norm | n | N | dtype | threads | ms | published ms |" in proc.stdout
+    data = report(out, "norms")
+    rows = data["rows"]
+    expected = {k for k in list_norms(kind="spd") + list_norms(kind="lie") if not get_norm_info(k).domain_aware}
+    assert {r["norm"] for r in rows} == expected == set(default_norms())
+    assert {"liebn_aim", "spdbn", "gbwbn", "liebn_so3"} <= expected and "spddsmbn" not in expected
+    assert len(rows) == 2 * len(expected)  # float64 and float32, one size, one thread
+    for r in rows:
+        assert (r["n"], r["N"], r["threads"]) == (20, 32, 1) and r["repeats"] == 5
+        assert positive(r["ms"]) and positive(r["wall_ms"])
+        published = PUBLISHED[(20, 32)].get(r["norm"]) if r["dtype"] == "float64" else None
+        assert r["published_ms"] == published
+        if published is not None:
+            assert r["ratio"] == pytest.approx(r["ms"] / published, abs=2e-3)
+            assert r["met"] == (r["ratio"] <= r["target"])
+        else:
+            assert r["ratio"] is None and r["met"] is None and r["target"] is None
+    assert {o["norm"] for o in data["overhead"]} == expected
+    assert all(positive(o["ms_validate_false"]) and positive(o["ms_validate_true"]) for o in data["overhead"])
+    (floor,) = data["floors"]
+    assert (floor["n"], floor["N"], floor["lem_published_ms"], floor["lem_target_ms"]) == (20, 32, 4.0, 2.0)
+    assert positive(floor["eigh_ms"]) and positive(floor["lem_chain_ms"])
+    # accuracy against forward_ref wherever a layer has one (required for LieBN)
+    for name in sorted(expected):
+        feats = 6 if "so3" in get_norm_info(name).inputs else 20
+        has_ref = callable(getattr(create_norm_layer(name, feats), "forward_ref", None))
+        assert has_ref or not name.startswith("liebn_"), f"{name} has no forward_ref"
+        for r in (r for r in rows if r["norm"] == name):
+            if not has_ref:
+                assert r["out_rel_err"] is None and r["grad_rel_err"] is None
+                continue
+            tol = 1e-6 if r["dtype"] == "float64" else 1e-3
+            assert r["out_rel_err"] < tol and r["grad_rel_err"] < tol, r
+
+
+# ---------------------------------------------------------------------------------------------- layers
+def test_layer_norms_are_the_parametrized_activation_norms() -> None:
+    from benchmarks.layers import layer_norms
+    from manifoldnorm.nn import get_norm_info, list_norms
+
+    names = layer_norms()
+    assert names == sorted(names) and {"layernorm", "rmsnorm", "dyt", "batchnorm"} <= set(names)
+    left_out = set(list_norms(kind="euclidean")) - set(names)
+    assert left_out == {"none", "ngpt_norm", "weight_norm", "weight_std", "spectral_norm"}
+    assert all("euclidean" in get_norm_info(k).inputs for k in names)
+
+
+def test_layers_quick(tmp_path: Path) -> None:
+    from benchmarks.layers import BASELINES, layer_norms
+
+    out = tmp_path / "layers.json"
+    proc = bench("layers", "--quick", "--out", str(out))
+    assert "| torch_layer_norm | " in proc.stdout
+    data = report(out, "layers")
+    assert data["threads"] == 1
+    rows = data["rows"]
+    assert [r["norm"] for r in rows] == [*BASELINES, *layer_norms()]
+    base = {b: next(r["ms"] for r in rows if r["norm"] == b) for b in BASELINES}
+    for r in rows:
+        assert (r["width"], r["tokens"], r["dtype"]) == (64, 256, "float32") and positive(r["ms"])
+        assert r["x_layernorm"] == pytest.approx(r["ms"] / base["torch_layer_norm"], rel=1e-12)
+        assert r["x_rmsnorm"] == pytest.approx(r["ms"] / base["torch_rms_norm"], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------- sweep
+def test_sweep_quick(tmp_path: Path) -> None:
+    """The sweep pipeline end to end (seconds-long runs: a smoke test, not a result)."""
+    from benchmarks.sweep import EXPERIMENTS, SWEEP_NORMS
+    from manifoldnorm.nn import list_norms
+
+    assert {n for ns in SWEEP_NORMS.values() for n in ns} <= set(list_norms(kind="euclidean"))
+    out = tmp_path / "sweep.json"
+    bench("sweep", "--quick", "--norms", "layernorm", "none", "--out", str(out), timeout=600)
+    data = report(out, "sweep")
+    assert data["seeds"] == [0] and data["quick"]
+    rows = data["rows"]
+    assert [(r["experiment"], r["norm"]) for r in rows] == [
+        (e, n) for e in ("lm_char", "cnn_digits") for n in ("layernorm", "none")]
+    for r in rows:
+        metric, _, test_metric = EXPERIMENTS[r["experiment"]]
+        high = 8.0 if r["experiment"] == "lm_char" else 1.0
+        assert (r["metric"], r["test_metric"], r["seeds"]) == (metric, test_metric, 1)
+        assert 0.0 < r["final"][0] <= high and r["final"][1] == 0.0 and r["test"] is not None and r["steps"] > 0
+        runs = [x for x in data["runs"] if (x["experiment"], x["norm"]) == (r["experiment"], r["norm"])]
+        assert r["final"][0] == runs[0]["curves"][metric][-1][1]  # the row summarizes its run
+    for run in data["runs"]:  # the curves the plot is drawn from
+        key = EXPERIMENTS[run["experiment"]][0]
+        assert len(run["curves"][key]) == 2  # two validation epochs
+    png = tmp_path / "sweep.png"
+    assert data["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------- optim
+def test_optim_compares_adamw_and_every_matrix_optimizer() -> None:
+    from benchmarks.optim import LR_GRID, compared_optimizers, matrix_optimizers
+    from manifoldnorm.optim import list_optimizers
+
+    assert compared_optimizers() == ["adamw", "muon", "normuon", "conda", "sinkgd"]
+    assert set(matrix_optimizers()) <= set(list_optimizers()) and set(compared_optimizers()) == set(LR_GRID)
+
+
+def test_optim_resummarizes_the_published_runs(tmp_path: Path) -> None:
+    """``--from-json`` on docs/bench/bench_optim.json: the published report still describes what the suite writes."""
+    from benchmarks.optim import THRESHOLDS
+
+    src = ROOT / "docs" / "bench" / "bench_optim.json"
+    saved = json.loads(src.read_text())
+    out = tmp_path / "optim.json"
+    bench("optim", "--from-json", str(src), "--out", str(out))
+    data = report(out, "optim")
+    assert set(data) == set(saved) | {"suite", "torch"}
+    assert [r["optimizer"] for r in data["rows"]] == [r["optimizer"] for r in saved["rows"]]
+    for r, old in zip(data["rows"], saved["rows"], strict=True):
+        assert set(old) <= set(r) and set(r["steps_to_loss"]) == {f"{t:g}" for t in THRESHOLDS}
+        for key in ("lr", "seeds", "final_val_loss", "final_val_loss_std", "steps_to_adamw_final", "step_ratio"):
+            assert r[key] == pytest.approx(old[key]), key
+
+
+# ----------------------------------------------------------------------------------------------- scale
+class _OnePart:
+    """The reducer of a batch "split" into a single part: the sum over parts is the tensor itself."""
+
+    active = True
+
+    def sum(self, t):  # noqa: ANN001, ANN201
+        return t
+
+    def max(self, t):  # noqa: ANN001, ANN201
+        return t.detach().clone()
+
+
+def test_scale_traffic_model_covers_synchronized_norms() -> None:
+    from benchmarks._traffic import representative_norms, synchronized_norms
+    from benchmarks.scale import SYNC_NORMS
+
+    assert set(modelled_norms()) <= set(synchronized_norms())
+    assert set(modelled_norms()) == {"liebn_aim", "liebn_crim", "liebn_lem", "liebn_lcm", "spdbn"}
+    assert SYNC_NORMS == representative_norms() == ("liebn_aim", "liebn_lem", "spdbn")
+
+
+@pytest.mark.parametrize("norm", modelled_norms())
+@pytest.mark.parametrize(("n", "karcher_steps"), [(4, 1), (6, 3)])
+def test_scale_traffic_model_matches_the_reductions_of_the_layer(norm: str, n: int, karcher_steps: int) -> None:
+    """``sync_stats_traffic`` = the all-reduces a synchronized layer really issues (counted on the split path)."""
+    import torch
+
+    from benchmarks._traffic import count_sync_traffic, sync_stats_traffic
+    from manifoldnorm.nn import create_norm_layer
+
+    local = create_norm_layer(norm, n, karcher_steps=karcher_steps).double().train()
+    split = create_norm_layer(norm, n, karcher_steps=karcher_steps).double().train()
+    split.stats_reducer = _OnePart()
+    counter = count_sync_traffic(split)
+    assert counter is not None
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(7, n, n, generator=g, dtype=torch.float64)
+    X = A @ A.mT / n + 0.1 * torch.eye(n, dtype=torch.float64)
+    W = torch.randn(7, n, n, generator=g, dtype=torch.float64)
+    xs = [X.clone().requires_grad_() for _ in range(2)]
+    ys = [layer(x) for layer, x in zip((local, split), xs, strict=True)]
+    for y in ys:
+        (y * W).sum().backward()
+    torch.testing.assert_close(ys[1], ys[0], rtol=0, atol=1e-12)  # one part: the local statistics
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0, atol=1e-12)
+    want = sync_stats_traffic(norm, n, karcher_steps=karcher_steps)
+    assert counter.totals() == (want["calls"], want["bytes"])
+    assert counter.counts["fwd"][0] == want["fwd_calls"] and counter.counts["bwd"][0] == want["bwd_calls"]
+    assert counter.counts["max"] == [want["max_calls"], want["max_bytes"]]
+
+
+def test_scale_ring_allreduce_volume() -> None:
+    from benchmarks._traffic import ring_allreduce_bytes
+
+    assert ring_allreduce_bytes(1000, 1) == 0
+    assert ring_allreduce_bytes(1000, 2) == 1000
+    assert ring_allreduce_bytes(1000, 8) == 1750
+
+
+@pytest.mark.slow
+def test_scale_quick(tmp_path: Path) -> None:
+    """1 vs 2 gloo processes through launch/train.py, sync_norm on/off, one layer on 2 processes (smoke run)."""
+    from benchmarks._traffic import sync_stats_traffic
+    from benchmarks.scale import CONFIGS, SYNC_NORMS
+
+    out = tmp_path / "scale.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "WANDB_", "SLURM_"))}
+    env["MANIFOLDNORM_CACHE"] = str(tmp_path / "cache")
+    bench("scale", "--quick", "--out", str(out), timeout=600, env=env)
+    data = report(out, "scale")
+    assert data["quick"]
+    rows = data["rows"]
+    assert [(r["experiment"], r["config"]) for r in rows] == [("spd_eeg", "1p x 1t"), ("spd_eeg", "2p x 1t")]
+    for r in rows:
+        processes, threads, _ = CONFIGS[r["config"]]
+        assert positive(r["samples_per_s"]) and positive(r["samples_per_s_median_step"])
+        assert r["torch_threads"] == threads and r["global_batch"] == 8 * processes
+        assert r["steps_per_s"] == pytest.approx(r["samples_per_s"] / r["global_batch"])
+        assert r["x_1p1t"] == pytest.approx(r["samples_per_s_median_step"] / rows[0]["samples_per_s_median_step"])
+    # the timer's accounting: every counted step is a full batch on every process
+    for run in data["runs"]:
+        assert run["steps"] == 15 and run["total_steps"] == 20
+        assert run["samples"] == run["steps"] * 8 * run["world_size"]
+        assert run["world_size"] == (1 if run.get("config") == "1p x 1t" else 2)
+        assert len(run["seconds_per_rank"]) == run["world_size"] and run["seconds"] > 0
+    # synchronized LEM LieBN in a real DDP run: the counted all-reduces are the predicted ones
+    (sync,) = data["sync_training"]
+    assert sync["norm"] == "liebn_lem" and sync["local_calls_per_step"] == 0
+    assert positive(sync["local_samples_per_s"]) and positive(sync["sync_samples_per_s"])
+    assert sync["sync_over_local"] == pytest.approx(sync["sync_samples_per_s"] / sync["local_samples_per_s"])
+    want = sync_stats_traffic("liebn_lem", 16)
+    assert (sync["sync_calls_per_step"], sync["sync_bytes_per_step"]) == (want["calls"], want["bytes"])
+    layers = {r["norm"]: r for r in data["sync_layer"]}
+    assert list(layers) == list(SYNC_NORMS)
+    for name, r in layers.items():
+        want = sync_stats_traffic(name, r["n"])
+        assert (r["calls_per_step"], r["bytes_per_step"]) == (want["calls"], want["bytes"]) and r["predicted"] == want
+        assert positive(r["local_ms"]) and positive(r["sync_ms"])
+        assert r["overhead_ms"] == pytest.approx(r["sync_ms"] - r["local_ms"])
+    assert set(data["allreduce_latency_us"]) == {"16", str(8 * (8 * 8 + 1))}  # quick: 8 x 8 matrices
+    assert all(positive(us) for us in data["allreduce_latency_us"].values())
+    (volume,) = data["comm_volume"]
+    assert volume["grad_bytes"] == rows[0]["param_bytes"] and 4 * volume["params"] <= volume["grad_bytes"]
+    assert volume["ring_bytes_per_process"]["2"] == volume["grad_bytes"]
+
+
+# ----------------------------------------------------------------------------------------------- guard
+@pytest.mark.slow
+def test_guard_quick(tmp_path: Path) -> None:
+    out = tmp_path / "guard.json"
+    bench("guard", "--quick", "--out", str(out), timeout=600)
+    data = json.loads(out.read_text())
+    assert (data["experiment"], data["threads"], data["rounds"]) == ("spd_eeg", 1, 2)
+    assert data["steps_per_arm"] == 2 * 18  # 2 rounds of 20 steps, the first 2 of each left out
+    for arm in ("off", "on"):
+        assert positive(data[f"step_ms_{arm}"]) and positive(data[f"cpu_step_ms_{arm}"])
+    assert data["overhead_pct"] == pytest.approx(100 * (data["step_ms_on"] / data["step_ms_off"] - 1))
+    assert positive(data["guard_check_us"])
+    hook_s = data["guard_check_us"] / 1e6
+    assert data["guard_check_pct_of_step"] == pytest.approx(1e5 * hook_s / data["cpu_step_ms_off"])
