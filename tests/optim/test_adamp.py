@@ -1,6 +1,6 @@
 """AdamP / SGDP: projection of the radial step on scale-invariant weights, update formulas, parity.
 
-Descent, checkpoints, dtypes and the manifold guard: tests/optim/test_optim_contract.py (every registered optimizer).
+Descent, checkpoints, dtypes and the manifold guard: tests/optim/test_contract.py (every registered optimizer).
 """
 
 from __future__ import annotations

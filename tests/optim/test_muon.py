@@ -1,6 +1,6 @@
 """Muon / NorMuon: Newton–Schulz spectrum, update formulas, parity with torch.optim.Muon, state.
 
-Descent, checkpoints, dtypes and the manifold guard: tests/optim/test_optim_contract.py (every registered optimizer).
+Descent, checkpoints, dtypes and the manifold guard: tests/optim/test_contract.py (every registered optimizer).
 """
 
 from __future__ import annotations

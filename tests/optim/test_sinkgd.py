@@ -1,6 +1,6 @@
 """SinkGD: Sinkhorn normalization formula and fixed point, scale invariance, statelessness.
 
-Descent, checkpoints, dtypes and the manifold guard: tests/optim/test_optim_contract.py (every registered optimizer).
+Descent, checkpoints, dtypes and the manifold guard: tests/optim/test_contract.py (every registered optimizer).
 """
 
 from __future__ import annotations
