@@ -155,3 +155,12 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:  # noqa: ANN001 - a ma
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
+
+
+def chosen(parser: Any, given: Sequence[str] | None, known: Sequence[str], what: str = "norm") -> list[str]:
+    """``given`` (default: all of ``known``), or a command-line error naming the unknown ones and the valid ones."""
+    names = list(given or known)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        parser.error(f"unknown {what}(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    return names

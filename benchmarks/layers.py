@@ -24,6 +24,7 @@ import torch
 
 from benchmarks._harness import (
     adaptive_repeats,
+    chosen,
     default_out,
     dtype_name,
     env_info,
@@ -117,11 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    known = layer_norms()
-    norms = args.norms or known
-    unknown = sorted(set(norms) - set(known))
-    if unknown:
-        parser.error(f"unknown norm(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    norms = chosen(parser, args.norms, layer_norms())
     widths = [64] if args.quick else args.widths
     tokens = 256 if args.quick else args.tokens
     with torch_threads((args.threads or [1])[0]):

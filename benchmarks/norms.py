@@ -43,6 +43,7 @@ from torch import nn
 
 from benchmarks._harness import (
     adaptive_repeats,
+    chosen,
     default_out,
     dtype_name,
     env_info,
@@ -313,11 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    known = default_norms()
-    norms = args.norms or known
-    unknown = sorted(set(norms) - set(known))
-    if unknown:
-        parser.error(f"unknown norm(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    norms = chosen(parser, args.norms, default_norms())
     try:
         sizes = [parse_size(t) for t in args.sizes] if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
     except ValueError as err:
