@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from manifoldnorm._dist import process_group_ready
+
 __all__ = ["CollectiveFailure", "diagnose_collective_failure", "explain_collective_failure", "silent_ranks"]
 
 # what gloo, NCCL and the c10d stores say (message fragments, lower case)
@@ -109,7 +111,7 @@ def _is_collective_error(err: BaseException) -> str | None:
         return None  # explained already
     dist_error = isinstance(err, getattr(dist, "DistError", ())) or "gloo" in text or "nccl" in text \
         or _SOURCE_PREFIX.match(str(err)) is not None or "pair closure" in text \
-        or (dist.is_available() and dist.is_initialized() and "timed out waiting" in text)
+        or (process_group_ready() and "timed out waiting" in text)
     if not dist_error:
         return None
     if any(p in text for p in _PEER_LOST):
@@ -164,7 +166,7 @@ def silent_ranks(wait_s: float = 5.0) -> list[int] | None:
     may be the silent process). Meant for error paths only: it takes up to ``wait_s`` seconds (the store
     calls run in a daemon thread, as a stopped store host would block them beyond any store timeout).
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (process_group_ready()):
         return None
     rank, world = dist.get_rank(), dist.get_world_size()
     result: list[list[int] | None] = [None]
@@ -217,7 +219,7 @@ def diagnose_collective_failure(
     detail = _SOURCE_PREFIX.sub("", first).split(". ")[0].rstrip(".")  # gloo appends advice after a full stop
     backend = None
     world = world_size
-    if dist.is_available() and dist.is_initialized():
+    if process_group_ready():
         rank, world = dist.get_rank(), dist.get_world_size()
         backend = str(dist.get_backend())
     elif rank is None and os.environ.get("RANK", "").isdigit():
@@ -226,7 +228,7 @@ def diagnose_collective_failure(
     if backend and not detail.lower().startswith(backend):
         detail = f"{backend}: {detail}"
     silent = silent_ranks(wait_s) if wait_s > 0 else None
-    store_silent = silent is None and wait_s > 0 and dist.is_available() and dist.is_initialized()
+    store_silent = silent is None and wait_s > 0 and process_group_ready()
     return CollectiveFailure(rank, world, collective, caller, kind, detail, silent, store_silent)
 
 

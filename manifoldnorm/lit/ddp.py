@@ -12,6 +12,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy as _LightningDDPStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
+from manifoldnorm._dist import process_group_ready
 from manifoldnorm.distributed.faults import explain_collective_failure
 
 __all__ = ["DDPStrategy", "DEFAULT_JOIN_TIMEOUT_S", "DEFAULT_TIMEOUT_S"]
@@ -76,13 +77,13 @@ class DDPStrategy(_LightningDDPStrategy):
 
     def setup_distributed(self) -> None:
         """Form the process group waiting up to ``join_timeout``, then set its collective timeout."""
-        existed = dist.is_available() and dist.is_initialized()  # a group created by the user keeps its timeout
+        existed = process_group_ready()  # a group created by the user keeps its timeout
         timeout, self._timeout = self._timeout, self._join_timeout
         try:
             super().setup_distributed()
         finally:
             self._timeout = timeout
-        if existed or timeout is None or not (dist.is_available() and dist.is_initialized()):
+        if existed or timeout is None or not (process_group_ready()):
             return
         set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
         if set_timeout is None or self._join_timeout == timeout:  # torch without it: the group keeps join_timeout
@@ -103,7 +104,7 @@ class DDPStrategy(_LightningDDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         """Explain a failed collective in one line, then end the processes this one started."""
         super().on_exception(exception)
-        formed = dist.is_available() and dist.is_initialized()
+        formed = process_group_ready()
         try:
             explain_collective_failure(exception, self._timeout if formed else self._join_timeout,
                                        hint=_HINT if formed else _JOIN_HINT, wait_s=self.report_wait_s,

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from manifoldnorm import _dist
 from manifoldnorm.optim._base import MatrixOptimizer
 
 __all__ = ["assign_owners", "newton_schulz_cost", "sharding_world", "all_gather_owned", "check_same_work",
@@ -78,12 +79,9 @@ def sharding_world(enabled: bool, group: Any = None) -> tuple[int, int] | None:
     Sharding applies when ``enabled``, ``torch.distributed`` is available and initialised, and the group has more
     than one rank. Without a process group this returns ``None`` and touches no ``torch.distributed`` state.
     """
-    if not (enabled and dist.is_available() and dist.is_initialized()):
+    if not enabled or not _dist.is_multiprocess(group):
         return None
-    world_size = dist.get_world_size(group)
-    if world_size <= 1:
-        return None
-    return dist.get_rank(group), world_size
+    return dist.get_rank(group), _dist.world_size(group)
 
 
 def check_same_work(shapes: Sequence[Sequence[int]], device: torch.device, group: Any = None) -> None:

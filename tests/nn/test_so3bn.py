@@ -273,3 +273,12 @@ def test_bad_inputs_and_arguments_raise() -> None:
         SO3BatchNorm(3, compute_dtype="float16")
     with pytest.raises(TypeError, match="num_features"):
         SO3BatchNorm(2.5)
+
+
+def test_registry_size_counts_rotations_not_the_matrix_size():
+    """``create_norm_layer("liebn_so3", J)`` takes (N, J, 3, 3); given the matrix size by mistake, the error says so."""
+    R = so3_exp(0.3 * torch.randn(8, 5, 3, dtype=torch.float64))
+    assert create_norm_layer("liebn_so3", 5)(R).shape == (8, 5, 3, 3)
+    assert create_norm_layer("liebn_so3", None)(R[:, 0]).shape == (8, 3, 3)
+    with pytest.raises(ValueError, match=r"count rotations per sample .* not the matrix size .*num_features=None"):
+        create_norm_layer("liebn_so3", 3)(R[:, 0])
