@@ -159,8 +159,7 @@ class CompositeOptimizer(torch.optim.Optimizer):
                 f"{sorted(self.optimizers)}, got {got}"
             )
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(inner[name])
-            _restore_int_steps(opt, inner[name])
+            opt.load_state_dict(inner[name])  # riemannian_adam keeps its integer steps itself (optim/riemannian.py)
         self._sync_groups()  # load_state_dict replaces the sub-optimizers' group dicts
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -183,21 +182,6 @@ class CompositeOptimizer(torch.optim.Optimizer):
         _check_geometry(target, [group], self.optimizers[target])
         self.optimizers[target].add_param_group(group)
         self._sync_groups()
-
-
-def _restore_int_steps(opt: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
-    """Undo ``torch.optim.Adam.__setstate__`` turning an integer ``state["step"]`` into a float32 tensor.
-
-    geoopt's Riemannian Adam keeps ``step`` as a Python int and computes its bias corrections from it; after
-    a plain ``load_state_dict`` they would be computed in float32, so a resumed run would drift from the
-    uninterrupted one (by ~1e-8 per step in float64 parameters).
-    """
-    params = [p for g in opt.param_groups for p in g["params"]]
-    ids = [i for g in saved["param_groups"] for i in g["params"]]
-    for idx, p in zip(ids, params, strict=True):
-        entry = saved["state"].get(idx)
-        if entry and type(entry.get("step")) is int and p in opt.state:
-            opt.state[p]["step"] = entry["step"]
 
 
 def _route(rules: Sequence[Rule], name: str, param: Tensor) -> str:

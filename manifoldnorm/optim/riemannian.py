@@ -19,8 +19,8 @@ class RiemannianAdam(geoopt.optim.RiemannianAdam):
     precision. ``torch.optim.Adam.__setstate__``, which ``load_state_dict`` and unpickling call, turns that int into
     a float32 tensor, so after a plain load the corrections are computed in float32 and the resumed run drifts
     from the uninterrupted one (about 1e-7 in float32 and float64 parameters alike). Here the ints are put back;
-    the steps themselves are geoopt's, bit for bit. (:class:`~manifoldnorm.optim.CompositeOptimizer` repairs the
-    same for geoopt's own class when it loads a state dict.)
+    the steps themselves are geoopt's, bit for bit. It is the registry's ``riemannian_adam``, so the composite
+    optimizer and ``build_optimizer`` both resume exactly.
     """
 
     def __setstate__(self, state: dict[str, Any]) -> None:
