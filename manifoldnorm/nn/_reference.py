@@ -38,8 +38,13 @@ def _chol_inverse(P: Tensor) -> Tensor:
 
 
 def liebn_reference(X: Tensor, metric: str, theta: float, alpha: float, beta: float, weight: Tensor,
-                    shift: Tensor, eps: float, karcher_steps: int, detach_mean: bool, running_var: Tensor) -> Tensor:
-    r"""LieBN (Chen et al., ICLR 2024, Alg. 1) on ``(N, C, n, n)``: deform, centre, scale, bias, undeform."""
+                    shift: Tensor, eps: float, karcher_steps: int, detach_mean: bool, running_var: Tensor,
+                    detach_var: bool = False) -> Tensor:
+    r"""LieBN (Chen et al., ICLR 2024, Alg. 1) on ``(N, C, n, n)``: deform, centre, scale, bias, undeform.
+
+    ``detach_var``: the variance is computed on the detached centred batch, as ``cal_geom_var`` of the ICLR'24
+    code and the LieBN toolbox do.
+    """
     pw = (lambda A, p: A) if theta == 1.0 else mf.sym_powm_ref
     if metric == "lem":
         phi, phi_inv = mf.sym_logm_ref, mf.sym_expm_ref
@@ -68,14 +73,15 @@ def liebn_reference(X: Tensor, metric: str, theta: float, alpha: float, beta: fl
         M = karcher_mean_ref(src, karcher_steps)
         Li = torch.linalg.inv(torch.linalg.cholesky(M))
         Zc = mf.sym(Li @ Z @ Li.mT)
-        logZ = mf.sym_logm_ref(Zc)
+        logZ = mf.sym_logm_ref(Zc.detach() if detach_var else Zc)
         tr = torch.diagonal(logZ, dim1=-2, dim2=-1).sum(-1)
         d2 = (alpha * logZ.square().sum((-1, -2)) + beta * tr.square()) / theta**2
     else:
         M = src.mean(dim=0)
         Zc = Z - M
-        tr = torch.diagonal(Zc, dim1=-2, dim2=-1).sum(-1)
-        d2 = alpha * Zc.square().sum((-1, -2)) + beta * tr.square()
+        Zv = Zc.detach() if detach_var else Zc
+        tr = torch.diagonal(Zv, dim1=-2, dim2=-1).sum(-1)
+        d2 = alpha * Zv.square().sum((-1, -2)) + beta * tr.square()
         if metric == "lcm":
             d2 = d2 / theta**2
     v = d2.mean(dim=0)

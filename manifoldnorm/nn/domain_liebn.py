@@ -62,8 +62,8 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
         and the largest id seen. ``None`` (undeclared): one slot to start, a larger id grows the buffers with a
         warning. ``load_state_dict`` adopts the stored size. Declare it under DistributedDataParallel, which
         requires constant buffer shapes.
-    metric, theta, alpha, beta, momentum, train_momentum, karcher_steps, eps, channels, detach_mean, validate,
-    compute_dtype, dtype, device
+    metric, theta, alpha, beta, momentum, train_momentum, karcher_steps, eps, channels, detach_mean, detach_var,
+    validate, compute_dtype, dtype, device
         As :class:`~manifoldnorm.nn.LieBatchNorm` (per domain: ``train_mean``/``train_var`` are ``(D, ...)`` too).
     refit_karcher_steps : int
         Maximum Karcher-flow iterations of the AIM mean when refitting (early stop at float precision).
@@ -109,6 +109,7 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
         channels: int = 1,
         refit_karcher_steps: int = 50,
         detach_mean: bool = True,
+        detach_var: bool = False,
         validate: bool = True,
         compute_dtype: torch.dtype | str | None = None,
         dtype: torch.dtype = torch.float64,
@@ -119,7 +120,8 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
                                                                                    type(self).__name__)
         super().__init__(n, metric=metric, theta=theta, alpha=alpha, beta=beta, momentum=momentum,
                          train_momentum=train_momentum, karcher_steps=karcher_steps, eps=eps, channels=channels,
-                         detach_mean=detach_mean, validate=validate, refit_karcher_steps=refit_karcher_steps,
+                         detach_mean=detach_mean, detach_var=detach_var, validate=validate,
+                         refit_karcher_steps=refit_karcher_steps,
                          compute_dtype=compute_dtype, dtype=dtype, device=device)
 
     def _stats_lead(self) -> tuple[int, ...]:

@@ -209,3 +209,176 @@ def test_lem_gradient_is_exact_for_identical_inputs_at_identity_bias():
     c = 1.0 / (1.0 + bn.eps) ** 0.5  # running variance 1 is used for a degenerate batch
     (c * mf.sym_logm(B) * G).sum().backward()
     torch.testing.assert_close(A.grad, B.grad, atol=1e-10, rtol=1e-10)
+
+
+# detach_var: the batch variance computed on the detached centred batch (ICLR'24 code, LieBN toolbox) ------------
+DETACH_METRICS = ["aim", "lem", "lcm", "crim"]
+
+
+def _upstream(shape, seed):
+    return mf.sym(torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64))
+
+
+def _step(bn, X, G):
+    """One training step: output, symmetrised input gradient, parameter gradients."""
+    A = X.clone().requires_grad_(True)
+    Y = bn(A)
+    (Y * G).sum().backward()
+    return Y.detach(), mf.sym(A.grad), bn.shift.grad.clone(), mf.sym(bn.weight.grad)
+
+
+@pytest.mark.parametrize("metric", DETACH_METRICS)
+@pytest.mark.parametrize("detach_mean", [True, False])
+def test_detach_var_keeps_outputs_and_changes_only_input_gradients(metric, detach_mean, seed):
+    n, N = 4, 8
+    X = concentrated_spd(N, n, sigma=0.5, seed=seed)
+    G = _upstream((N, n, n), seed + 20)
+    theta = 1.0 if metric == "lem" else 0.5  # deformed metrics too
+    layers = [_layer(metric, theta, 1.0, 0.0, n, seed, detach_mean=detach_mean, karcher_steps=2, detach_var=dv)
+              for dv in (False, True)]
+    (Y0, g0, s0, w0), (Y1, g1, s1, w1) = (_step(bn, X, G) for bn in layers)
+    assert layers[1].detach_var and not layers[0].detach_var
+    assert torch.equal(Y0, Y1)  # the forward values do not change ...
+    for b0, b1 in zip(layers[0].buffers(), layers[1].buffers(), strict=True):
+        assert torch.equal(b0, b1)  # ... nor the running statistics
+    # the batch statistics do not depend on the parameters: their gradients are the same
+    torch.testing.assert_close(s1, s0, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(w1, w0, atol=1e-12, rtol=1e-12)
+    # the input gradient loses the term through the variance
+    assert float((g0 - g1).norm() / g1.norm()) > 1e-3
+
+
+def _lem_detached_var(X, W, s, alpha, beta, eps):
+    """LEM-LieBN written out with ``torch.linalg.eigh``: log-map, detached mean, centring, variance from the detached
+    centred batch, scaling, bias, exp-map."""
+
+    def fn(A, f):
+        lam, U = torch.linalg.eigh(A)
+        return (U * f(lam).unsqueeze(-2)) @ U.mT
+
+    L = fn(X, torch.log)
+    Lc = L - L.detach().mean(dim=0)
+    Ld = Lc.detach()
+    tr = torch.diagonal(Ld, dim1=-2, dim2=-1).sum(-1)
+    v = (alpha * Ld.square().sum((-1, -2)) + beta * tr.square()).mean(dim=0)
+    c = s / torch.sqrt(v + eps)
+    return fn(c * Lc + fn(W, torch.log), torch.exp)
+
+
+def test_detach_var_lem_gradient_equals_closed_form(seed):
+    n, N, alpha, beta = 4, 8, 0.5, 0.3
+    X = concentrated_spd(N, n, sigma=0.5, seed=seed)
+    G = _upstream((N, n, n), seed + 30)
+    A = X.clone().requires_grad_(True)
+    bn = _layer("lem", 1.0, alpha, beta, n, seed)
+    Y_ref = _lem_detached_var(A, bn.weight.detach()[0], float(bn.shift.detach()), alpha, beta, bn.eps)
+    (Y_ref * G).sum().backward()
+    g_ref = mf.sym(A.grad)
+    for detach_var in (True, False):
+        Y, g, _, _ = _step(_layer("lem", 1.0, alpha, beta, n, seed, detach_var=detach_var), X, G)
+        torch.testing.assert_close(Y, Y_ref.detach(), atol=1e-11, rtol=1e-11)
+        if detach_var:
+            torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-10)
+        else:  # the default differentiates the variance: a different gradient
+            assert float((g - g_ref).norm() / g_ref.norm()) > 1e-3
+
+
+@pytest.mark.parametrize("metric", DETACH_METRICS)
+@pytest.mark.parametrize("detach_mean", [True, False])
+def test_detach_var_forward_matches_forward_ref(metric, detach_mean):
+    n, N = 4, 7
+    X = concentrated_spd(N, n, sigma=0.5, seed=4)
+    G = _upstream((N, n, n), 5)
+    theta, alpha, beta = {"aim": (0.5, 2.0, -0.1), "lem": (1.0, 0.5, 0.3), "lcm": (1.5, 1.0, 0.0),
+                          "crim": (0.5, 1.0, 0.1)}[metric]
+    fast = _layer(metric, theta, alpha, beta, n, 1, detach_mean=detach_mean, karcher_steps=2, detach_var=True)
+    ref = _layer(metric, theta, alpha, beta, n, 1, detach_mean=detach_mean, karcher_steps=2, detach_var=True)
+    default = _layer(metric, theta, alpha, beta, n, 1, detach_mean=detach_mean, karcher_steps=2)
+    Y, g, gs, gw = _step(fast, X, G)
+    A = X.clone().requires_grad_(True)
+    Yr = ref.forward_ref(A)
+    (Yr * G).sum().backward()
+    torch.testing.assert_close(Y, Yr.detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(g, mf.sym(A.grad), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(gs, ref.shift.grad, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(gw, mf.sym(ref.weight.grad), atol=1e-9, rtol=1e-9)
+    # the reference follows the option: its default (differentiated variance) gradient is another one
+    B = X.clone().requires_grad_(True)
+    (default.forward_ref(B) * G).sum().backward()
+    assert float((mf.sym(B.grad) - g).norm() / g.norm()) > 1e-3
+
+
+@pytest.mark.parametrize("metric", DETACH_METRICS)
+def test_detach_var_gradients_pass_gradcheck(metric):
+    """With the mean and the variance detached, the training input gradient is the derivative of the layer at
+    frozen batch statistics (evaluation mode with running statistics = batch statistics), which gradcheck
+    verifies; the parameter gradients in training mode are derivatives too (the statistics do not depend on
+    the parameters)."""
+    n, N = 3, 5
+    X = concentrated_spd(N, n, sigma=0.4, seed=2)
+    theta = 1.0 if metric == "lem" else 0.5
+    bn = _layer(metric, theta, 1.0, 0.0, n, 0, momentum=1.0, detach_var=True)
+    G = _upstream((N, n, n), 3)
+    _, g_train, _, _ = _step(bn, X, G)  # momentum 1: the running statistics are now the batch statistics
+    bn.eval()
+    _, g_eval, _, _ = _step(bn, X, G)
+    torch.testing.assert_close(g_train, g_eval, atol=1e-10, rtol=1e-10)
+    assert gradcheck_norm(bn, X)  # evaluation mode: input, weight and shift
+    train = _layer(metric, theta, 1.0, 0.0, n, 0, detach_var=True)
+    W0 = train.weight.detach().clone().requires_grad_(True)
+    s0 = train.shift.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda W, s: call_with(train, X, {"weight": mf.sym(W), "shift": s}), (W0, s0),
+                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [1, 0, "true", "false", None, 1.0])
+def test_detach_var_must_be_a_bool(value):
+    from manifoldnorm.nn import DomainLieBatchNorm, create_norm_layer
+
+    for build in (lambda: LieBatchNorm(3, detach_var=value),
+                  lambda: DomainLieBatchNorm(3, num_domains=2, detach_var=value),
+                  lambda: create_norm_layer("liebn_lcm", 3, detach_var=value),
+                  lambda: create_norm_layer("dsliebn_aim", 3, num_domains=2, detach_var=value)):
+        with pytest.raises(TypeError, match="detach_var"):
+            build()
+
+
+def test_detach_var_reaches_every_registry_entry():
+    from manifoldnorm.nn import DomainLieBatchNorm, create_norm_layer, list_norms
+
+    names = [k for k in list_norms() if k.startswith(("liebn_", "dsliebn_")) and k != "liebn_so3"]
+    assert {"liebn_aim", "liebn_lem", "liebn_lcm", "liebn_crim", "dsliebn_aim", "dsliebn_lem",
+            "dsliebn_lcm"} <= set(names)
+    for name in names:
+        kw = {"num_domains": 1} if name.startswith("dsliebn_") else {}
+        assert create_norm_layer(name, 3, detach_var=True, **kw).detach_var is True
+        assert create_norm_layer(name, 3, **kw).detach_var is False
+    # the domain-specific layer passes it on: one domain = LieBN, gradients included
+    X = concentrated_spd(6, 3, sigma=0.5, seed=1)
+    G = _upstream((6, 3, 3), 2)
+    for metric in ("aim", "lem", "lcm"):
+        plain = _step(_layer(metric, 1.0, 1.0, 0.0, 3, 0, detach_var=True), X, G)
+        dom = DomainLieBatchNorm(3, num_domains=1, metric=metric, detach_var=True)
+        with torch.no_grad():
+            dom.weight.copy_(random_spd(1, n=3, seed=50, cond=5.0))
+            dom.shift.fill_(0.6)
+        got = _step(dom, X, G)
+        for a, b in zip(plain, got, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("metric,low,high", [("aim", 1.0, 15.9), ("lem", 1.1, 15.7), ("lcm", 0.7, 13.6),
+                                             ("crim", 0.6, 12.7)])
+def test_detach_var_input_gradient_difference(metric, low, high):
+    """Relative input-gradient difference between the default (differentiated variance) and ``detach_var=True``
+    (the ICLR'24 code and the toolbox), float64, n = 8, N = 16, seeds 0-4: the range quoted in the docstring."""
+    n, N = 8, 16
+    rel = []
+    for s in range(5):
+        X = random_spd(N, n=n, seed=s)
+        G = _upstream((N, n, n), 100 + s)
+        g0, g1 = (_step(LieBatchNorm(n, metric=metric, detach_var=dv), X, G)[1] for dv in (False, True))
+        rel.append(float((g0 - g1).norm() / g1.norm()))
+    assert all(1e-3 < r < 0.3 for r in rel), rel  # nonzero, and a correction rather than another gradient
+    # the range quoted in the docstring, in percent to one decimal
+    assert abs(100 * min(rel) - low) <= 0.06 and abs(100 * max(rel) - high) <= 0.06, rel
