@@ -1,9 +1,10 @@
 """What every suite shares: timers, thread control, Markdown tables, the JSON report, PNG figures.
 
 The timers return seconds or milliseconds of one clock: ``time.process_time`` (process CPU, summed over all
-threads; the default, as in the published numbers) or ``time.perf_counter`` (wall). The machines these run on
-are shared and noisy: suites report medians and time their contenders round-robin, so that a slow phase of the
-machine hits all of them alike.
+threads; the default) or ``time.perf_counter`` (wall). The machines these run on are shared and noisy: suites
+report medians and time their contenders round-robin, so that a slow phase of the machine hits all of them alike.
+A ratio a suite prints is a quotient of two times measured in the same run; a time measured on another day or
+machine is never its denominator (shown at all, it has its own column, labelled with its source).
 """
 
 from __future__ import annotations
@@ -50,15 +51,22 @@ def median_ms(step: Callable[[], float], repeats: int, warmup: int = 0) -> float
     return 1e3 * statistics.median(step() for _ in range(repeats))
 
 
-def round_robin(steps: Mapping[str, Callable[[], float]], rounds: int, warmup: int = 0) -> dict[str, list[float]]:
-    """Seconds of every step, ``rounds`` times in turn after ``warmup`` untimed rounds: ``{name: [s, ...]}``."""
+def round_robin(steps: Mapping[str, Callable[[], float]], rounds: int, warmup: int = 0,
+                rotate: bool = False) -> dict[str, list[float]]:
+    """Seconds of every step, ``rounds`` times in turn after ``warmup`` untimed rounds: ``{name: [s, ...]}``.
+
+    ``rotate``: round ``r`` starts with step ``r mod len(steps)``, so that no step always follows the same one
+    (a step that runs after another process's step, for instance, starts with that process's cache contents).
+    """
     for _ in range(warmup):
         for step in steps.values():
             step()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
-        for k, step in steps.items():
-            times[k].append(step())
+    names = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        shift = r % len(names) if rotate and names else 0
+        for k in names[shift:] + names[:shift]:
+            times[k].append(steps[k]())
     return times
 
 

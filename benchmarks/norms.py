@@ -1,38 +1,85 @@
-"""``norms``: forward+backward time and accuracy of every Riemannian norm layer, beside the published times.
+"""``norms``: each Riemannian norm's training step beside its plain-autograd twin, its kernel floor and another tree.
 
-    python -m benchmarks norms                                  # full grid, a few minutes on 2 cores
-    python -m benchmarks norms --quick                          # n=20, N=32, few repeats
-    python -m benchmarks norms --norms liebn_aim spdbn --sizes 20x32 93x128 --threads 1 --dtypes float64
+    python -m benchmarks norms                          # default grid: float64/float32, 1 and 2 threads
+    python -m benchmarks norms --quick                  # n=16, N=32, one thread, 5 rounds (smoke run)
+    python -m benchmarks norms --large                  # adds 93x32 and 93x128
+    python -m benchmarks norms --domains 9              # adds the domain-aware norms, 9 domains per batch
+    python -m benchmarks norms --against HEAD~3         # another revision (checked out in a temporary worktree)
+    python -m benchmarks norms --against /path/to/tree  # or another source tree
+    python -m benchmarks norms --norms liebn_aim spdbn --sizes 20x32 --threads 1 --dtypes float64
 
-The norms are :func:`default_norms`: every registered SPD and Lie-group norm (``list_norms(kind="spd")`` and
-``kind="lie"``) that is not domain-aware (the domain-specific twins ``dsliebn_*``/``spddsmbn`` time the same math
-per domain). For each it times one training-mode forward+backward (``(layer(X) * G).sum().backward()``) on a
-fixed, well-conditioned batch, as the median process CPU time (``time.process_time``, summed over all threads, as
-the published numbers) over adaptive repeats after warm-up; the wall time is kept as well. Layers are built with
-``validate=False`` (no Cholesky check of the input: the published code has none); the cost of ``validate=True``
-is reported once per norm at the first size.
+Rows. One row per (norm, n, N, dtype, threads). The norms are :func:`default_norms` (every registered ``spd`` and
+``lie`` norm that is not domain-aware); ``--domains D`` adds :func:`domain_norms` (``dsliebn_*``,
+``spddsmbn``), fed a domain-id vector of ``D`` domains in equal shares, shuffled with a fixed seed. Layers are
+built with ``validate=False`` (no Cholesky check of the input), seed 0, in training mode. Sizes ``nxN``:
+:data:`SIZES` (n ∈ {16, 22, 32} × N ∈ {32, 64}, and 20x32, 20x128, 30x128), ``--large`` adds :data:`LARGE_SIZES`
+(93x32, 93x128), ``--quick`` is :data:`QUICK_SIZES` (16x32).
 
-Every row also reports the relative error of the output and of the input gradient against the layer's
-``forward_ref`` (an independent plain-autograd path) run in float64 on a float64 copy of the layer, so a fast path
-never hides a wrong answer; ``n/a`` where a layer has no ``forward_ref``. Input gradients are compared on the
-tangent space of the input manifold (the symmetric part for SPD inputs, ``R skew(Rᵀ ∇)`` for rotations): the
-normal component is arbitrary, as the inputs never leave the manifold.
+Contenders, all timed in the same run, round-robin (one step of each in turn, each round starting one step
+later, so that a slow phase of the shared machine hits all of them alike), median over the rounds:
+
+* **ours**: one training step ``(layer(X) * G).sum().backward()`` on a fresh leaf copy of ``X``, gradients zeroed
+  outside the timed region; it includes the update of the running statistics (which ``ref`` does not make).
+* **ref**: the same step through ``layer.forward_ref``, the plain-autograd twin (``nn/_reference.py``: the
+  ``*_ref`` spectral functions, i.e. ``torch.linalg``'s own backward, explicit inverses, no shared
+  decompositions). A domain-aware layer whose ``forward_ref`` takes no domain is referenced by its non-domain
+  twin (:data:`DOMAIN_TWINS`, same parameters) run on each domain's samples; n/a where a layer has none.
+* **floor**: the decompositions our layer runs, and nothing else. One training step of our layer is recorded with
+  :func:`manifoldnorm.functional.profile.count_decompositions` (every batched eigh, Cholesky, SVD, QR, LU call at
+  the ATen level, forward and backward, with shapes and dtype); the floor step replays those calls as bare
+  ``torch.linalg`` calls of the same kinds, shapes and dtype on fixed inputs, without autograd: ``eigh``
+  (``eigvalsh`` for a values-only call), ``cholesky_ex``, ``svd`` (``svdvals``), ``qr``, ``lu_factor_ex`` for
+  every LU-based op (solve, inverse, determinant), ``eig``; SPD inputs (condition number ≤ 25), random ones for
+  SVD and QR. No layer that runs these decompositions can be faster; ``ours/floor`` is the price of everything
+  around them (products, elementwise work, dispatch).
+* **old** (``--against REV_OR_PATH``): the same layer (name, size, seed, inputs, dtype, threads) built from
+  another source tree, timed by a persistent worker subprocess (``benchmarks/_norms_worker.py`` run with
+  ``PYTHONPATH=<tree>``; a revision is checked out with ``git worktree add --detach`` in a temporary folder and
+  removed afterwards). The driver sends the worker one step request per round, in turn with its own contenders,
+  over a line protocol of JSON objects on the worker's stdin/stdout. A norm, or a keyword, that the other tree
+  does not have gives n/a.
+
+Times are process CPU (``time.process_time``, summed over all threads; ``--clock wall`` for wall time), rounds
+adaptive (about :data:`BUDGET_S` seconds per row, 3 to 25 rounds; ``--repeats`` fixes them). Every ratio printed
+(``ours/ref``, ``ours/floor``, ``new/old``) is a quotient of two medians of the same row of the same run. The only
+targets judged are same-run ratios: ``ours/floor ≤`` :data:`FLOOR_TARGET` ("floor ok") and, with ``--against``,
+``new/old ≤`` :data:`OLD_TARGETS` at the sizes named there.
+
+:data:`PUBLISHED` keeps the times published for the authors' implementations (float64, one thread, measured on
+another day on another machine and code base). They appear only in their own column, labelled with their source,
+at the sizes where they exist; nothing is divided by them.
+
+Every row also reports the relative error of the output and of the input gradient against ``forward_ref`` run in
+float64 on a float64 copy of the layer (the twin for domain-aware layers), so a fast path never hides a wrong
+answer. Input gradients are compared on the tangent space of the input manifold (the symmetric part for SPD
+inputs, ``R skew(Rᵀ ∇)`` for rotations): the normal component is arbitrary, as the inputs never leave the
+manifold. The cost of ``validate=True`` is timed once per norm at the first size, alternately with
+``validate=False``.
 
 Inputs, by ``get_norm_info(name).inputs``: ``"spd"``: ``(N, n, n)`` matrices ``Q diag(λ) Qᵀ`` with random
-orthogonal ``Q`` and ``log λ`` uniform in ``[log 0.2, log 5]`` (condition number ≤ 25); ``"so3"``: ``(N, J, 3, 3)``
-random rotations with ``J = max(n // 3, 1)`` (a sample is then a block-diagonal ``3J × 3J ≈ n × n`` matrix of
-rotation blocks), built as ``layer = factory(J)``.
+orthogonal ``Q`` and ``log λ`` uniform in ``[log 0.2, log 5]``; ``"so3"``: ``(N, J, 3, 3)`` random rotations with
+``J = max(n // 3, 1)``, built as ``layer = factory(J)``.
 
-JSON: ``{"suite", "torch", "timer", "validate", "overhead": [...], "floors": [...], "rows": [{"norm", "n", "N",
-"dtype", "threads", "ms", "wall_ms", "repeats", "published_ms", "ratio", "target", "met", "out_rel_err",
-"grad_rel_err"}, ...]}``.
+JSON (``outputs/bench_norms.json``): ``{"suite", "torch", "timer", "validate", "floor_target", "old_targets",
+"against", "published_note", "overhead": [...], "rows": [{"norm", "n", "N", "dtype", "threads", "domains",
+"rounds", "ms", "ref_ms", "ours_over_ref", "floor_ms", "ours_over_floor", "floor_ok", "decompositions": {"calls",
+"matrices", "by_kind", "shapes"}, "old_ms", "new_over_old", "old_target", "old_met", "old_decompositions",
+"old_note", "out_rel_err", "grad_rel_err", "published_ms", "published_source"}, ...]}`` (``old_*``: ``None``
+without ``--against``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
+import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -40,8 +87,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from benchmarks._harness import (
+    ROOT,
+    Clock,
     adaptive_repeats,
     chosen,
     default_out,
@@ -49,30 +99,55 @@ from benchmarks._harness import (
     env_info,
     fmt,
     md_table,
-    median_ms,
     round_robin,
-    timed,
     torch_threads,
     write_report,
 )
+from manifoldnorm.functional.profile import count_decompositions
 from manifoldnorm.nn import create_norm_layer, get_norm_info, list_norms
 
-SIZES = ((20, 32), (20, 128), (30, 32), (30, 128), (93, 32), (93, 128))
-QUICK_SIZES = ((20, 32),)
-# published fwd+bwd process-CPU ms (float64, one thread) of the reference implementations
+SIZES = ((16, 32), (16, 64), (20, 32), (20, 128), (22, 32), (22, 64), (30, 128), (32, 32), (32, 64))
+LARGE_SIZES = ((93, 32), (93, 128))
+QUICK_SIZES = ((16, 32),)
+#: Times published for the authors' implementations: fwd+bwd process-CPU ms, float64, one thread, measured on
+#: another day, on another machine and code base. Shown in their own column with the source; never a denominator.
 PUBLISHED = {
     (20, 32): {"liebn_aim": 7.3, "liebn_lem": 4.0, "liebn_lcm": 1.2, "spdbn": 6.8, "spdmbn": 6.0, "gbwbn": 33.0},
     (93, 128): {"liebn_aim": 575.0, "liebn_lem": 316.0, "liebn_lcm": 93.0},
 }
-TARGETS = {"liebn_lcm": 0.8}  # target time / published time; 0.5 otherwise
-DEFAULT_TARGET = 0.5
-BUDGET_S = 0.6  # process CPU seconds spent on the timed repeats of one row (adaptive repeat count)
+PUBLISHED_SOURCES = {
+    "liebn_aim": "LieBN toolbox (Chen et al. 2024)",
+    "liebn_lem": "LieBN toolbox (Chen et al. 2024)",
+    "liebn_lcm": "LieBN toolbox (Chen et al. 2024)",
+    "spdbn": "SPDNet SPDBN code (Brooks et al. 2019)",
+    "spdmbn": "TSMNet SPDMBN code (Kobler et al. 2022)",
+    "gbwbn": "GBWBN code (Wang et al. 2025)",
+}
+PUBLISHED_NOTE = "published, other day/machine/code base; float64, one thread; shown beside, never divided by"
+FLOOR_TARGET = 1.5  # ours/floor: at most this much time around the decompositions ("floor ok")
+#: new/old targets with --against: norm -> (largest ours/old, largest n it applies to; None: every n)
+OLD_TARGETS: dict[str, tuple[float, int | None]] = {
+    "liebn_lcm": (0.6, 32), "liebn_lem": (0.7, 32), "liebn_aim": (0.7, 32),
+}
+#: domain-aware norm -> the non-domain norm whose ``forward_ref`` on each domain's samples is its reference
+DOMAIN_TWINS = {"dsliebn_aim": "liebn_aim", "dsliebn_lem": "liebn_lem", "dsliebn_lcm": "liebn_lcm",
+                "spddsmbn": "spdmbn"}
+BUDGET_S = 1.0  # seconds (on the chosen clock) spent on the timed rounds of one row, all contenders together
+SEED = 0
+WORKER = Path(__file__).resolve().parent / "_norms_worker.py"
+CLOCKS: dict[str, Clock] = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 def default_norms() -> list[str]:
     """Registered ``spd`` and ``lie`` norms that are not domain-aware, sorted."""
     names = list_norms(kind="spd") + list_norms(kind="lie")
     return sorted(k for k in names if not get_norm_info(k).domain_aware)
+
+
+def domain_norms() -> list[str]:
+    """Registered ``spd`` and ``lie`` norms that are domain-aware (timed with ``--domains D``), sorted."""
+    names = list_norms(kind="spd") + list_norms(kind="lie")
+    return sorted(k for k in names if get_norm_info(k).domain_aware)
 
 
 def parse_size(token: str) -> tuple[int, int]:
@@ -86,6 +161,7 @@ def parse_size(token: str) -> tuple[int, int]:
     return n, N
 
 
+# ------------------------------------------------------------------------------------------------ inputs
 def _random_spd(N: int, n: int, g: torch.Generator) -> torch.Tensor:
     Q, _ = torch.linalg.qr(torch.randn(N, n, n, generator=g, dtype=torch.float64))
     lam = torch.exp(torch.empty(N, n, dtype=torch.float64).uniform_(-1.609, 1.609, generator=g))
@@ -100,7 +176,7 @@ def _random_rotations(N: int, J: int, g: torch.Generator) -> torch.Tensor:
     return torch.cat([Q[..., :2], Q[..., 2:] * det[..., None, None]], dim=-1)  # det +1
 
 
-def make_case(name: str, n: int, N: int, seed: int = 0) -> tuple[int, torch.Tensor, torch.Tensor]:
+def make_case(name: str, n: int, N: int, seed: int = SEED) -> tuple[int, torch.Tensor, torch.Tensor]:
     """``(num_features, X, G)`` in float64 for norm ``name`` at size ``(n, N)``; ``G`` weights the output."""
     g = torch.Generator().manual_seed(seed)
     inputs = get_norm_info(name).inputs
@@ -114,6 +190,19 @@ def make_case(name: str, n: int, N: int, seed: int = 0) -> tuple[int, torch.Tens
     return feats, X, torch.randn(X.shape, generator=g, dtype=torch.float64)
 
 
+def domain_ids(N: int, domains: int, seed: int = SEED) -> torch.Tensor:
+    """``(N,)`` ids ``0..domains-1`` in equal shares (the first ``N % domains`` one more), shuffled with ``seed``."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return (torch.arange(N) % domains)[torch.randperm(N, generator=g)]
+
+
+def build_layer(name: str, feats: int, domains: int | None, dtype: torch.dtype, validate: bool = False) -> nn.Module:
+    """``create_norm_layer(name, feats, validate=...)`` (``num_domains`` for a domain row) seeded, in ``dtype``."""
+    torch.manual_seed(SEED)
+    kwargs = {"num_domains": domains} if domains else {}
+    return create_norm_layer(name, feats, validate=validate, **kwargs).to(dtype).train()
+
+
 def tangent(name: str, X: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Project an input gradient on the tangent space at ``X`` (symmetric part; ``X skew(Xᵀ grad)`` on SO(3))."""
     if "spd" in get_norm_info(name).inputs:
@@ -122,191 +211,508 @@ def tangent(name: str, X: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return X @ (0.5 * (A - A.mT))
 
 
-def _step(layer: nn.Module, X: torch.Tensor, G: torch.Tensor, fn: Callable | None = None) -> torch.Tensor:
-    Xr = X.clone().requires_grad_()
-    ((fn or layer)(Xr) * G).sum().backward()
-    return Xr.grad
+# ------------------------------------------------------------------------------------- the contenders
+def layer_call(layer: nn.Module, domain: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> layer(x)``, or ``layer(x, domain)`` for a domain row."""
+    return layer if domain is None else partial(layer, domain=domain)
 
 
-def time_layer(layer: nn.Module, X: torch.Tensor, G: torch.Tensor, repeats: int | None,
-               warmup: int = 2) -> tuple[float, float, int]:
-    """Median process-CPU and wall ms of a training forward+backward; ``repeats=None`` chooses it adaptively."""
-    layer.train()
-    for _ in range(warmup):
-        layer.zero_grad(set_to_none=True)
-        t0 = time.process_time()
-        _step(layer, X, G)
-        first = time.process_time() - t0
-    if repeats is None:
-        repeats = adaptive_repeats(first, BUDGET_S, 3, 25)
-    cpu, wall = [], []
-    for _ in range(repeats):
-        layer.zero_grad(set_to_none=True)
-        c0, w0 = time.process_time(), time.perf_counter()
-        _step(layer, X, G)
-        cpu.append((time.process_time() - c0) * 1e3)
-        wall.append((time.perf_counter() - w0) * 1e3)
-    return statistics.median(cpu), statistics.median(wall), repeats
+def reference_call(name: str, layer: nn.Module, feats: int,
+                   domain: torch.Tensor | None) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module] | None:
+    """The plain-autograd twin of ``layer`` as ``(x -> y, module holding its parameters)``; ``None`` if none.
+
+    Without domains: ``layer.forward_ref``. For a domain row: ``layer.forward_ref(x, domain=...)`` if it takes a
+    domain, else the :data:`DOMAIN_TWINS` norm with the layer's parameters, its ``forward_ref`` run on each
+    domain's samples and the outputs put back in batch order.
+    """
+    ref = getattr(layer, "forward_ref", None)
+    if domain is None:
+        return (ref, layer) if callable(ref) else None
+    if callable(ref) and "domain" in inspect.signature(ref).parameters:
+        return partial(ref, domain=domain), layer
+    twin_name = DOMAIN_TWINS.get(name)
+    if twin_name is None:
+        return None
+    dtype = next(layer.parameters()).dtype
+    twin = build_layer(twin_name, feats, None, dtype)
+    if twin.load_state_dict(dict(layer.named_parameters()), strict=False).unexpected_keys:
+        return None  # parameters the twin does not have: not the same layer
+    groups = [torch.nonzero(domain == d).squeeze(1) for d in torch.unique(domain).tolist()]
+    back = torch.argsort(torch.cat(groups))
+
+    def per_domain(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([twin.forward_ref(x.index_select(0, idx)) for idx in groups])[back]
+
+    return per_domain, twin
 
 
-def validation_overhead(fast: nn.Module, checked: nn.Module, X: torch.Tensor, G: torch.Tensor,
-                        repeats: int = 15) -> tuple[float, float]:
-    """Median process-CPU ms of ``validate=False`` and ``validate=True`` layers, timed alternately."""
-    def step(layer: nn.Module) -> Callable[[], float]:
-        def run() -> float:
-            layer.zero_grad(set_to_none=True)
-            t0 = time.process_time()
-            _step(layer, X, G)
-            return time.process_time() - t0
-        return run
+def train_step(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, X: torch.Tensor, G: torch.Tensor,
+               clock: Clock) -> Callable[[], float]:
+    """A step returning the seconds of ``(fn(X') * G).sum().backward()`` on a fresh leaf ``X'`` (setup untimed)."""
+    def step() -> float:
+        module.zero_grad(set_to_none=True)
+        Xr = X.clone().requires_grad_()
+        t0 = clock()
+        (fn(Xr) * G).sum().backward()
+        return clock() - t0
 
-    times = round_robin({"false": step(fast), "true": step(checked)}, repeats, warmup=1)
-    return 1e3 * statistics.median(times["false"]), 1e3 * statistics.median(times["true"])
+    return step
 
 
+class _ValuesOnly(TorchFunctionMode):
+    """Marks the time spent inside ``torch.linalg.eigvalsh``/``svdvals``: under a dispatch mode they reach ATen as
+    full ``_linalg_eigh``/``_linalg_svd`` calls (with vectors), which the floor must replay as values-only."""
+
+    FUNCS = (torch.linalg.eigvalsh, torch.linalg.svdvals)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        inside = func in self.FUNCS
+        self.depth += inside
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.depth -= inside
+
+
+class _Recorder(count_decompositions):
+    """:func:`count_decompositions` that also keeps, per call, what the replay needs (values only, full SVD)."""
+
+    def __init__(self, values_only: _ValuesOnly) -> None:
+        super().__init__()
+        self.values_only = values_only
+        self.flags: list[dict] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        before = len(self.log.calls)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if len(self.log.calls) > before:
+            op = func.overloadpacket.__name__
+            full = bool(args[1]) if op in ("_linalg_svd", "linalg_svd") and len(args) > 1 else False
+            values = self.values_only.depth > 0 or op in ("_linalg_eigvalsh", "linalg_eigvalsh", "linalg_svdvals",
+                                                          "linalg_eigvals")
+            self.flags.append({"values_only": values, "full_matrices": full})
+        return out
+
+
+def record_decompositions(step: Callable[[], object]) -> list[dict]:
+    """The batched decompositions of one call of ``step``: ``[{"kind", "op", "shape", "dtype", "values_only",
+    "full_matrices"}, ...]`` in call order (forward and backward)."""
+    values_only = _ValuesOnly()
+    recorder = _Recorder(values_only)
+    with values_only, recorder as log:
+        step()
+    return [{"kind": c.kind, "op": c.op, "shape": list(c.shape), "dtype": dtype_name(c.dtype), **f}
+            for c, f in zip(log.calls, recorder.flags, strict=True)]
+
+
+def summarize_decompositions(calls: Sequence[dict]) -> dict:
+    """``{"calls", "matrices", "by_kind", "shapes"}`` of recorded calls (``shapes``: ``"kind shape"`` -> count)."""
+    by_kind: dict[str, int] = {}
+    shapes: dict[str, int] = {}
+    matrices = 0
+    for c in calls:
+        by_kind[c["kind"]] = by_kind.get(c["kind"], 0) + 1
+        key = f"{c['kind']}{'(values)' if c['values_only'] else ''} {'x'.join(map(str, c['shape']))}"
+        shapes[key] = shapes.get(key, 0) + 1
+        batch = 1
+        for s in c["shape"][:-2]:
+            batch *= s
+        matrices += batch
+    return {"calls": len(calls), "matrices": matrices, "by_kind": by_kind, "shapes": shapes}
+
+
+def floor_calls(calls: Sequence[dict], seed: int = SEED) -> list[Callable[[], object]]:
+    """Bare ``torch.linalg`` calls replaying ``calls`` (kinds, shapes, dtypes) on fixed inputs, one per call.
+
+    Inputs are made once here (not timed), one per (shape, dtype, SPD or not), shared by the calls that need it.
+    """
+    g = torch.Generator().manual_seed(seed + 2)
+    inputs: dict[tuple, torch.Tensor] = {}
+
+    def matrix(shape: Sequence[int], dtype: torch.dtype, spd: bool) -> torch.Tensor:
+        key = (tuple(shape), dtype, spd)
+        if key not in inputs:
+            *lead, m, k = shape
+            batch = 1
+            for s in lead:
+                batch *= s
+            if spd and m == k:
+                A = _random_spd(batch, m, g)
+            else:
+                A = torch.randn(batch, m, k, generator=g, dtype=torch.float64)
+            inputs[key] = A.reshape(*lead, m, k).to(dtype).contiguous()
+        return inputs[key]
+
+    replay: list[Callable[[], object]] = []
+    for c in calls:
+        dtype = getattr(torch, c["dtype"])
+        kind = c["kind"]
+        if kind == "eigh":
+            fn = torch.linalg.eigvalsh if c["values_only"] else torch.linalg.eigh
+            replay.append(partial(fn, matrix(c["shape"], dtype, True)))
+        elif kind == "cholesky":
+            replay.append(partial(torch.linalg.cholesky_ex, matrix(c["shape"], dtype, True)))
+        elif kind == "svd":
+            A = matrix(c["shape"], dtype, False)
+            replay.append(partial(torch.linalg.svdvals, A) if c["values_only"]
+                          else partial(torch.linalg.svd, A, full_matrices=c["full_matrices"]))
+        elif kind == "qr":
+            replay.append(partial(torch.linalg.qr, matrix(c["shape"], dtype, False)))
+        elif kind == "lu":
+            replay.append(partial(torch.linalg.lu_factor_ex, matrix(c["shape"], dtype, True)))
+        elif kind == "eig":
+            fn = torch.linalg.eigvals if c["values_only"] else torch.linalg.eig
+            replay.append(partial(fn, matrix(c["shape"], dtype, True)))
+        else:
+            raise ValueError(f"no replay for decomposition kind {kind!r}")
+    return replay
+
+
+def floor_step(calls: Sequence[Callable[[], object]], clock: Clock) -> Callable[[], float]:
+    """A step returning the seconds of all replayed decompositions, one after the other, without autograd."""
+    def step() -> float:
+        with torch.no_grad():
+            t0 = clock()
+            for call in calls:
+                call()
+            return clock() - t0
+
+    return step
+
+
+# ------------------------------------------------------------------------------------ the other tree
+class OtherTree:
+    """The same norm layers built from another source tree, timed on request by a worker subprocess.
+
+    ``spec`` is a folder holding a ``manifoldnorm`` package, or a git revision of this repository, which is checked
+    out with ``git worktree add --detach`` in a temporary folder (removed by :meth:`close`). The worker
+    (``_norms_worker.py``) runs with ``PYTHONPATH=<tree>`` only; :meth:`__init__` checks that it imported that
+    tree's ``manifoldnorm``. Use as a context manager.
+    """
+
+    def __init__(self, spec: str, clock: str = "cpu") -> None:
+        self.spec, self.clock = spec, clock
+        self._worktree: Path | None = None
+        self.proc: subprocess.Popen | None = None
+        self.error: str | None = None
+        self.tmp: Path | None = None
+        self.tree = self._resolve(spec)
+        self.commit = self._git("-C", str(self.tree), "rev-parse", "HEAD")
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-norms-inputs-"))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(PYTHONPATH=str(self.tree), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, str(WORKER)], cwd=self.tree, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        hello = self.request({"op": "hello"})
+        if not hello.get("ok"):
+            self.close()
+            raise RuntimeError(f"--against {spec}: the worker did not start: {hello.get('error')}")
+        imported = Path(hello["manifoldnorm"]).resolve()
+        if self.tree not in imported.parents:
+            self.close()
+            raise RuntimeError(f"--against {spec}: the worker imported manifoldnorm from {imported}, not from "
+                               f"{self.tree} (an installed copy shadows PYTHONPATH?)")
+        self.info = {"spec": spec, "tree": str(self.tree), "commit": self.commit, "torch": hello["torch"],
+                     "manifoldnorm": str(imported), "worktree": self._worktree is not None}
+
+    @staticmethod
+    def _git(*args: str) -> str | None:
+        proc = subprocess.run(["git", *args], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    def _resolve(self, spec: str) -> Path:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            if not (path / "manifoldnorm" / "__init__.py").is_file():
+                raise ValueError(f"--against {spec}: no manifoldnorm package in that folder")
+            return path.resolve()
+        rev = self._git("-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{spec}^{{commit}}")
+        if rev is None:
+            raise ValueError(f"--against {spec}: neither a folder nor a git revision of {ROOT}")
+        tmp = Path(tempfile.mkdtemp(prefix="bench-norms-against-"))
+        proc = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tmp), rev],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"--against {spec}: git worktree add failed: {proc.stderr.strip()}")
+        self._worktree = tmp
+        return tmp.resolve()
+
+    def request(self, req: dict) -> dict:
+        """Send one request, return the reply; a dead worker answers ``ok: false`` from then on."""
+        if self.error is not None:
+            return {"ok": False, "error": self.error}
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError) as err:
+            line, self.error = "", f"worker gone: {err}"
+        if not line:
+            self.error = self.error or f"worker exited (code {self.proc.poll()})"
+            return {"ok": False, "error": self.error}
+        return json.loads(line)
+
+    def setup(self, name: str, feats: int, X: torch.Tensor, G: torch.Tensor, domain: torch.Tensor | None,
+              domains: int | None, dtype: torch.dtype, threads: int) -> dict:
+        """Build the layer in the worker; the reply (``ok``, ``dropped``, ``calls``, ``matrices`` or ``error``)."""
+        path = self.tmp / "inputs.pt"
+        torch.save({"X": X, "G": G, "domain": domain}, path)
+        kwargs = {"validate": False, **({"num_domains": domains} if domains else {})}
+        return self.request({"op": "setup", "norm": name, "features": feats, "inputs": str(path),
+                             "dtype": dtype_name(dtype), "threads": threads, "seed": SEED, "clock": self.clock,
+                             "kwargs": kwargs, "optional": list(kwargs)})
+
+    def step(self) -> float:
+        """Seconds of one training step of the layer set up last (NaN if the worker failed)."""
+        reply = self.request({"op": "step"})
+        return float(reply["s"]) if reply.get("ok") else float("nan")
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "close"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+        if self._worktree is not None:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(self._worktree)],
+                           capture_output=True)
+            shutil.rmtree(self._worktree, ignore_errors=True)
+            self._worktree = None
+
+    def __enter__(self) -> OtherTree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm((a.double() - b).flatten()) / torch.linalg.norm(b.flatten()))
 
 
-def rel_errors(name: str, layer: nn.Module, X: torch.Tensor, G: torch.Tensor,
+def _output_and_grad(fn: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor,
+                     G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    Xr = X.clone().requires_grad_()
+    y = fn(Xr)
+    (y * G).sum().backward()
+    return y.detach(), Xr.grad
+
+
+def reference(name: str, layer64: nn.Module, feats: int, X: torch.Tensor, G: torch.Tensor,
+              domain: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """float64 reference output and tangent input gradient (:func:`reference_call`); ``None`` without one."""
+    probe = copy.deepcopy(layer64).train()
+    ref = reference_call(name, probe, feats, domain)
+    if ref is None:
+        return None
+    y, grad = _output_and_grad(ref[0], X, G)
+    return y, tangent(name, X, grad)
+
+
+def rel_errors(name: str, layer: nn.Module, X: torch.Tensor, G: torch.Tensor, domain: torch.Tensor | None,
                ref: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[float | None, float | None]:
     """(output, tangent input-gradient) relative errors of a fresh copy of ``layer`` in training mode vs ``ref``."""
     if ref is None:
         return None, None
     probe = copy.deepcopy(layer).train()
-    Xr = X.clone().requires_grad_()
-    y = probe(Xr)
-    (y * G).sum().backward()
-    return _rel(y.detach(), ref[0]), _rel(tangent(name, X.double(), Xr.grad.double()), ref[1])
+    y, grad = _output_and_grad(layer_call(probe, domain), X, G)
+    return _rel(y, ref[0]), _rel(tangent(name, X.double(), grad.double()), ref[1])
 
 
-def reference(name: str, layer64: nn.Module, X: torch.Tensor,
-              G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """float64 ``forward_ref`` output and tangent input gradient; ``None`` if the layer has no ``forward_ref``."""
-    if not callable(getattr(layer64, "forward_ref", None)):
+# ------------------------------------------------------------------------------------------------- rows
+def published(name: str, n: int, N: int, dtype: torch.dtype, threads: int,
+              domains: int | None = None) -> tuple[float | None, str | None]:
+    """``(ms, source)`` published for this row's setting (float64, one thread, no domains), else ``(None, None)``."""
+    if dtype != torch.float64 or threads != 1 or domains:
+        return None, None
+    ms = PUBLISHED.get((n, N), {}).get(name)
+    return (ms, PUBLISHED_SOURCES.get(name)) if ms is not None else (None, None)
+
+
+def old_target(name: str, n: int) -> float | None:
+    """The new/old target of ``name`` at size ``n`` (:data:`OLD_TARGETS`), ``None`` where none applies."""
+    if name not in OLD_TARGETS:
         return None
-    probe = copy.deepcopy(layer64).train()
-    Xr = X.clone().requires_grad_()
-    y = probe.forward_ref(Xr)
-    (y * G).sum().backward()
-    return y.detach(), tangent(name, X, Xr.grad)
+    ratio, max_n = OLD_TARGETS[name]
+    return ratio if max_n is None or n <= max_n else None
 
 
-def _row(name: str, n: int, N: int, dtype: torch.dtype, threads: int, ms: float, wall: float, repeats: int,
-         errs: tuple[float | None, float | None]) -> dict:
-    published = PUBLISHED.get((n, N), {}).get(name) if dtype == torch.float64 and threads == 1 else None
-    target = TARGETS.get(name, DEFAULT_TARGET) if published is not None else None
-    ratio = ms / published if published is not None else None
-    return {
-        "norm": name, "n": n, "N": N, "dtype": dtype_name(dtype), "threads": threads,
-        "ms": round(ms, 3), "wall_ms": round(wall, 3), "repeats": repeats, "published_ms": published,
-        "ratio": None if ratio is None else round(ratio, 3), "target": target,
-        "met": None if ratio is None else bool(ratio <= target),
-        "out_rel_err": errs[0], "grad_rel_err": errs[1],
-    }
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not (b > 0) or a != a:
+        return None
+    return round(a / b, 3)
+
+
+def _median_ms(times: list[float] | None) -> float | None:
+    if not times or any(t != t for t in times):
+        return None
+    return round(1e3 * statistics.median(times), 4)
+
+
+def time_row(steps: dict[str, Callable[[], float]], rounds: int | None) -> tuple[dict[str, list[float]], int]:
+    """Every step ``rounds`` times round-robin (each round starting one step later) after two untimed rounds;
+    ``rounds=None``: as many as fit in about :data:`BUDGET_S` seconds, 3 to 25."""
+    first = {k: step() for k, step in steps.items()}
+    if rounds is None:
+        rounds = adaptive_repeats(sum(v for v in first.values() if v == v), BUDGET_S, 3, 25)
+    return round_robin(steps, rounds, warmup=1, rotate=True), rounds
+
+
+def validation_overhead(fast: nn.Module, checked: nn.Module, X: torch.Tensor, G: torch.Tensor,
+                        domain: torch.Tensor | None, repeats: int, clock: Clock) -> tuple[float, float]:
+    """Median ms of ``validate=False`` and ``validate=True`` layers, timed alternately."""
+    times = round_robin({"false": train_step(layer_call(fast, domain), fast, X, G, clock),
+                         "true": train_step(layer_call(checked, domain), checked, X, G, clock)}, repeats, warmup=1)
+    return 1e3 * statistics.median(times["false"]), 1e3 * statistics.median(times["true"])
 
 
 def bench_norms(norms: Sequence[str], sizes: Sequence[tuple[int, int]], dtypes: Sequence[torch.dtype],
-                threads: Sequence[int], repeats: int | None) -> tuple[list[dict], list[dict]]:
+                threads: Sequence[int], repeats: int | None, domains: int | None = None,
+                other: OtherTree | None = None, clock: str = "cpu") -> tuple[list[dict], list[dict]]:
     """Rows of the norms table and the ``validate=True`` overhead (first size, first dtype, first thread count)."""
+    tick = CLOCKS[clock]
     rows, overhead = [], []
     for name in norms:
+        dom = domains if get_norm_info(name).domain_aware else None
         for si, (n, N) in enumerate(sizes):
             feats, X64, G64 = make_case(name, n, N)
-            layer64 = create_norm_layer(name, feats, validate=False)
-            layer64 = layer64.to(torch.float64)
-            ref = reference(name, layer64, X64, G64)
+            d = domain_ids(N, dom) if dom else None
+            ref64 = reference(name, build_layer(name, feats, dom, torch.float64), feats, X64, G64, d)
             for dtype in dtypes:
-                layer = copy.deepcopy(layer64).to(dtype)
+                layer = build_layer(name, feats, dom, dtype)
                 X, G = X64.to(dtype), G64.to(dtype)
-                errs = rel_errors(name, layer, X, G, ref)
+                errs = rel_errors(name, layer, X, G, d, ref64)
+                ours = train_step(layer_call(layer, d), layer, X, G, tick)
+                ours()  # one untimed step before recording (lazy setup is not part of a step)
+                calls = record_decompositions(ours)
+                twin = reference_call(name, layer, feats, d)
+                ref = train_step(twin[0], twin[1], X, G, tick) if twin is not None else None
+                floor = floor_step(floor_calls(calls), tick)
                 for t in threads:
                     with torch_threads(t):
-                        ms, wall, reps = time_layer(layer, X, G, repeats)
-                        rows.append(_row(name, n, N, dtype, t, ms, wall, reps, errs))
+                        steps = {"ours": ours, **({"ref": ref} if ref is not None else {}), "floor": floor}
+                        old_reply = other.setup(name, feats, X64, G64, d, dom, dtype, t) if other else None
+                        if old_reply is not None and old_reply.get("ok"):
+                            steps["old"] = other.step
+                        times, rounds = time_row(steps, repeats)
+                        rows.append(_row(name, n, N, dtype, t, dom, rounds, times, calls, old_reply, errs,
+                                         other is not None))
                         if si == 0 and dtype == dtypes[0] and t == threads[0]:
-                            checked = create_norm_layer(name, feats, validate=True).to(dtype).train()
-                            ms_f, ms_v = validation_overhead(layer, checked, X, G, 5 if repeats else 15)
-                            overhead.append({"norm": name, "n": n, "N": N, "dtype": rows[-1]["dtype"],
-                                             "threads": t, "ms_validate_false": round(ms_f, 3),
+                            checked = build_layer(name, feats, dom, dtype, validate=True)
+                            ms_f, ms_v = validation_overhead(layer, checked, X, G, d, 5 if repeats else 15, tick)
+                            overhead.append({"norm": name, "n": n, "N": N, "dtype": dtype_name(dtype),
+                                             "threads": t, "domains": dom, "ms_validate_false": round(ms_f, 3),
                                              "ms_validate_true": round(ms_v, 3),
                                              "overhead_ms": round(ms_v - ms_f, 3)})
     return rows, overhead
 
 
-def _lem_chain(X: torch.Tensor, G: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    lam, U = torch.linalg.eigh(X)
-    S = 0.7 * ((U * lam.log().unsqueeze(-2)) @ U.mT) + K
-    mu, V = torch.linalg.eigh(S)
-    (V * mu.exp().unsqueeze(-2)) @ V.mT
-    P = U.mT @ V
-    return U @ (P @ (V.mT @ G @ V) @ P.mT) @ U.mT
+def _row(name: str, n: int, N: int, dtype: torch.dtype, threads: int, domains: int | None, rounds: int,
+         times: dict[str, list[float]], calls: Sequence[dict], old_reply: dict | None,
+         errs: tuple[float | None, float | None], against: bool) -> dict:
+    ms, ref_ms, floor_ms = (_median_ms(times.get(k)) for k in ("ours", "ref", "floor"))
+    old_ms = _median_ms(times.get("old"))
+    pub_ms, pub_src = published(name, n, N, dtype, threads, domains)
+    floor_ratio = _ratio(ms, floor_ms)
+    new_old = _ratio(ms, old_ms)
+    target = old_target(name, n) if against else None
+    note = None
+    if old_reply is not None:
+        note = old_reply.get("error") if not old_reply.get("ok") else (
+            f"built without {', '.join(old_reply['dropped'])}" if old_reply.get("dropped") else None)
+    return {
+        "norm": name, "n": n, "N": N, "dtype": dtype_name(dtype), "threads": threads, "domains": domains,
+        "rounds": rounds, "ms": ms, "ref_ms": ref_ms, "ours_over_ref": _ratio(ms, ref_ms),
+        "floor_ms": floor_ms, "ours_over_floor": floor_ratio,
+        "floor_ok": None if floor_ratio is None else bool(floor_ratio <= FLOOR_TARGET),
+        "decompositions": summarize_decompositions(calls),
+        "old_ms": old_ms, "new_over_old": new_old, "old_target": target,
+        "old_met": None if target is None or new_old is None else bool(new_old <= target),
+        "old_decompositions": ({"calls": old_reply["calls"], "matrices": old_reply["matrices"]}
+                               if old_reply is not None and old_reply.get("ok") else None),
+        "old_note": note,
+        "out_rel_err": errs[0], "grad_rel_err": errs[1],
+        "published_ms": pub_ms, "published_source": pub_src,
+    }
 
 
-def floor_rows(sizes: Sequence[tuple[int, int]], repeats: int | None) -> list[dict]:
-    """Lower bounds set by the dense kernels at each size with published times (float64, one thread).
-
-    Times ``torch.linalg.eigh`` and one batched product of the ``(N, n, n)`` batch, and the bare chain that any
-    exact LEM-LieBN forward+backward must run: ``eigh(X)``, :math:`\\log X = U\\log\\Lambda U^\\top`,
-    ``eigh`` of the scaled and biased result, its exponential, and the seven products of a Daleckii–Krein backward
-    that chains both decompositions (:math:`U_S^\\top \\bar Y U_S`, :math:`P = U_X^\\top U_S`,
-    :math:`P(\\cdot)P^\\top`, :math:`U_X(\\cdot)U_X^\\top`), without any elementwise work. The chain is the
-    floor of a LEM layer on this machine: when it exceeds the target, no exact float64 implementation meets it.
-    """
-    rows = []
-    with torch_threads(1):
-        for n, N in sizes:
-            published = PUBLISHED.get((n, N), {}).get("liebn_lem")
-            if published is None:
-                continue
-            _, X, G = make_case("liebn_lem", n, N)
-            K = 0.1 * (G[0] + G[0].mT)
-            reps = repeats or (25 if n < 50 else 7)
-
-            def ms(fn: Callable[[], object], reps: int = reps) -> float:
-                return round(median_ms(timed(fn), reps, warmup=2), 3)
-
-            rows.append({"n": n, "N": N, "eigh_ms": ms(partial(torch.linalg.eigh, X)),
-                         "bmm_ms": ms(partial(torch.bmm, X, X)),
-                         "lem_chain_ms": ms(partial(_lem_chain, X, G, K)),
-                         "lem_published_ms": published,
-                         "lem_target_ms": round(DEFAULT_TARGET * published, 3)})
-    return rows
+# --------------------------------------------------------------------------------------------- printing
+def _targets_cell(r: dict) -> str:
+    parts = []
+    if r["floor_ok"] is not None:
+        parts.append(f"floor ≤{FLOOR_TARGET:g}×: {'ok' if r['floor_ok'] else 'not met'}")
+    if r["old_target"] is not None:
+        verdict = "n/a" if r["old_met"] is None else ("met" if r["old_met"] else "not met")
+        parts.append(f"new/old ≤{r['old_target']:g}×: {verdict}")
+    return "; ".join(parts) or "—"
 
 
-def markdown(rows: Sequence[dict], overhead: Sequence[dict], floors: Sequence[dict] = ()) -> str:
-    def norm_row(r: dict) -> list[str]:
-        met = "—" if r["met"] is None else ("yes" if r["met"] else "no")
-        pub = "—" if r["published_ms"] is None else f"{r['published_ms']:g}"
-        tgt = "—" if r["target"] is None else f"≤{r['target']:g}×"
-        return [r["norm"], r["n"], r["N"], r["dtype"], r["threads"], f"{r['ms']:.2f}", pub, fmt(r["ratio"], ".3f", "—"),
-                tgt, met, fmt(r["out_rel_err"], ".1e"), fmt(r["grad_rel_err"], ".1e"), f"{r['wall_ms']:.2f}"]
+def markdown(rows: Sequence[dict], overhead: Sequence[dict] = (), against: str | None = None) -> str:
+    """The norms table (and the ``validate=True`` overhead table) in Markdown."""
+    head = ["norm", "n", "N", "dtype", "threads", "ms", "ref ms", "ours/ref", "floor ms", "ours/floor",
+            "decomp. calls / matrices"]
+    if against:
+        head += [f"old ms ({against})", "new/old", "old decomp."]
+    head += ["out rel err", "grad rel err", "targets (same run)",
+             "published ms, other day/machine (source)"]
 
-    parts = [md_table(["norm", "n", "N", "dtype", "threads", "ms", "published ms", "ratio", "target", "met",
-                       "out rel err", "grad rel err", "wall ms"], [norm_row(r) for r in rows])]
+    def cells(r: dict) -> list[str]:
+        dec = r["decompositions"]
+        name = r["norm"] + (f" ({r['domains']} domains)" if r["domains"] else "")
+        out = [name, r["n"], r["N"], r["dtype"], r["threads"], fmt(r["ms"], ".2f"), fmt(r["ref_ms"], ".2f"),
+               fmt(r["ours_over_ref"], ".2f"), fmt(r["floor_ms"], ".2f"), fmt(r["ours_over_floor"], ".2f"),
+               f"{dec['calls']} / {dec['matrices']}"]
+        if against:
+            old = r["old_decompositions"]
+            out += [fmt(r["old_ms"], ".2f"), fmt(r["new_over_old"], ".2f"),
+                    "n/a" if old is None else f"{old['calls']} / {old['matrices']}"]
+        pub = "—" if r["published_ms"] is None else f"{r['published_ms']:g} ({r['published_source']})"
+        return [*out, fmt(r["out_rel_err"], ".1e"), fmt(r["grad_rel_err"], ".1e"), _targets_cell(r), pub]
+
+    parts = [md_table(head, [cells(r) for r in rows])]
+    notes = sorted({f"{r['norm']}: {r['old_note']}" for r in rows if r.get("old_note")})
+    if notes:
+        parts.append("Other tree: " + "; ".join(notes))
     if overhead:
         parts += ["validate=True overhead (input manifold check), timed alternately with validate=False:",
                   md_table(["norm", "n", "N", "dtype", "ms (validate=False)", "ms (validate=True)", "overhead ms"],
                            [[o["norm"], o["n"], o["N"], o["dtype"], f"{o['ms_validate_false']:.2f}",
                              f"{o['ms_validate_true']:.2f}", f"{o['overhead_ms']:+.2f}"] for o in overhead])]
-    if floors:
-        parts += ["Kernel floor (float64, one thread; bare LEM chain = 2 eigh + 9 products, no elementwise work):",
-                  md_table(["n", "N", "eigh ms", "bmm ms", "bare LEM chain ms", "LEM target ms", "chain / target"],
-                           [[f["n"], f["N"], f"{f['eigh_ms']:.2f}", f"{f['bmm_ms']:.2f}", f"{f['lem_chain_ms']:.2f}",
-                             f"{f['lem_target_ms']:g}", f"{f['lem_chain_ms'] / f['lem_target_ms']:.2f}"]
-                            for f in floors])]
     return "\n\n".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks norms", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="n=20, N=32, 1 thread, 5 repeats (smoke run)")
-    parser.add_argument("--norms", nargs="+", default=None, help="norm names (default: every SPD/Lie norm)")
-    parser.add_argument("--sizes", nargs="+", default=None, help="nxN sizes, e.g. 20x32 93x128")
+    parser.add_argument("--quick", action="store_true", help="n=16, N=32, 1 thread, 5 rounds (smoke run)")
+    parser.add_argument("--norms", nargs="+", default=None,
+                        help="norm names (default: every non-domain-aware SPD/Lie norm; with --domains also the "
+                             "domain-aware ones)")
+    parser.add_argument("--sizes", nargs="+", default=None, help="nxN sizes, e.g. 16x32 93x128")
+    parser.add_argument("--large", action="store_true", help="add 93x32 and 93x128 to the default sizes")
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="torch thread counts (default 1 2, --quick: 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default: adaptive)")
+    parser.add_argument("--domains", type=int, default=None, metavar="D",
+                        help="time the domain-aware norms too, on batches of D domains (e.g. 9)")
+    parser.add_argument("--against", default=None, metavar="REV_OR_PATH",
+                        help="also time the same layers from another source tree (a folder) or git revision")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                        help="cpu: process CPU time, all threads (default); wall: wall-clock time")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default: adaptive)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default outputs/bench_norms.json)")
     return parser
 
@@ -314,19 +720,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    norms = chosen(parser, args.norms, default_norms())
+    if args.domains is not None and args.domains < 1:
+        parser.error("--domains takes a positive number of domains")
+    known = default_norms() + (domain_norms() if args.domains else [])
+    norms = chosen(parser, args.norms, known)
     try:
-        sizes = [parse_size(t) for t in args.sizes] if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
+        sizes = ([parse_size(t) for t in args.sizes] if args.sizes else
+                 list(QUICK_SIZES if args.quick else SIZES) + list(LARGE_SIZES if args.large else ()))
     except ValueError as err:
         parser.error(str(err))
     threads = args.threads or ([1] if args.quick else [1, 2])
     repeats = args.repeats or (5 if args.quick else None)
     dtypes = [getattr(torch, d) for d in args.dtypes]
-    rows, overhead = bench_norms(norms, sizes, dtypes, threads, repeats)
-    floors = floor_rows(sizes, repeats) if torch.float64 in dtypes else []
-    print(markdown(rows, overhead, floors))
-    meta = {**env_info("norms"), "timer": "time.process_time (process CPU, all threads)", "validate": False,
-            "overhead": overhead, "floors": floors}
+    try:
+        other = OtherTree(args.against, args.clock) if args.against else None
+    except (ValueError, RuntimeError) as err:
+        parser.error(str(err))
+    try:
+        rows, overhead = bench_norms(norms, sizes, dtypes, threads, repeats, args.domains, other, args.clock)
+    finally:
+        if other is not None:
+            other.close()
+    print(markdown(rows, overhead, args.against))
+    meta = {**env_info("norms"),
+            "timer": {"cpu": "time.process_time (process CPU, all threads)",
+                      "wall": "time.perf_counter (wall)"}[args.clock],
+            "validate": False, "floor_target": FLOOR_TARGET,
+            "old_targets": {k: {"max_ratio": r, "max_n": m} for k, (r, m) in OLD_TARGETS.items()},
+            "against": other.info if other is not None else None, "published_note": PUBLISHED_NOTE,
+            "overhead": overhead}
     return write_report(args.out or default_out("norms"), meta, rows)
 
 

@@ -77,37 +77,48 @@ def test_spectral_quick(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- norms
+def ratio_of(row: dict, num: str, den: str, key: str) -> float:
+    """``row[key]``, checked to be the positive, finite quotient of the row's own ``num`` and ``den`` times."""
+    assert positive(row[num]) and positive(row[den]) and positive(row[key]), row
+    assert row[key] == pytest.approx(row[num] / row[den], abs=2e-3)
+    return row[key]
+
+
 def test_norms_quick(tmp_path: Path) -> None:
-    from benchmarks.norms import PUBLISHED, default_norms
+    from benchmarks.norms import FLOOR_TARGET, default_norms
     from manifoldnorm.nn import create_norm_layer, get_norm_info, list_norms
 
     out = tmp_path / "norms.json"
     proc = bench("norms", "--quick", "--out", str(out))
-    assert "| norm | n | N | dtype | threads | ms | published ms |" in proc.stdout
+    assert ("| norm | n | N | dtype | threads | ms | ref ms | ours/ref | floor ms | ours/floor | "
+            "decomp. calls / matrices | out rel err |") in proc.stdout
+    assert "published ms, other day/machine (source)" in proc.stdout and "old ms" not in proc.stdout
     data = report(out, "norms")
+    assert data["against"] is None and data["floor_target"] == FLOOR_TARGET
     rows = data["rows"]
     expected = {k for k in list_norms(kind="spd") + list_norms(kind="lie") if not get_norm_info(k).domain_aware}
     assert {r["norm"] for r in rows} == expected == set(default_norms())
     assert {"liebn_aim", "spdbn", "gbwbn", "liebn_so3"} <= expected and "spddsmbn" not in expected
     assert len(rows) == 2 * len(expected)  # float64 and float32, one size, one thread
     for r in rows:
-        assert (r["n"], r["N"], r["threads"]) == (20, 32, 1) and r["repeats"] == 5
-        assert positive(r["ms"]) and positive(r["wall_ms"])
-        published = PUBLISHED[(20, 32)].get(r["norm"]) if r["dtype"] == "float64" else None
-        assert r["published_ms"] == published
-        if published is not None:
-            assert r["ratio"] == pytest.approx(r["ms"] / published, abs=2e-3)
-            assert r["met"] == (r["ratio"] <= r["target"])
-        else:
-            assert r["ratio"] is None and r["met"] is None and r["target"] is None
+        assert (r["n"], r["N"], r["threads"], r["domains"], r["rounds"]) == (16, 32, 1, None, 5)
+        # every ratio is a quotient of two times of the same row of this run
+        ratio_of(r, "ms", "ref_ms", "ours_over_ref")
+        floor = ratio_of(r, "ms", "floor_ms", "ours_over_floor")
+        assert r["floor_ok"] == (floor <= FLOOR_TARGET)
+        dec = r["decompositions"]
+        assert dec["calls"] == sum(dec["by_kind"].values()) == sum(dec["shapes"].values()) > 0
+        assert dec["matrices"] >= dec["calls"]
+        assert r["old_ms"] is r["new_over_old"] is r["old_target"] is r["old_met"] is None
+        assert r["published_ms"] is None and r["published_source"] is None  # nothing published at 16x32
+        assert not {"ratio", "target", "met"} & set(r)  # no verdict against another day's numbers
+    for name in ("liebn_aim", "liebn_lem", "spdbn", "spdmbn", "gbwbn"):  # eigh layers: eigh in forward+backward
+        assert all(r["decompositions"]["by_kind"].get("eigh", 0) > 0 for r in rows if r["norm"] == name)
     assert {o["norm"] for o in data["overhead"]} == expected
     assert all(positive(o["ms_validate_false"]) and positive(o["ms_validate_true"]) for o in data["overhead"])
-    (floor,) = data["floors"]
-    assert (floor["n"], floor["N"], floor["lem_published_ms"], floor["lem_target_ms"]) == (20, 32, 4.0, 2.0)
-    assert positive(floor["eigh_ms"]) and positive(floor["lem_chain_ms"])
     # accuracy against forward_ref wherever a layer has one (required for LieBN)
     for name in sorted(expected):
-        feats = 6 if "so3" in get_norm_info(name).inputs else 20
+        feats = 5 if "so3" in get_norm_info(name).inputs else 16
         has_ref = callable(getattr(create_norm_layer(name, feats), "forward_ref", None))
         assert has_ref or not name.startswith("liebn_"), f"{name} has no forward_ref"
         for r in (r for r in rows if r["norm"] == name):
@@ -116,6 +127,94 @@ def test_norms_quick(tmp_path: Path) -> None:
                 continue
             tol = 1e-6 if r["dtype"] == "float64" else 1e-3
             assert r["out_rel_err"] < tol and r["grad_rel_err"] < tol, r
+
+
+def test_norms_against_a_tree_and_with_domains(tmp_path: Path) -> None:
+    """``--against <repository root>``: the same layers in a worker process; ``--domains 9``: domain-aware rows."""
+    from benchmarks.norms import old_target
+
+    out = tmp_path / "norms.json"
+    proc = bench("norms", "--quick", "--dtypes", "float64", "--norms", "liebn_lcm", "liebn_aim", "dsliebn_lem",
+                 "--domains", "9", "--against", str(ROOT), "--out", str(out))
+    assert f"| old ms ({ROOT}) | new/old | old decomp. |" in proc.stdout
+    data = report(out, "norms")
+    assert Path(data["against"]["tree"]) == ROOT and not data["against"]["worktree"]
+    assert Path(data["against"]["manifoldnorm"]) == ROOT / "manifoldnorm"
+    rows = {r["norm"]: r for r in data["rows"]}
+    assert list(rows) == ["liebn_lcm", "liebn_aim", "dsliebn_lem"]
+    assert rows["dsliebn_lem"]["domains"] == 9 and rows["liebn_aim"]["domains"] is None
+    for name, r in rows.items():
+        ratio = ratio_of(r, "ms", "old_ms", "new_over_old")
+        ratio_of(r, "ms", "ref_ms", "ours_over_ref")
+        ratio_of(r, "ms", "floor_ms", "ours_over_floor")
+        dec = r["decompositions"]  # the same tree: the worker counts the same decompositions
+        assert r["old_decompositions"] == {"calls": dec["calls"], "matrices": dec["matrices"]} and r["old_note"] is None
+        assert r["old_target"] == old_target(name, 16)
+        assert r["old_met"] == (None if r["old_target"] is None else ratio <= r["old_target"])
+        assert r["out_rel_err"] < 1e-6 and r["grad_rel_err"] < 1e-6, r  # dsliebn_lem: per-domain twin reference
+    assert rows["liebn_lcm"]["old_target"] == 0.6 and rows["dsliebn_lem"]["old_target"] is None
+    assert rows["dsliebn_lem"]["decompositions"]["calls"] > rows["liebn_aim"]["decompositions"]["calls"] > 0
+
+
+def test_norms_other_tree_answers_n_a_for_what_it_lacks() -> None:
+    """A norm the other tree does not know, or a keyword its layer does not take, is an answer, not a crash."""
+    import torch
+
+    from benchmarks.norms import OtherTree, make_case
+
+    feats, X, G = make_case("liebn_lem", 4, 6)
+    with OtherTree(str(ROOT)) as other:
+        missing = other.setup("no_such_norm", feats, X, G, None, None, torch.float64, 1)
+        assert not missing["ok"] and "no_such_norm" in missing["error"]
+        ok = other.setup("liebn_lem", feats, X, G, None, None, torch.float64, 1)
+        assert ok["ok"] and ok["dropped"] == [] and ok["calls"] > 0 and positive(other.step())
+        req = {"op": "setup", "norm": "liebn_lem", "features": feats, "inputs": str(other.tmp / "inputs.pt"),
+               "dtype": "float64", "threads": 1, "seed": 0, "kwargs": {"validate": False, "no_such_kw": 1}}
+        assert not other.request(req)["ok"]
+        assert other.request({**req, "optional": ["no_such_kw"]})["dropped"] == ["no_such_kw"]
+
+
+def test_norms_floor_replays_the_recorded_decompositions() -> None:
+    """The floor replays each recorded call with its kind, shape and dtype (values-only calls as values only)."""
+    import torch
+
+    from benchmarks.norms import floor_calls, record_decompositions, summarize_decompositions
+
+    A = torch.randn(5, 4, 4, dtype=torch.float64)
+    A = A @ A.mT + torch.eye(4, dtype=torch.float64)
+
+    def step() -> None:
+        torch.linalg.eigh(A)
+        torch.linalg.eigvalsh(A[:2])
+        torch.linalg.cholesky(A.float())
+        torch.linalg.svd(A[0, :3])
+        torch.linalg.det(A)
+
+    calls = record_decompositions(step)
+    assert [(c["kind"], c["shape"], c["dtype"], c["values_only"]) for c in calls] == [
+        ("eigh", [5, 4, 4], "float64", False), ("eigh", [2, 4, 4], "float64", True),
+        ("cholesky", [5, 4, 4], "float32", False), ("svd", [3, 4], "float64", False),
+        ("lu", [5, 4, 4], "float64", False)]
+    assert summarize_decompositions(calls)["matrices"] == 5 + 2 + 5 + 1 + 5
+    replay = floor_calls(calls)
+    assert [f.func for f in replay] == [torch.linalg.eigh, torch.linalg.eigvalsh, torch.linalg.cholesky_ex,
+                                        torch.linalg.svd, torch.linalg.lu_factor_ex]
+    assert [tuple(f.args[0].shape) for f in replay] == [tuple(c["shape"]) for c in calls]
+    assert replay[2].args[0].dtype == torch.float32
+    for f in replay:
+        f()
+
+
+def test_norms_published_times_are_only_shown_beside() -> None:
+    import torch
+
+    from benchmarks.norms import PUBLISHED, PUBLISHED_SOURCES, published
+
+    assert set(PUBLISHED_SOURCES) == {k for sizes in PUBLISHED.values() for k in sizes}
+    assert published("liebn_lcm", 20, 32, torch.float64, 1) == (1.2, "LieBN toolbox (Chen et al. 2024)")
+    assert published("liebn_lcm", 20, 32, torch.float32, 1) == (None, None)
+    assert published("liebn_lcm", 20, 32, torch.float64, 2) == (None, None)
+    assert published("liebn_lcm", 16, 32, torch.float64, 1) == (None, None)
 
 
 # ---------------------------------------------------------------------------------------------- layers
