@@ -473,6 +473,7 @@ class OtherTree:
         return float(reply["s"]) if reply.get("ok") else float("nan")
 
     def close(self) -> None:
+        """Stop the worker, delete the input files and the temporary worktree (if a revision was checked out)."""
         if self.proc is not None and self.proc.poll() is None:
             try:
                 self.proc.stdin.write(json.dumps({"op": "close"}) + "\n")
