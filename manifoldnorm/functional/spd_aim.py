@@ -291,6 +291,7 @@ def segment_mean_aim(
         the step-size controlled flow of :func:`mean_aim` in every segment, each segment with its own step sizes
         and stopping test (the largest residual over its channels), until every segment has stopped or the
         budget is spent. A segment that has stopped keeps its iterate unchanged while the others continue.
+        The convergence warning or error names the segments that did not converge (their ``labels`` if set).
 
     Returns
     -------
@@ -358,7 +359,9 @@ def _karcher_controlled_segments(X: Tensor, segments: Segments, G: Tensor, steps
         if not bool(active.any()):
             break
     if not bool(converged.all()):
-        bad = torch.nonzero(~converged, as_tuple=False).squeeze(1).tolist()
+        left = ~converged
+        names = torch.nonzero(left, as_tuple=False).squeeze(1) if segments.labels is None else segments.labels[left]
+        bad = names.tolist()  # segment indices, or their labels (e.g. domain ids)
         msg = (f"segment_mean_aim: the Karcher flow of segment(s) {bad} stopped at residual "
                f"{float(top[~converged].max()):.3g} > tol={tol:.3g} after {int(done[~converged].max())} iterations "
                f"(karcher_steps={steps}); the result is not the mean to that tolerance (its AIM distance to the "
