@@ -29,6 +29,7 @@ from .spd_aim import (
     geodesic_aim,
     logmap_aim,
     mean_aim,
+    segment_mean_aim,
 )
 from .spd_bw import (
     distance_bw,
@@ -83,7 +84,8 @@ __all__ = [
     "project_so", "check_rotation", "distance_so3", "geodesic_so3", "left_mul", "mean_so3", "mean_so3_chordal",
     "project_so3", "so3_exp", "so3_exp_ref", "so3_hat", "so3_log", "so3_log_ref", "so3_vee",
     "METRICS", "check_metric", "distance", "expmap", "geodesic", "logmap", "mean",
-    "congruence", "distance_aim", "expmap_aim", "geodesic_aim", "logmap_aim", "mean_aim", "KarcherConvergenceError",
+    "congruence", "distance_aim", "expmap_aim", "geodesic_aim", "logmap_aim", "mean_aim", "segment_mean_aim",
+    "KarcherConvergenceError",
     "KarcherConvergenceWarning",
     "cholesky_exp", "cholesky_exp_ref", "cholesky_log", "cholesky_log_ref", "distance_lcm", "distance_lem",
     "geodesic_lcm", "geodesic_lem",

@@ -132,3 +132,64 @@ class SplitBatchMean:
         if self.total is None:
             raise RuntimeError("SplitBatchMean.count is known after the first mean")
         return self.total
+
+
+class Segments:
+    r"""The samples of a batch grouped into segments (e.g. by domain id), for per-segment reductions.
+
+    Every per-segment statistic is a segment sum: one ``index_add`` of the ``N`` samples into ``S`` slots (and,
+    for a batch split into parts, one ``reduce`` of the packed ``(S, ...)`` sums), so the number of batched
+    operations does not depend on the number of segments. Differentiable: the gradient of a segment sum is
+    gathered back to the samples.
+
+    Parameters
+    ----------
+    index : LongTensor ``(N,)``
+        Segment of each sample of this part, in ``0..S-1``.
+    counts : Tensor ``(S,)``
+        Number of samples (total weight) of each segment over every part; all positive.
+    labels : LongTensor ``(S,)``, optional
+        What each segment stands for (e.g. its domain id), for the caller.
+    reduce : callable, optional
+        Sum over the parts of a split batch (a :data:`BatchSum`); ``None``: this is the whole batch.
+    """
+
+    def __init__(self, index: Tensor, counts: Tensor, labels: Tensor | None = None,
+                 reduce: BatchSum | None = None) -> None:
+        self.index, self.counts, self.labels, self.reduce = index, counts, labels, reduce
+        self.num = int(counts.shape[0])
+
+    @classmethod
+    def from_ids(cls, ids: Tensor, size: int | None = None, reduce: BatchSum | None = None) -> Segments:
+        """One segment per distinct id present (over every part with ``reduce``), in ascending order of id.
+
+        ``ids`` are non-negative and below ``size`` (default: the largest local id plus one; a split batch
+        must give the same ``size`` on every part). One ``bincount``, with ``reduce`` one sum of the counts
+        over the parts; ``labels`` are the ids.
+        """
+        if size is None:
+            if reduce is not None:
+                raise ValueError("Segments.from_ids: a batch split into parts needs the same size on every part")
+            size = int(ids.max()) + 1 if ids.numel() else 0
+        with torch.no_grad():
+            counts = torch.bincount(ids, minlength=size)
+            if reduce is not None:
+                counts = reduce(counts)
+            labels = torch.nonzero(counts > 0, as_tuple=False).squeeze(1)
+            slot = torch.full((counts.shape[0],), -1, dtype=torch.long, device=ids.device)
+            slot[labels] = torch.arange(labels.shape[0], device=ids.device)
+        return cls(slot[ids], counts[labels], labels, reduce)
+
+    def sum(self, T: Tensor) -> Tensor:
+        """Per-segment sums ``(S, *T.shape[1:])`` of a stack ``T`` ``(N, ...)`` (over every part)."""
+        s = T.new_zeros((self.num, *T.shape[1:])).index_add(0, self.index, T)
+        return s if self.reduce is None else self.reduce(s)
+
+    def mean(self, T: Tensor) -> Tensor:
+        """Per-segment means ``(S, *T.shape[1:])`` of a stack ``T`` ``(N, ...)`` (over every part)."""
+        s = self.sum(T)
+        return s / _align(self.counts.to(s.dtype), s.dim())
+
+    def gather(self, V: Tensor) -> Tensor:
+        """Per-sample copy ``(N, ...)`` of per-segment values ``V`` ``(S, ...)``: ``V[index]``."""
+        return V.index_select(0, self.index)

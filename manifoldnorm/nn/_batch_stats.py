@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from manifoldnorm.functional._batch import BatchSum, SplitBatchMean
+from manifoldnorm.functional._batch import BatchSum, Segments, SplitBatchMean
 
 __all__ = [
     "StatReducer",
@@ -26,9 +26,10 @@ __all__ = [
     "reduce_fn",
     "batch_mean",
     "batch_mean_count",
-    "domain_groups",
+    "domain_segments",
     "domain_range",
     "degenerate_batch",
+    "degenerate_segments",
     "EQUAL_ULPS",
 ]
 
@@ -125,6 +126,31 @@ def degenerate_batch(T: Tensor, count: int, red: StatReducer | None) -> Tensor:
         return spread <= EQUAL_ULPS * torch.finfo(T.dtype).eps * scale
 
 
+def degenerate_segments(T: Tensor, seg: Segments, red: StatReducer | None) -> Tensor:
+    r""":func:`degenerate_batch` for every segment (domain) of the batch at once, ``(S, *F)`` of bool.
+
+    A segment is degenerate where it holds one sample (over every part) or all its samples are equal to
+    working precision, by the test of :func:`degenerate_batch` on per-segment entry-wise maxima and minima (two
+    ``scatter_reduce`` calls; with a reducer one ``red.max`` over all segments, called by every part iff some
+    segment holds two or more samples, so the calls stay in step).
+    """
+    S, feat = seg.num, T.shape[1:-2]
+    single = (seg.counts <= 1).reshape((S,) + (1,) * len(feat)).expand((S, *feat))
+    if bool(single.all()):
+        return single.clone()
+    with torch.no_grad():
+        T = T.detach()
+        init = torch.full((S, *T.shape[1:]), -torch.inf, dtype=T.dtype, device=T.device)
+        idx = seg.index.reshape((-1,) + (1,) * (T.dim() - 1)).expand(T.shape)
+        hi = init.scatter_reduce(0, idx, T, "amax")
+        neg_lo = init.scatter_reduce(0, idx, -T, "amax")
+        if red is not None:
+            hi, neg_lo = red.max(torch.stack([hi, neg_lo]))
+        spread = (hi + neg_lo).amax(dim=(-1, -2))
+        scale = torch.maximum(hi.abs(), neg_lo.abs()).amax(dim=(-1, -2))
+        return single | (spread <= EQUAL_ULPS * torch.finfo(T.dtype).eps * scale)
+
+
 def domain_range(d: Tensor, red: StatReducer | None) -> tuple[int, int] | None:
     """Smallest and largest domain id over the (union of the) batch, ``None`` if it holds no sample.
 
@@ -143,14 +169,13 @@ def domain_range(d: Tensor, red: StatReducer | None) -> tuple[int, int] | None:
     return -neg_low, top
 
 
-def domain_groups(d: Tensor, red: StatReducer, top: int) -> list[tuple[int, Tensor]]:
-    """Domains present on any part, ascending, with this part's sample indices (possibly empty).
+def domain_segments(d: Tensor, red: StatReducer | None, top: int) -> Segments:
+    """The domains of the (union of the) batch as :class:`~manifoldnorm.functional._batch.Segments`.
 
-    ``top`` is the largest id over all parts (:func:`domain_range`; ids already checked to be non-negative).
-    One collective (the per-domain counts); every part gets the same list, so all parts run the same
-    reductions in the same order.
+    One segment per domain present on any part, in ascending order of id (``labels``), with this part's samples
+    (possibly none); ``counts`` are the sizes over all parts. ``top`` is the largest id over all parts
+    (:func:`domain_range`; ids already checked to be non-negative). With a reducer one collective (the
+    per-domain counts), so every part gets the same segments and runs the same reductions in the same order;
+    each per-domain average is then one ``red.sum`` of the packed ``(S, ...)`` segment sums.
     """
-    with torch.no_grad():
-        counts = red.sum(torch.bincount(d, minlength=top + 1))
-    present = torch.nonzero(counts > 0, as_tuple=False).squeeze(1).tolist()
-    return [(dom, torch.nonzero(d == dom, as_tuple=False).squeeze(1)) for dom in present]
+    return Segments.from_ids(d, top + 1, reduce_fn(red))

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
+from manifoldnorm.functional._batch import Segments
 from manifoldnorm.functional.validation import symmetry_rtol
 
-from ._batch_stats import StatReducer, domain_groups, domain_range
+from ._batch_stats import StatReducer, domain_range, domain_segments
 
 __all__ = [
     "spd_identity_parameter",
@@ -223,12 +224,13 @@ class DomainStatsMixin:
                 stacklevel=6,  # the caller of the module (through nn.Module.__call__)
             )
 
-    def _prepare_domains(self, d: Tensor, red: StatReducer | None, owner: str) -> list[tuple[int, Tensor]] | None:
-        """Check the ids ``d`` and grow undeclared buffers; with a reducer, the domains of every process.
+    def _prepare_domains(self, d: Tensor, red: StatReducer | None, owner: str,
+                         segments: bool = True) -> Segments | None:
+        """Check the ids ``d`` and grow undeclared buffers; with ``segments`` return the domains of the batch.
 
         With ``red`` the range is checked over all processes (one ``red.max``), all processes grow to the same
-        number of slots and get the same (ascending) list of the domains present anywhere, with this
-        process's sample indices (possibly empty); ``None`` otherwise.
+        number of slots and get the same segments: the domains present anywhere, ascending, with this
+        process's samples (possibly none; :func:`~manifoldnorm.nn._batch_stats.domain_segments`).
         """
         span = domain_range(d, red)
         if span is None:
@@ -237,18 +239,15 @@ class DomainStatsMixin:
             raise ValueError(f"{owner}: got an empty batch on every process")
         self._check_domain_range(*span, owner)
         self._grow(span[1] + 1)
-        return None if red is None else domain_groups(d, red, span[1])
+        return domain_segments(d, red, span[1]) if segments else None
 
-    @staticmethod
-    def _domain_groups(d: Tensor) -> list[tuple[int, Tensor]]:
-        """``(domain id, sample indices)`` for each distinct id in ``d`` (ascending)."""
-        return [(dom, torch.nonzero(d == dom, as_tuple=False).squeeze(1)) for dom in torch.unique(d).tolist()]
+    def _segment_stats(self, seg: Segments, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """The statistics of the domains ``seg.labels``, ``(S, ...)`` each, in the order of ``_stat_names``."""
+        return tuple(getattr(self, k).index_select(0, seg.labels).to(dtype) for k in self._stat_names)
 
-    @staticmethod
-    def _ungroup(parts: list[Tensor], groups: list[tuple[int, Tensor]]) -> Tensor:
-        """Concatenate per-group results (dim 0) and restore the original sample order."""
-        y = torch.cat(parts, dim=0)
-        order = torch.cat([idx for _, idx in groups])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.shape[0], device=order.device)
-        return y.index_select(0, inverse)
+    @torch.no_grad()
+    def _set_segment_stats(self, seg: Segments, values: tuple[Tensor, ...]) -> None:
+        """Write ``(S, ...)`` statistics (order of ``_stat_names``) into the slots of the domains ``seg.labels``."""
+        for k, v in zip(self._stat_names, values, strict=True):
+            buf = getattr(self, k)
+            buf.index_copy_(0, seg.labels, v.to(buf.dtype))

@@ -7,7 +7,10 @@ import functools
 import torch
 from torch import Tensor
 
-from ._batch_stats import active_reducer
+from manifoldnorm import functional as mf
+from manifoldnorm.functional._batch import Segments
+
+from ._batch_stats import StatReducer, active_reducer, degenerate_segments
 from ._common import (
     DomainStatsMixin,
     as_domain_ids,
@@ -75,9 +78,16 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
 
     Notes
     -----
-    Training loops over the distinct domains of the batch (not over samples) to compute the statistics; the
-    scaling, bias and evaluation are batched. A domain whose part of the batch is degenerate (a single sample,
-    or all samples equal to working precision) is scaled with its running variance, which is then left
+    Training, refit and evaluation are batched over the domains: the per-domain statistics are segment
+    reductions over the batch (samples grouped by domain id once; segment sums by ``index_add``, statistics
+    gathered back per sample), the AIM Karcher flow whitens every sample with its own domain's mean and
+    decomposes the means of all domains in one batched ``eigh`` (:func:`manifoldnorm.functional.segment_mean_aim`;
+    the refit's flow stops in each domain on its own), and the momentum updates index the stacked buffers. A
+    training step or a refit therefore makes the same number of batched decompositions whether the batch holds
+    one domain or many, with the results of one :class:`~manifoldnorm.nn.LieBatchNorm` per domain. Synchronized
+    (:func:`manifoldnorm.distributed.convert_sync_norm`), each reduction is one all-reduce of the packed sums of
+    every domain present on any process. A domain whose part of the batch is degenerate (a single sample, or
+    all samples equal to working precision) is scaled with its running variance, which is then left
     unchanged; every other domain is normalized by the formula above, however small its dispersion (as in
     :class:`~manifoldnorm.nn.LieBatchNorm`).
 
@@ -133,20 +143,72 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
         red = active_reducer(self) if (self.training or self.refitting) else None
         x4 = to_channels(x, self.n, self.channels, owner, self.validate, allow_empty=red is not None)
         d = as_domain_ids(domain, x4.shape[0], x4.device, owner)
-        groups = self._prepare_domains(d, red, owner)
+        seg = self._prepare_domains(d, red, owner, segments=self.training or self.refitting)
         g = self.group
         with autocast_off(x4):
             cdt, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
             Z = g.deform(x4.to(cdt))
-            if not (self.training or self.refitting):
-                Zc = g.center(Z, g.deform(self.running_mean.to(cdt))[d])
-                Zs = g.scale(Zc, self._factor(self.running_var.to(cdt)[d], cdt))
+            if self.refitting:
+                y = self._refit_segments(Z, seg, g.deform(self.weight.to(cdt)))
+            elif self.training:
+                y = self._train_segments(Z, seg, g.deform(self.weight.to(cdt)), red)
             else:
-                groups = self._domain_groups(d) if groups is None else groups
-                step = self._refit_group if self.refitting else self._train_group
-                Zs = self._ungroup([step(Z.index_select(0, idx), dom, None, red) for dom, idx in groups], groups)
-            y = self._bias(Zs, cdt)
+                Zc = g.center(Z, g.deform(self.running_mean.to(cdt))[d])
+                y = self._bias(g.scale(Zc, self._factor(self.running_var.to(cdt)[d], cdt)), cdt)
         return from_channels(y.to(odt), x)
+
+    def _segment_mean(self, Z: Tensor, seg: Segments, steps: int, tol: float | None) -> Tensor:
+        """Fréchet mean of every domain ``(S, C, n, n)`` in the codomain, all domains batched.
+
+        Arithmetic segment means for the flat metrics (LEM, LCM); for AIM (and CRIM) the Karcher flow of
+        :func:`manifoldnorm.functional.segment_mean_aim` (``tol=0``: exactly ``steps`` unit steps).
+        """
+        if self.group.name in ("aim", "crim"):
+            return mf.segment_mean_aim(Z, seg, karcher_steps=steps, tol=tol)
+        return seg.mean(Z)
+
+    def _train_segments(self, Z: Tensor, seg: Segments, B: Tensor, red: StatReducer | None) -> Tensor:
+        """Normalize deformed inputs ``(N, C, n, n)`` with the statistics of their domains; update those.
+
+        :meth:`LieBatchNorm._train_group` for every domain of the batch at once: per-domain means, dispersions,
+        degeneracy tests and momentum updates are segment reductions over the batch (one ``red.sum`` each when
+        synchronized), so the number of decompositions does not depend on the number of domains. ``B`` is the
+        deformed bias; returns the layer output.
+        """
+        g = self.group
+        R, r, T, t = self._segment_stats(seg, Z.dtype)
+        if self.detach_mean:
+            with torch.no_grad():
+                M = self._segment_mean(Z.detach(), seg, self.karcher_steps, 0.0)
+        else:
+            M = self._segment_mean(Z, seg, self.karcher_steps, 0.0)
+        eta = self.train_momentum
+        centre = M if eta == 1.0 else g.geodesic(g.deform(T), M.detach(), eta)
+        d2, scaler = g.dispersion(g.center(Z, seg.gather(centre)))
+        if self.detach_var:  # the variance of the detached centred batch: a constant for autograd
+            d2 = d2.detach()
+        v = seg.mean(d2)
+        v_eta = v if eta == 1.0 else (1.0 - eta) * t + eta * v
+        degenerate = degenerate_segments(Z, seg, red)
+        out = scaler(seg.gather(self._factor(torch.where(degenerate, r, v_eta), Z.dtype)), B)
+        with torch.no_grad():
+            m = self.momentum
+            R_new = g.undeform(g.geodesic(g.deform(R), M.detach(), m))
+            r_new = torch.where(degenerate, r, (1.0 - m) * r + m * v.detach())
+            t_new = torch.where(degenerate, t, v_eta.detach())
+            self._set_segment_stats(seg, (R_new, r_new, g.undeform(centre.detach()), t_new))
+        return out
+
+    @torch.no_grad()
+    def _refit_segments(self, Z: Tensor, seg: Segments, B: Tensor) -> Tensor:
+        """Exact Fréchet mean and dispersion of every domain of the batch (full Karcher flow, per-domain stop)."""
+        g = self.group
+        M = self._segment_mean(Z, seg, self.refit_karcher_steps, None)
+        d2, scaler = g.dispersion(g.center(Z, seg.gather(M)))
+        v = seg.mean(d2)
+        R = g.undeform(M)
+        self._set_segment_stats(seg, (R, v, R.clone(), v.clone()))
+        return scaler(seg.gather(self._factor(v, Z.dtype)), B)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_domains={self.num_domains}"

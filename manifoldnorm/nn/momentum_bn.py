@@ -6,8 +6,17 @@ import torch
 from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
+from manifoldnorm.functional._batch import Segments
 
-from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, degenerate_batch, reduce_fn
+from ._batch_stats import (
+    StatReducer,
+    active_reducer,
+    batch_mean,
+    batch_mean_count,
+    degenerate_batch,
+    degenerate_segments,
+    reduce_fn,
+)
 from ._common import (
     DomainStatsMixin,
     as_domain_ids,
@@ -249,7 +258,13 @@ class DomainSPDBatchNorm(DomainStatsMixin, SPDMomentumBatchNorm):
     Notes
     -----
     ``forward(x, domain)``: ``domain`` is a LongTensor ``(N,)`` of ids (or an int); ``None`` means domain 0.
-    Training loops over the distinct domains in the batch (not over samples); evaluation is fully batched.
+    Training, refit and evaluation are batched over the domains: per-domain Karcher means
+    (:func:`manifoldnorm.functional.segment_mean_aim`: each sample whitened by its own domain's mean, one
+    batched ``eigh`` of all domain means per step; the refit's flow stops in each domain on its own),
+    dispersions, degeneracy tests and the updates of the training and test statistics are segment reductions
+    over the batch, so a step makes the same number of batched decompositions for one domain or many, with the
+    results of one :class:`SPDMomentumBatchNorm` per domain. Synchronized, each reduction is one all-reduce of
+    the packed sums of every domain present on any process.
 
     Deviations
     ----------
@@ -273,45 +288,63 @@ class DomainSPDBatchNorm(DomainStatsMixin, SPDMomentumBatchNorm):
     def _stats_lead(self) -> tuple[int, ...]:
         return (self._num_domains_init,)
 
-    def _get_stats(self, d: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        return tuple(getattr(self, name)[d].to(dtype) for name in _STATS)
-
-    @torch.no_grad()
-    def _set_stats(self, d: int, stats: tuple[Tensor, ...]) -> None:
-        for name, value in zip(_STATS, stats, strict=True):
-            getattr(self, name)[d].copy_(value)
-
     def forward(self, x: Tensor, domain: Tensor | int | None = None) -> Tensor:
         """Normalize ``x`` with the statistics of each sample's domain; ``domain``: ``(N,)`` ids."""
         owner = type(self).__name__
         red = active_reducer(self) if (self.training or self.refitting) else None
         x4 = to_channels(x, self.n, self.channels, owner, self.validate, allow_empty=red is not None)
         d = as_domain_ids(domain, x4.shape[0], x4.device, owner)
-        groups = self._prepare_domains(d, red, owner)
+        seg = self._prepare_domains(d, red, owner, segments=self.training or self.refitting)
         with autocast_off(x4):
             dtype, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
-            return from_channels(self._forward_domains(x4.to(dtype), d, dtype, groups, red).to(odt), x)
-
-    def _forward_domains(self, x4: Tensor, d: Tensor, dtype: torch.dtype,
-                         groups: list[tuple[int, Tensor]] | None = None, red: StatReducer | None = None) -> Tensor:
-        if not (self.training or self.refitting):
-            Si = mf.sym_invsqrtm(self.running_mean.to(dtype))[d]
-            var = self.running_var.to(dtype)[d]
-            return self._scale_and_bias(mf.congruence(Si, x4), var, dtype)
-        if groups is None:
-            groups = self._domain_groups(d)
-        outs = []
-        for dom, idx in groups:
-            xs = x4.index_select(0, idx)
+            x4 = x4.to(dtype)
             if self.refitting:
-                G, v = self._refit_group(xs, red)
-                self._set_stats(dom, (G, v, G, v))
-                ys = self._eval(xs, G, v)
+                y = self._refit_segments(x4, seg)
+            elif self.training:
+                y = self._train_segments(x4, seg, red)
             else:
-                ys, new = self._train_group(xs, self._get_stats(dom, dtype), red)
-                self._set_stats(dom, new)
-            outs.append(ys)
-        return self._ungroup(outs, groups)
+                Si = mf.sym_invsqrtm(self.running_mean.to(dtype))[d]
+                y = self._scale_and_bias(mf.congruence(Si, x4), self.running_var.to(dtype)[d], dtype)
+            return from_channels(y.to(odt), x)
+
+    def _train_segments(self, x4: Tensor, seg: Segments, red: StatReducer | None) -> Tensor:
+        """:meth:`SPDMomentumBatchNorm._train_group` for every domain of the batch at once.
+
+        Per-domain Karcher means (:func:`manifoldnorm.functional.segment_mean_aim`), dispersions, degeneracy
+        tests and the momentum updates of the training and test statistics are segment reductions over the batch
+        (one ``red.sum`` each when synchronized), so the number of decompositions does not depend on the number
+        of domains.
+        """
+        R, r, Rt, rt = self._segment_stats(seg, x4.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_mean):
+            src = x4.detach() if self.detach_mean else x4
+            G = mf.segment_mean_aim(src, seg, karcher_steps=self.karcher_steps, tol=0.0)
+        eta = self.train_momentum
+        R_eta = G if eta == 1.0 else mf.geodesic_aim(R, G, eta)
+        Z = mf.congruence(seg.gather(mf.sym_invsqrtm(R_eta)), x4)
+        E = mf.sym_eig(Z)  # one decomposition for the dispersion and the power
+        v_b = seg.mean(torch.log(E.eigvals()).square().sum(-1))
+        r_eta = (1.0 - eta) * r + eta * v_b
+        degenerate = degenerate_segments(x4, seg, red)
+        var = torch.where(degenerate, r, r_eta)
+        y = self._bias(E.powm(seg.gather(self._factor(var, x4.dtype))), x4.dtype)
+        with torch.no_grad():
+            G = G.detach()
+            Rt_new = mf.geodesic_aim(Rt, G, self.momentum)
+            vt = seg.mean(_aim_sqdist(seg.gather(mf.sym_invsqrtm(Rt_new)), x4.detach()))
+            t = self.momentum
+            rt_new = torch.where(degenerate, rt, (1.0 - t) * rt + t * vt)
+            self._set_segment_stats(seg, (R_eta.detach(), torch.where(degenerate, r, r_eta.detach()), Rt_new, rt_new))
+        return y
+
+    @torch.no_grad()
+    def _refit_segments(self, x4: Tensor, seg: Segments) -> Tensor:
+        """Exact Fréchet mean and dispersion of every domain of the batch (full Karcher flow, per-domain stop)."""
+        G = mf.segment_mean_aim(x4, seg, karcher_steps=self.refit_karcher_steps)
+        E = mf.sym_eig(mf.congruence(seg.gather(mf.sym_invsqrtm(G)), x4))
+        v = seg.mean(torch.log(E.eigvals()).square().sum(-1))
+        self._set_segment_stats(seg, (G, v, G, v))
+        return self._bias(E.powm(seg.gather(self._factor(v, x4.dtype))), x4.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_domains={self.num_domains}"

@@ -76,3 +76,53 @@ def input_grad_norm(layer: torch.nn.Module, X: torch.Tensor, seed: int = 0) -> t
     G = torch.randn(Y.shape, generator=g, dtype=Y.dtype)
     (Y * mf.sym(G)).sum().backward()
     return float(X.grad.norm()), Y.detach()
+
+
+class PerDomainLoop:
+    """Parity oracle of the domain-specific norms: the undomained layer run on each domain of the batch in turn.
+
+    For a :class:`~manifoldnorm.nn.DomainLieBatchNorm` a :class:`~manifoldnorm.nn.LieBatchNorm`, for a
+    :class:`~manifoldnorm.nn.DomainSPDBatchNorm` an :class:`~manifoldnorm.nn.SPDMomentumBatchNorm`, with the same
+    options and parameter values (its own copies, so gradients can be compared), and each domain's statistics
+    copied in before and out after its call: the per-domain Python loop (one small group of decompositions per
+    domain) that the domain-specific layers replace by segment reductions. ``stats`` holds the stacked
+    per-domain statistics; set ``base.train()``/``base.eval()``/``base.refitting`` as on the layer compared.
+    """
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        from manifoldnorm.nn import DomainLieBatchNorm, DomainSPDBatchNorm, LieBatchNorm, SPDMomentumBatchNorm
+
+        common = {"momentum": layer.momentum, "train_momentum": layer.train_momentum,
+                  "karcher_steps": layer.karcher_steps, "eps": layer.eps, "channels": layer.channels,
+                  "refit_karcher_steps": layer.refit_karcher_steps, "detach_mean": layer.detach_mean,
+                  "validate": layer.validate, "compute_dtype": layer.compute_dtype, "dtype": layer.weight.dtype}
+        if isinstance(layer, DomainLieBatchNorm):
+            self.base = LieBatchNorm(layer.n, metric=layer.metric, theta=layer.theta, alpha=layer.alpha,
+                                     beta=layer.beta, detach_var=layer.detach_var, **common)
+        elif isinstance(layer, DomainSPDBatchNorm):
+            self.base = SPDMomentumBatchNorm(layer.n, **common)
+        else:
+            raise TypeError(f"PerDomainLoop: not a domain-specific norm: {type(layer).__name__}")
+        with torch.no_grad():
+            self.base.weight.copy_(layer.weight)
+            self.base.shift.copy_(layer.shift)
+        self.base.train(layer.training)
+        self.names = layer._stat_names
+        self.stats = {k: getattr(layer, k).detach().clone() for k in self.names}
+
+    def __call__(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        parts, order = [], []
+        for dom in torch.unique(domain).tolist():
+            idx = torch.nonzero(domain == dom, as_tuple=False).squeeze(1)
+            with torch.no_grad():
+                for k in self.names:
+                    getattr(self.base, k).copy_(self.stats[k][dom])
+            parts.append(self.base(x.index_select(0, idx)))
+            with torch.no_grad():
+                for k in self.names:
+                    self.stats[k][dom].copy_(getattr(self.base, k))
+            order.append(idx)
+        perm = torch.cat(order)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.shape[0])
+        return torch.cat(parts).index_select(0, inverse)
