@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from ._batch import BatchSum, SplitBatchMean, batch_dim, default_tol, normalized_weights, raw_weights, weighted_sum
-from .spectral import sym, sym_expm, sym_logm, sym_powm, sym_sqrtm_invsqrtm
+from ._spectral_checks import _check_domain, _reconstruct, _reconstruct_exp
+from .spectral import _INVSQRT, _LOG, _POW, _needs_graph, _no_autocast, sym, sym_expm, sym_logm, sym_powm, sym_sqrtm_invsqrtm
 
 __all__ = [
     "distance_aim", "mean_aim", "geodesic_aim", "logmap_aim", "expmap_aim", "congruence", "KarcherConvergenceError",
@@ -92,11 +93,30 @@ def geodesic_aim(A: Tensor, B: Tensor, t: Tensor | float) -> Tensor:
 
     ``t`` may be a float or a tensor broadcastable to the batch shape (differentiable).
     """
+    if not (A.dtype in (torch.float16, torch.bfloat16) or _needs_graph(A, B, t)):
+        return _geodesic_aim_values(A, B, t)
     S, Si = sym_sqrtm_invsqrtm(A)
     C = congruence(Si, B)
     if isinstance(t, Tensor) and t.dim() > 0:
         t = t.expand(C.shape[:-2])
     return congruence(S, sym_powm(C, t))
+
+
+def _geodesic_aim_values(A: Tensor, B: Tensor, t: Tensor | float) -> Tensor:
+    """:func:`geodesic_aim` without an autograd graph (statistics, running means): the same operations, with the
+    spectral functions' domain checks, without their autograd plumbing."""
+    with _no_autocast(A), torch.no_grad():
+        lam, U = torch.linalg.eigh(A)
+        _check_domain(lam, (_INVSQRT,), A.dtype)
+        S, Si = _reconstruct(U, torch.sqrt(lam)), _reconstruct(U, torch.rsqrt(lam))
+        C = congruence(Si, B)
+        mu, V = torch.linalg.eigh(C)
+        _check_domain(mu, (_POW,), C.dtype)
+        if isinstance(t, Tensor):
+            t = t.to(C.dtype)
+            if t.dim() > 0:
+                t = t.expand(C.shape[:-2]).unsqueeze(-1)
+        return congruence(S, _reconstruct(V, torch.pow(mu, t)))
 
 
 class KarcherConvergenceWarning(RuntimeWarning):
@@ -201,6 +221,8 @@ def mean_aim(
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
     G = average(X) if init is None else init
+    if tol == 0 and not (X.dtype in (torch.float16, torch.bfloat16) or _needs_graph(X, G, weights)):
+        return _karcher_values(X, d, G, average, karcher_steps)  # the same steps without autograd plumbing
     if tol == 0:  # the batch-norm mode: exactly karcher_steps unit steps (kept bit-identical)
         for _ in range(karcher_steps):
             S, Si = sym_sqrtm_invsqrtm(G)
@@ -208,6 +230,21 @@ def mean_aim(
             G = congruence(S, sym_expm(T))
         return G
     return _karcher_controlled(X, d, G, average, karcher_steps, tol, on_fail)
+
+
+def _karcher_values(X: Tensor, d: int, G: Tensor, average, steps: int) -> Tensor:
+    """The unit-step Karcher flow of :func:`mean_aim` (``tol=0``) without an autograd graph: the operations of
+    ``sym_sqrtm_invsqrtm``, ``sym_logm`` and ``sym_expm`` with their domain checks, bit-identical results."""
+    with _no_autocast(X), torch.no_grad():
+        for _ in range(steps):
+            lam, U = torch.linalg.eigh(G)
+            _check_domain(lam, (_INVSQRT,), G.dtype)
+            S, Si = _reconstruct(U, torch.sqrt(lam)), _reconstruct(U, torch.rsqrt(lam))
+            mu, V = torch.linalg.eigh(congruence(Si.unsqueeze(d), X))
+            _check_domain(mu, (_LOG,), X.dtype)
+            nu, Q = torch.linalg.eigh(average(_reconstruct(V, torch.log(mu))))
+            G = congruence(S, _reconstruct_exp(Q, nu))
+    return G
 
 
 def _tangent(X: Tensor, d: int, Wi: Tensor, average) -> Tensor:
