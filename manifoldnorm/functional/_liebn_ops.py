@@ -43,9 +43,9 @@ from ._autograd import anchor_inputs, once_differentiable
 from ._batch import equal_to_precision
 from ._spectral_checks import _all_finite, _check_domain, _reconstruct, _reconstruct_exp
 from .spd_pullback import cholesky_grad
-from .spectral import _EXP, _LOG, _POW, _check_input, _loewner, _no_autocast, sym
+from .spectral import _EXP, _INVSQRT, _LOG, _POW, _SQRT, _check_input, _loewner, _no_autocast, sym
 
-__all__ = ["StepConfig", "StepStats", "lem_step", "lcm_step", "aim_step"]
+__all__ = ["StepConfig", "StepStats", "lem_step", "lcm_step", "aim_step", "spdmbn_step"]
 
 
 @dataclass
@@ -259,15 +259,18 @@ def lcm_step(X: Tensor, W: Tensor, shift: Tensor, cfg: StepConfig) -> Tensor:
     return _LCMStep.apply(X, W, shift, cfg)
 
 
-# ---- AIM (theta = 1): phi = id, P (.) Q = L_P Q L_P^T, d^2(Z, E) = alpha |log Z|^2 + beta log^2 det Z ------------
+# ---- AIM (theta = 1) and SPDMBN: whiten, power, bias ---------------------------------------------------------------
+# LieBN-AIM: Y = L_B (L^{-1} X L^{-T})^c L_B^T with L = chol(centre), L_B = chol(W), d^2 = alpha |log Z|^2 +
+# beta log^2 det Z. Kobler's SPDMBN: Y = W^{1/2} (R^{-1/2} X R^{-1/2})^c W^{1/2}, d^2 = |log Z|^2. Both:
+# Y = F (K X K^T)^c F^T for a constant whitening K and a factor F of the bias W.
 
 
-class _AIMStep(torch.autograd.Function):
+class _WhitenPowerBias(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, X: Tensor, W: Tensor, shift: Tensor, Li: Tensor, M: Tensor,  # type: ignore[override]
-                centre: Tensor, cfg: StepConfig) -> Tensor:
+    def forward(ctx, X: Tensor, W: Tensor, shift: Tensor, K: Tensor, M: Tensor,  # type: ignore[override]
+                centre: Tensor, cfg: StepConfig, bias: str) -> Tensor:
         anchor_inputs(ctx, X, W, shift)
-        Zc = sym(Li @ X @ Li.transpose(-1, -2))  # centring: L^{-1} X L^{-T}, L = chol(centre)
+        Zc = sym(K @ X @ K.transpose(-1, -2))  # centring
         lam, U = torch.linalg.eigh(Zc)
         _check_domain(lam, (_POW,), Zc.dtype)
         log_lam = torch.log(lam)
@@ -278,23 +281,37 @@ class _AIMStep(torch.autograd.Function):
         c = _factor(ctx, cfg, M, centre, d2.mean(dim=0), degenerate, shift)
         p = c.expand(Zc.shape[:-2])
         lam_c = torch.pow(lam, p.unsqueeze(-1))
-        LB = torch.linalg.cholesky(W)
-        V = LB @ U  # biasing L_B Zc^c L_B^T = V diag(lam^c) V^T
-        ctx.save_for_backward(Li, lam, U, log_lam, lam_c, p, LB, V)
+        if bias == "cholesky":
+            F = torch.linalg.cholesky(W)
+            wfac: tuple[Tensor, ...] = (F,)
+        else:  # symmetric square root (as sym_sqrtm)
+            mu, Q = torch.linalg.eigh(W)
+            _check_domain(mu, (_SQRT,), W.dtype)
+            s_mu = torch.sqrt(mu)
+            F = _reconstruct(Q, s_mu)
+            wfac = (mu, Q, s_mu)
+        V = F @ U  # biasing F Zc^c F^T = V diag(lam^c) V^T
+        ctx.bias = bias
+        ctx.save_for_backward(K, lam, U, log_lam, lam_c, p, V, *wfac)
         return sym((V * lam_c.unsqueeze(-2)) @ V.transpose(-1, -2))
 
     @staticmethod
     @once_differentiable(_NAME, _ADVICE)
     def backward(ctx, gY: Tensor):  # type: ignore[override]
-        Li, lam, U, log_lam, lam_c, p, LB, V = ctx.saved_tensors
+        K, lam, U, log_lam, lam_c, p, V, *wfac = ctx.saved_tensors
         with _no_autocast(gY):
             GV = sym(gY) @ V
-            Gt = (V.transpose(-1, -2) @ GV).mul_(2.0)  # U^T (gZs + gZs^T) U with gZs = L_B^T sym(gY) L_B
+            Gt = (V.transpose(-1, -2) @ GV).mul_(2.0)  # U^T (gZs + gZs^T) U with gZs = F^T sym(gY) F
             # exponent gradient of Zc^c (as sym_powm): sum_k (U^T sym(gZs) U)_kk lam_k^c log lam_k
             gc = (0.5 * (torch.diagonal(Gt, dim1=-2, dim2=-1) * lam_c * log_lam).sum(-1)).sum(dim=0)
             gX = gW = None
-            if ctx.needs_input_grad[1]:  # grad of L_B: 2 sym(gY) L_B Zc^c = 2 (GV diag(lam^c)) U^T, halved
-                gW = cholesky_grad(((GV * lam_c.unsqueeze(-2)) @ U.transpose(-1, -2)).sum(dim=0), LB, halved=True)
+            if ctx.needs_input_grad[1]:  # grad of F: 2 sym(gY) F Zc^c = 2 (GV diag(lam^c)) U^T
+                half = ((GV * lam_c.unsqueeze(-2)) @ U.transpose(-1, -2)).sum(dim=0)
+                if ctx.bias == "cholesky":
+                    gW = cholesky_grad(half, wfac[0], halved=True)
+                else:
+                    mu, Q, s_mu = wfac
+                    gW = _dk(Q, mu, s_mu, _SQRT, 2.0 * half, torch.zeros((), dtype=mu.dtype, device=mu.device))
             if ctx.needs_input_grad[0]:
                 inner = _loewner(lam, lam_c, _POW, p, scale=0.5).mul_(Gt)
                 gv = _var_grad(ctx, gc)
@@ -303,19 +320,32 @@ class _AIMStep(torch.autograd.Function):
                     if ctx.beta != 0.0:
                         dlog = dlog + 2.0 * ctx.beta * log_lam.sum(-1, keepdim=True)
                     inner.diagonal(dim1=-2, dim2=-1).add_(dlog * (gv / lam.shape[0]).unsqueeze(-1) / lam)
-                P = Li.transpose(-1, -2) @ U  # d X = L^{-T} (U inner U^T) L^{-1}
+                P = K.transpose(-1, -2) @ U  # d X = K^T (U inner U^T) K
                 gX = P @ inner @ P.transpose(-1, -2)
                 _check_grad(gX, gY, lam, "sym_powm")
             gs = gc / torch.sqrt(ctx.var + ctx.eps) if ctx.needs_input_grad[2] else None
-        return gX, gW, gs, None, None, None, None
+        return gX, gW, gs, None, None, None, None, None
 
 
 def aim_step(X: Tensor, W: Tensor, shift: Tensor, M: Tensor, centre: Tensor, cfg: StepConfig) -> Tensor:
-    """LieBN-AIM (θ = 1) training step on ``(N, C, n, n)`` given the (detached) batch mean ``M`` and the centre
-    (``M``, or the momentum mean); statistics in ``cfg.stats``."""
-    _check_input(X, "sym_powm")
+    r"""LieBN-AIM (θ = 1) training step on ``(N, C, n, n)`` given the (detached) batch mean ``M`` and the centre
+    (``M``, or the momentum mean): centring :math:`L^{-1}XL^{-\top}`, :math:`L = \mathrm{chol}(G)`, biasing by
+    :math:`\mathrm{chol}(W)`; statistics in ``cfg.stats``."""
+    _check_input(X, "sym_eig")
     with torch.no_grad():
         L = torch.linalg.cholesky(centre)
         eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
         Li = torch.linalg.solve_triangular(L, eye, upper=False)
-    return _AIMStep.apply(X, W, shift, Li, M, centre, cfg)
+    return _WhitenPowerBias.apply(X, W, shift, Li, M, centre, cfg, "cholesky")
+
+
+def spdmbn_step(X: Tensor, W: Tensor, shift: Tensor, M: Tensor, centre: Tensor, cfg: StepConfig) -> Tensor:
+    r"""SPDMBN training step (Kobler et al., NeurIPS 2022) on ``(N, C, n, n)``: :math:`W^{1/2}(R_\eta^{-1/2} X
+    R_\eta^{-1/2})^{c}W^{1/2}` with :math:`c = s/\sqrt{r_\eta + \epsilon}`, the batch mean ``M`` (detached) and
+    the momentum mean ``centre`` :math:`= R_\eta`; ``cfg.t`` and ``cfg.r`` are the training variance :math:`r`."""
+    _check_input(X, "sym_eig")
+    with torch.no_grad():
+        lam, U = torch.linalg.eigh(centre)
+        _check_domain(lam, (_INVSQRT,), centre.dtype)
+        K = _reconstruct(U, torch.rsqrt(lam))  # as sym_invsqrtm
+    return _WhitenPowerBias.apply(X, W, shift, K, M, centre, cfg, "sqrtm")

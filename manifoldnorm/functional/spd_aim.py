@@ -25,7 +25,18 @@ from torch import Tensor
 
 from ._batch import BatchSum, SplitBatchMean, batch_dim, default_tol, normalized_weights, raw_weights, weighted_sum
 from ._spectral_checks import _check_domain, _reconstruct, _reconstruct_exp
-from .spectral import _INVSQRT, _LOG, _POW, _needs_graph, _no_autocast, sym, sym_expm, sym_logm, sym_powm, sym_sqrtm_invsqrtm
+from .spectral import (
+    _INVSQRT,
+    _LOG,
+    _POW,
+    _needs_graph,
+    _no_autocast,
+    sym,
+    sym_expm,
+    sym_logm,
+    sym_powm,
+    sym_sqrtm_invsqrtm,
+)
 
 __all__ = [
     "distance_aim", "mean_aim", "geodesic_aim", "logmap_aim", "expmap_aim", "congruence", "KarcherConvergenceError",
@@ -103,7 +114,7 @@ def geodesic_aim(A: Tensor, B: Tensor, t: Tensor | float) -> Tensor:
 
 
 def _geodesic_aim_values(A: Tensor, B: Tensor, t: Tensor | float) -> Tensor:
-    """:func:`geodesic_aim` without an autograd graph (statistics, running means): the same operations, with the
+    r""":func:`geodesic_aim` without an autograd graph (statistics, running means): the same operations, with the
     spectral functions' domain checks, without their autograd plumbing."""
     with _no_autocast(A), torch.no_grad():
         lam, U = torch.linalg.eigh(A)
@@ -232,9 +243,12 @@ def mean_aim(
     return _karcher_controlled(X, d, G, average, karcher_steps, tol, on_fail)
 
 
-def _karcher_values(X: Tensor, d: int, G: Tensor, average, steps: int) -> Tensor:
-    """The unit-step Karcher flow of :func:`mean_aim` (``tol=0``) without an autograd graph: the operations of
-    ``sym_sqrtm_invsqrtm``, ``sym_logm`` and ``sym_expm`` with their domain checks, bit-identical results."""
+def _karcher_values(X: Tensor, d: int, G: Tensor, average, steps: int, keep: bool = False):
+    r"""The unit-step Karcher flow of :func:`mean_aim` (``tol=0``) without an autograd graph: the operations of
+    ``sym_sqrtm_invsqrtm``, ``sym_logm`` and ``sym_expm`` with their domain checks, bit-identical results.
+    ``keep``: also return the last base point's :math:`G^{-1/2}` and tangent vectors
+    :math:`\log(G^{-1/2}X_iG^{-1/2})`."""
+    Si = T = None
     with _no_autocast(X), torch.no_grad():
         for _ in range(steps):
             lam, U = torch.linalg.eigh(G)
@@ -242,9 +256,26 @@ def _karcher_values(X: Tensor, d: int, G: Tensor, average, steps: int) -> Tensor
             S, Si = _reconstruct(U, torch.sqrt(lam)), _reconstruct(U, torch.rsqrt(lam))
             mu, V = torch.linalg.eigh(congruence(Si.unsqueeze(d), X))
             _check_domain(mu, (_LOG,), X.dtype)
-            nu, Q = torch.linalg.eigh(average(_reconstruct(V, torch.log(mu))))
+            T = _reconstruct(V, torch.log(mu))
+            nu, Q = torch.linalg.eigh(average(T))
             G = congruence(S, _reconstruct_exp(Q, nu))
-    return G
+    return (G, Si, T) if keep else G
+
+
+def karcher_step_tangents(X: Tensor, karcher_steps: int, reduce: BatchSum | None = None,
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The batch-norm Karcher flow over dim 0 (:func:`mean_aim` with ``tol=0``, no autograd graph) and what its last
+    step computed: ``(G, Si, T)`` with the mean ``G``, the last base point's :math:`G_{K-1}^{-1/2}` and the tangent
+    vectors :math:`T_i = \log(G_{K-1}^{-1/2} X_i G_{K-1}^{-1/2})` (Kobler et al.'s tangent-space dispersion reads
+    them)."""
+    if reduce is None:
+        w = normalized_weights(X, 0, None)
+
+        def average(T: Tensor) -> Tensor:
+            return weighted_sum(T, 0, w)
+    else:
+        average = SplitBatchMean(raw_weights(X, 0, None), 0, reduce)
+    return _karcher_values(X, 0, average(X), average, karcher_steps, keep=True)
 
 
 def _tangent(X: Tensor, d: int, Wi: Tensor, average) -> Tensor:

@@ -273,7 +273,7 @@ class LieBatchNorm(RefittableNorm):
 
     @torch.no_grad()
     def _set_phi_stats(self, d: int | None, values: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
-        """Write ``(R, r, T, t)`` of slot ``d`` given with codomain means: the codomain copies and the SPD buffers
+        r"""Write ``(R, r, T, t)`` of slot ``d`` given with codomain means: the codomain copies and the SPD buffers
         (one :math:`\phi^{-1}` of both means)."""
         R, r, T, t = values
         for k in self._phi_means:  # other slots must be consistent before one slot is written
@@ -383,7 +383,7 @@ class LieBatchNorm(RefittableNorm):
 
     @torch.no_grad()
     def _update_stats(self, d: int | None, R: Tensor, r: Tensor, t: Tensor, st: StepStats) -> None:
-        """Running statistics after a training step: :math:`R \leftarrow \gamma_{R\to M}(\text{momentum})`,
+        r"""Running statistics after a training step: :math:`R \leftarrow \gamma_{R\to M}(\text{momentum})`,
         :math:`r \leftarrow (1-\text{momentum})\,r + \text{momentum}\,v`, training statistics
         :math:`(M_\eta, v_\eta)`; a degenerate batch leaves both variances unchanged."""
         m = self.momentum
