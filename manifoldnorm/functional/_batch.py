@@ -193,3 +193,18 @@ class Segments:
     def gather(self, V: Tensor) -> Tensor:
         """Per-sample copy ``(N, ...)`` of per-segment values ``V`` ``(S, ...)``: ``V[index]``."""
         return V.index_select(0, self.index)
+
+
+#: two matrices of a batch count as equal when every entry differs by at most this many units of the compute
+#: dtype's precision (``torch.finfo(dtype).eps``) relative to the largest entry of the feature (see
+#: :func:`equal_to_precision` and :func:`manifoldnorm.nn._batch_stats.degenerate_batch`)
+EQUAL_ULPS = 8.0
+
+
+def equal_to_precision(hi: Tensor, neg_lo: Tensor) -> Tensor:
+    r"""Per feature ``(*F)`` from the entry-wise batch maximum ``hi`` and negated minimum ``neg_lo`` ``(*F, n, n)``:
+    are all samples equal to working precision, :math:`\max_{a,b}(\max_i T_{i,ab} - \min_i T_{i,ab}) \le`
+    ``EQUAL_ULPS`` :math:`\cdot\,\epsilon \cdot \max_{a,b} \max_i |T_{i,ab}|`?"""
+    spread = (hi + neg_lo).amax(dim=(-1, -2))
+    scale = torch.maximum(hi.abs(), neg_lo.abs()).amax(dim=(-1, -2))
+    return spread <= EQUAL_ULPS * torch.finfo(hi.dtype).eps * scale

@@ -31,6 +31,7 @@ from torch import Tensor
 from manifoldnorm import functional as mf
 from manifoldnorm.functional._autograd import anchor_inputs, once_differentiable
 from manifoldnorm.functional._batch import BatchSum, SplitBatchMean
+from manifoldnorm.functional._spectral_checks import _reconstruct_exp
 from manifoldnorm.functional.spd_pullback import cholesky_exp_grad
 
 __all__ = ["SPDLieGroup", "make_group", "cholesky_group_inverse", "LIE_METRICS"]
@@ -97,6 +98,11 @@ class SPDLieGroup:
 
     def undeform(self, Z: Tensor) -> Tensor:  # phi^{-1}
         raise NotImplementedError
+
+    def undeform_stats(self, Z: Tensor) -> Tensor:
+        """:meth:`undeform` of statistics (no autograd graph, no input checks): the same values, fewer steps."""
+        with torch.no_grad():
+            return self.undeform(Z)
 
     # statistics ----------------------------------------------------------------------------------------------
     def mean(self, Z: Tensor, karcher_steps: int, tol: float | None = 0.0, reduce: BatchSum | None = None) -> Tensor:
@@ -198,6 +204,11 @@ class _LEM(SPDLieGroup):
     def undeform(self, Z: Tensor) -> Tensor:
         return mf.sym_expm(Z)
 
+    def undeform_stats(self, Z: Tensor) -> Tensor:
+        with torch.no_grad():
+            lam, U = torch.linalg.eigh(Z)
+            return _reconstruct_exp(U, lam)  # as sym_expm
+
     def sqdist_identity(self, Z: Tensor) -> Tensor:
         d2 = self.alpha * sq_frobenius(Z)
         if self.beta != 0.0:
@@ -214,6 +225,14 @@ class _LCM(SPDLieGroup):
     def undeform(self, Z: Tensor) -> Tensor:
         Y = mf.cholesky_exp(Z)  # C C^T: symmetric up to round-off, no extra symmetrisation pass
         return Y if self.theta == 1.0 else self._pow(mf.sym(Y), 1.0 / self.theta)
+
+    def undeform_stats(self, Z: Tensor) -> Tensor:
+        if self.theta != 1.0:
+            return super().undeform_stats(Z)
+        with torch.no_grad():
+            C = torch.tril(Z)
+            C.diagonal(dim1=-2, dim2=-1).exp_()
+            return C @ C.mT  # as cholesky_exp
 
     def sqdist_identity(self, Z: Tensor) -> Tensor:
         return sq_frobenius(Z) / self.theta**2

@@ -30,6 +30,8 @@ def _reconstruct_exp(U: Tensor, lam: Tensor) -> Tensor:
     top = lam[..., -1:]  # eigh sorts ascending
     limit = math.log(torch.finfo(lam.dtype).max) - math.log(max(lam.shape[-1], 1)) - 1.0
     high = lam > limit
+    if lam.numel() == 0 or not bool(high.any()):  # the common case: the plain reconstruction (bit-identical)
+        return _reconstruct(U, torch.exp(lam))
     zero = torch.zeros_like(lam)
     out = _reconstruct(U, torch.where(high, zero, torch.exp(lam)))
     over = _reconstruct(U, torch.where(high, torch.exp(lam - top), zero))

@@ -33,7 +33,19 @@ from ._batch import (
     raw_weights,
     weighted_sum,
 )
-from .spectral import sym, sym_expm, sym_logm, sym_powm, sym_sqrtm_invsqrtm
+from ._spectral_checks import _check_domain, _reconstruct, _reconstruct_exp
+from .spectral import (
+    _INVSQRT,
+    _LOG,
+    _POW,
+    _needs_graph,
+    _no_autocast,
+    sym,
+    sym_expm,
+    sym_logm,
+    sym_powm,
+    sym_sqrtm_invsqrtm,
+)
 
 __all__ = [
     "distance_aim", "mean_aim", "segment_mean_aim", "geodesic_aim", "logmap_aim", "expmap_aim", "congruence",
@@ -101,11 +113,30 @@ def geodesic_aim(A: Tensor, B: Tensor, t: Tensor | float) -> Tensor:
 
     ``t`` may be a float or a tensor broadcastable to the batch shape (differentiable).
     """
+    if not (A.dtype in (torch.float16, torch.bfloat16) or _needs_graph(A, B, t)):
+        return _geodesic_aim_values(A, B, t)
     S, Si = sym_sqrtm_invsqrtm(A)
     C = congruence(Si, B)
     if isinstance(t, Tensor) and t.dim() > 0:
         t = t.expand(C.shape[:-2])
     return congruence(S, sym_powm(C, t))
+
+
+def _geodesic_aim_values(A: Tensor, B: Tensor, t: Tensor | float) -> Tensor:
+    r""":func:`geodesic_aim` without an autograd graph (statistics, running means): the same operations, with the
+    spectral functions' domain checks, without their autograd plumbing."""
+    with _no_autocast(A), torch.no_grad():
+        lam, U = torch.linalg.eigh(A)
+        _check_domain(lam, (_INVSQRT,), A.dtype)
+        S, Si = _reconstruct(U, torch.sqrt(lam)), _reconstruct(U, torch.rsqrt(lam))
+        C = congruence(Si, B)
+        mu, V = torch.linalg.eigh(C)
+        _check_domain(mu, (_POW,), C.dtype)
+        if isinstance(t, Tensor):
+            t = t.to(C.dtype)
+            if t.dim() > 0:
+                t = t.expand(C.shape[:-2]).unsqueeze(-1)
+        return congruence(S, _reconstruct(V, torch.pow(mu, t)))
 
 
 class KarcherConvergenceWarning(RuntimeWarning):
@@ -210,6 +241,8 @@ def mean_aim(
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
     G = average(X) if init is None else init
+    if tol == 0 and not (X.dtype in (torch.float16, torch.bfloat16) or _needs_graph(X, G, weights)):
+        return _karcher_values(X, d, G, average, karcher_steps)  # the same steps without autograd plumbing
     if tol == 0:  # the batch-norm mode: exactly karcher_steps unit steps (kept bit-identical)
         for _ in range(karcher_steps):
             S, Si = sym_sqrtm_invsqrtm(G)
@@ -217,6 +250,41 @@ def mean_aim(
             G = congruence(S, sym_expm(T))
         return G
     return _karcher_controlled(X, d, G, average, karcher_steps, tol, on_fail)
+
+
+def _karcher_values(X: Tensor, d: int, G: Tensor, average, steps: int, keep: bool = False):
+    r"""The unit-step Karcher flow of :func:`mean_aim` (``tol=0``) without an autograd graph: the operations of
+    ``sym_sqrtm_invsqrtm``, ``sym_logm`` and ``sym_expm`` with their domain checks, bit-identical results.
+    ``keep``: also return the last base point's :math:`G^{-1/2}` and tangent vectors
+    :math:`\log(G^{-1/2}X_iG^{-1/2})`."""
+    Si = T = None
+    with _no_autocast(X), torch.no_grad():
+        for _ in range(steps):
+            lam, U = torch.linalg.eigh(G)
+            _check_domain(lam, (_INVSQRT,), G.dtype)
+            S, Si = _reconstruct(U, torch.sqrt(lam)), _reconstruct(U, torch.rsqrt(lam))
+            mu, V = torch.linalg.eigh(congruence(Si.unsqueeze(d), X))
+            _check_domain(mu, (_LOG,), X.dtype)
+            T = _reconstruct(V, torch.log(mu))
+            nu, Q = torch.linalg.eigh(average(T))
+            G = congruence(S, _reconstruct_exp(Q, nu))
+    return (G, Si, T) if keep else G
+
+
+def karcher_step_tangents(X: Tensor, karcher_steps: int, reduce: BatchSum | None = None,
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The batch-norm Karcher flow over dim 0 (:func:`mean_aim` with ``tol=0``, no autograd graph) and what its last
+    step computed: ``(G, Si, T)`` with the mean ``G``, the last base point's :math:`G_{K-1}^{-1/2}` and the tangent
+    vectors :math:`T_i = \log(G_{K-1}^{-1/2} X_i G_{K-1}^{-1/2})` (Kobler et al.'s tangent-space dispersion reads
+    them)."""
+    if reduce is None:
+        w = normalized_weights(X, 0, None)
+
+        def average(T: Tensor) -> Tensor:
+            return weighted_sum(T, 0, w)
+    else:
+        average = SplitBatchMean(raw_weights(X, 0, None), 0, reduce)
+    return _karcher_values(X, 0, average(X), average, karcher_steps, keep=True)
 
 
 def _tangent(X: Tensor, d: int, Wi: Tensor, average) -> Tensor:

@@ -66,14 +66,25 @@ class _CholeskyLog(torch.autograd.Function):
         (L,) = ctx.saved_tensors
         gL = torch.tril(gZ)
         gL.diagonal(dim1=-2, dim2=-1).div_(L.diagonal(dim1=-2, dim2=-1))
-        # sym(L^{-T} Phi L^{-1}) = L^{-T} sym(Phi) L^{-1}; sym(Phi) = (T + T^T) / 2 with T = tril(L^T gL) / 2
-        # and its diagonal halved once more. In-place steps: at n ~ 100 fresh buffers cost more than the flops.
-        T = (L.mT @ gL).tril_().mul_(0.5)
-        T.diagonal(dim1=-2, dim2=-1).mul_(0.5)
-        S = torch.add(T, T.mT, out=gL)
-        # the solves read the symmetric S and the column-major factor of torch.linalg.cholesky: no layout copies
-        Y = torch.linalg.solve_triangular(L.mT, S.mT, upper=True)  # L^{-T} S
-        return torch.linalg.solve_triangular(L, Y, upper=False, left=False)  # (L^{-T} S) L^{-1}
+        return cholesky_grad(gL, L)
+
+
+def cholesky_grad(gL: Tensor, L: Tensor, halved: bool = False) -> Tensor:
+    r"""Gradient of :math:`P` from the gradient ``gL`` of its Cholesky factor :math:`L` (Murray 2016, Eq. 10):
+    :math:`\bar P = \mathrm{sym}(L^{-\top}\Phi(L^\top\bar L)L^{-1})`, :math:`\Phi` keeping the lower triangle
+    and halving the diagonal. Only the lower triangle of ``gL`` matters; ``gL`` is overwritten (scratch space).
+    ``halved``: ``gL`` holds :math:`\bar L / 2` (a caller folding the factor into its own scaling saves a pass).
+    """
+    # sym(L^{-T} Phi L^{-1}) = L^{-T} sym(Phi) L^{-1}; sym(Phi) = (T + T^T) / 2 with T = tril(L^T gL) / 2
+    # and its diagonal halved once more. In-place steps: at n ~ 100 fresh buffers cost more than the flops.
+    T = (L.mT @ gL).tril_()
+    if not halved:
+        T.mul_(0.5)
+    T.diagonal(dim1=-2, dim2=-1).mul_(0.5)
+    S = torch.add(T, T.mT, out=gL)
+    # the solves read the symmetric S and the column-major factor of torch.linalg.cholesky: no layout copies
+    Y = torch.linalg.solve_triangular(L.mT, S.mT, upper=True)  # L^{-T} S
+    return torch.linalg.solve_triangular(L, Y, upper=False, left=False)  # (L^{-T} S) L^{-1}
 
 
 class _CholeskyExp(torch.autograd.Function):

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from manifoldnorm.functional._batch import BatchSum, Segments, SplitBatchMean
+from manifoldnorm.functional._batch import EQUAL_ULPS, BatchSum, Segments, SplitBatchMean, equal_to_precision
 
 __all__ = [
     "StatReducer",
@@ -32,11 +32,6 @@ __all__ = [
     "degenerate_segments",
     "EQUAL_ULPS",
 ]
-
-#: two matrices of a batch count as equal when every entry differs by at most this many units of the compute
-#: dtype's precision (``torch.finfo(dtype).eps``) relative to the largest entry of the feature (see
-#: :func:`degenerate_batch`)
-EQUAL_ULPS = 8.0
 
 
 class StatReducer(Protocol):
@@ -114,16 +109,16 @@ def degenerate_batch(T: Tensor, count: int, red: StatReducer | None) -> Tensor:
         return torch.ones(lead, dtype=torch.bool, device=T.device)
     with torch.no_grad():
         T = T.detach()
+        if not T.is_contiguous() and T.mT.is_contiguous():  # e.g. Cholesky factors: reduce in memory order
+            T = T.mT  # (the test below is invariant to transposing every matrix)
         if T.shape[0]:
-            hi, neg_lo = T.amax(dim=0), (-T).amax(dim=0)
+            hi, neg_lo = T.amax(dim=0), T.amin(dim=0).neg_()
         else:  # an empty part of a split batch
             hi = torch.full(T.shape[1:], -torch.inf, dtype=T.dtype, device=T.device)
             neg_lo = hi.clone()
         if red is not None:
             hi, neg_lo = red.max(torch.stack([hi, neg_lo]))
-        spread = (hi + neg_lo).amax(dim=(-1, -2))
-        scale = torch.maximum(hi.abs(), neg_lo.abs()).amax(dim=(-1, -2))
-        return spread <= EQUAL_ULPS * torch.finfo(T.dtype).eps * scale
+        return equal_to_precision(hi, neg_lo)
 
 
 def degenerate_segments(T: Tensor, seg: Segments, red: StatReducer | None) -> Tensor:
@@ -146,9 +141,7 @@ def degenerate_segments(T: Tensor, seg: Segments, red: StatReducer | None) -> Te
         neg_lo = init.scatter_reduce(0, idx, -T, "amax")
         if red is not None:
             hi, neg_lo = red.max(torch.stack([hi, neg_lo]))
-        spread = (hi + neg_lo).amax(dim=(-1, -2))
-        scale = torch.maximum(hi.abs(), neg_lo.abs()).amax(dim=(-1, -2))
-        return single | (spread <= EQUAL_ULPS * torch.finfo(T.dtype).eps * scale)
+        return single | equal_to_precision(hi, neg_lo)
 
 
 def domain_range(d: Tensor, red: StatReducer | None) -> tuple[int, int] | None:

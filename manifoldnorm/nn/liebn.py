@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
 from manifoldnorm.functional._lie_groups import LIE_METRICS, make_group
+from manifoldnorm.functional._liebn_ops import StepConfig, StepStats, aim_step, lcm_step, lem_step
 
 from ._batch_stats import StatReducer, active_reducer, batch_mean, batch_mean_count, degenerate_batch, reduce_fn
 from ._common import (
@@ -200,9 +201,20 @@ class LieBatchNorm(RefittableNorm):
         self.shift = nn.Parameter(torch.ones(self.channels, dtype=dtype, device=device))
         for name, value in zip(self._stat_names, self._fresh_stats(self._stats_lead(), dtype, device), strict=True):
             self.register_buffer(name, value)
+        self._phi_stamps: dict[str, tuple] = {}
+        with torch.no_grad():
+            for k in self._phi_means:
+                self.register_buffer(k + "_phi", self.group.deform(getattr(self, k)).clone())
+                self._stamp_phi(k)
 
     # statistics storage ------------------------------------------------------------------------------------------
     _stat_names: tuple[str, ...] = ("running_mean", "running_var", "train_mean", "train_var")
+    #: the mean statistics, kept twice: as SPD matrices (``running_mean``, ``train_mean``) and in the codomain of
+    #: the deformation (``running_mean_phi``, ``train_mean_phi``), where training updates them
+    _phi_means: tuple[str, ...] = ("running_mean", "train_mean")
+    #: use the fused training kernels of :mod:`manifoldnorm.functional._liebn_ops` where they apply (a switch for
+    #: the tests, which compare them with the composed group operations)
+    _fused: bool = True
 
     def _stats_lead(self) -> tuple[int, ...]:
         return ()
@@ -221,10 +233,99 @@ class LieBatchNorm(RefittableNorm):
             (getattr(self, k) if d is None else getattr(self, k)[d]).copy_(v)
 
 
+    # codomain copies of the means -----------------------------------------------------------------------------
+    def _stamp_phi(self, k: str) -> None:
+        """Record that ``<k>_phi`` is the image of ``k`` under the deformation (as the buffers are now)."""
+        S, P = self._buffers[k], self._buffers[k + "_phi"]
+        self._phi_stamps[k] = (S, S._version, P, P._version)
+
+    def _phi_valid(self, k: str) -> bool:
+        """Are the SPD buffer ``k`` and its codomain copy unchanged since they were last made consistent?"""
+        stamp = self._phi_stamps.get(k)
+        S, P = self._buffers[k], self._buffers[k + "_phi"]
+        return (stamp is not None and stamp[0] is S and stamp[1] == S._version and stamp[2] is P
+                and stamp[3] == P._version and P.shape == S.shape)
+
+    @torch.no_grad()
+    def _refresh_phi(self, k: str, dtype: torch.dtype | None = None) -> None:
+        """Recompute the codomain copy of ``k`` from the SPD buffer (after the SPD buffer was written from outside:
+        ``copy_``, ``load_state_dict`` without codomain keys, ``.to()``, a domain slot grown)."""
+        S, P = self._buffers[k], self._buffers[k + "_phi"]
+        phi = self.group.deform(S.to(dtype or S.dtype))
+        if P.shape == S.shape and P.dtype == S.dtype and P.device == S.device:
+            P.copy_(phi)
+        else:
+            self._buffers[k + "_phi"] = phi.to(S.dtype).clone()
+        self._stamp_phi(k)
+
+    def _phi_of(self, k: str, dtype: torch.dtype) -> Tensor:
+        """Codomain copy of the mean statistic ``k`` (all slots) in ``dtype``; no decomposition while valid."""
+        if not self._phi_valid(k):
+            self._refresh_phi(k, dtype)
+        return self._buffers[k + "_phi"].to(dtype)
+
+    def _get_phi_stats(self, d: int | None, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(R, r, T, t)`` of slot ``d`` in ``dtype`` with the means ``R``, ``T`` in the codomain of the
+        deformation (:meth:`_get_stats` gives them as SPD matrices)."""
+        R, T = self._phi_of("running_mean", dtype), self._phi_of("train_mean", dtype)
+        r, t = self.running_var.to(dtype), self.train_var.to(dtype)
+        return (R, r, T, t) if d is None else (R[d], r[d], T[d], t[d])
+
+    @torch.no_grad()
+    def _set_phi_stats(self, d: int | None, values: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
+        r"""Write ``(R, r, T, t)`` of slot ``d`` given with codomain means: the codomain copies and the SPD buffers
+        (one :math:`\phi^{-1}` of both means)."""
+        R, r, T, t = values
+        for k in self._phi_means:  # other slots must be consistent before one slot is written
+            if d is not None and not self._phi_valid(k):
+                self._refresh_phi(k)
+        spd = self.group.undeform_stats(torch.stack([R, T]))
+        for k, phi, value in (("running_mean", R, spd[0]), ("train_mean", T, spd[1])):
+            S, P = self._buffers[k], self._buffers[k + "_phi"]
+            (S if d is None else S[d]).copy_(value)
+            (P if d is None else P[d]).copy_(phi)
+            self._stamp_phi(k)
+        for k, value in (("running_var", r), ("train_var", t)):
+            (getattr(self, k) if d is None else getattr(self, k)[d]).copy_(value)
+
+    @torch.no_grad()
+    def _check_loaded_phi(self, k: str) -> None:
+        """Keep a loaded codomain copy only if it is the image of the loaded SPD buffer under this layer's
+        deformation (to ``sqrt(eps)`` relative; e.g. not a checkpoint of another metric); else recompute it."""
+        S, P = self._buffers[k], self._buffers[k + "_phi"]
+        phi = self.group.deform(S)
+        tol = torch.finfo(S.dtype).eps ** 0.5
+        if P.shape == phi.shape and bool(torch.all(torch.linalg.matrix_norm(P - phi)
+                                                   <= tol * (1.0 + torch.linalg.matrix_norm(phi)))):
+            self._stamp_phi(k)
+        else:
+            self._refresh_phi(k)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
+                              unexpected_keys, error_msgs) -> None:
+        for k in self._phi_means:  # a domain-aware subclass may have resized the SPD buffers to the stored size
+            S, P = self._buffers[k], self._buffers[k + "_phi"]
+            if P.shape != S.shape:
+                self._buffers[k + "_phi"] = torch.zeros_like(S)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for k in self._phi_means:
+            key = prefix + k + "_phi"
+            if key in missing_keys:  # a checkpoint with SPD means only (written before the codomain copies)
+                missing_keys.remove(key)
+            if self._buffers[k].shape != self._buffers[k + "_phi"].shape:
+                continue  # the load failed for this buffer; load_state_dict reports it
+            if key in state_dict:
+                self._check_loaded_phi(k)
+            else:
+                self._refresh_phi(k)
+
     def reset_running_stats(self) -> None:
         """Running and training statistics back to (identity, 1)."""
         ref = self.running_mean
         self._set_stats(None, self._fresh_stats(tuple(ref.shape[:-3]), ref.dtype, ref.device))
+        for k in self._phi_means:
+            self._refresh_phi(k)
 
     def reset_parameters(self) -> None:
         """Bias back to the identity, dispersion back to one; running statistics reset too."""
@@ -240,6 +341,9 @@ class LieBatchNorm(RefittableNorm):
         x4 = to_channels(x, self.n, self.channels, type(self).__name__, self.validate, allow_empty=red is not None)
         with autocast_off(x4):
             cdt, odt = resolve_dtype(x4, self.weight, self.compute_dtype)
+            if self.training and not self.refitting and self._fusable(red):
+                y = self._train_fused(x4.to(cdt))
+                return from_channels(y.to(odt), x)
             Z = self.group.deform(x4.to(cdt))
             B = self.group.deform(self.weight.to(cdt))
             if self.refitting:
@@ -247,10 +351,46 @@ class LieBatchNorm(RefittableNorm):
             elif self.training:
                 y = self._train_group(Z, None, B, red)
             else:
-                R, r = self._get_stats(None, cdt)[:2]
-                Zs = self.group.scale(self.group.center(Z, self.group.deform(R)), self._factor(r, cdt))
+                R, r = self._get_phi_stats(None, cdt)[:2]
+                Zs = self.group.scale(self.group.center(Z, R), self._factor(r, cdt))
                 y = self.group.undeform(self.group.translate(B, Zs))
         return from_channels(y.to(odt), x)
+
+    def _fusable(self, red: StatReducer | None) -> bool:
+        """Does a fused kernel compute this training step (local statistics, detached mean, LEM, LCM/AIM at θ=1)?"""
+        return (self._fused and red is None and self.detach_mean
+                and (self.metric == "lem" or (self.metric in ("lcm", "aim") and self.theta == 1.0)))
+
+    def _train_fused(self, X: Tensor) -> Tensor:
+        """Training step of one fused autograd node (:mod:`manifoldnorm.functional._liebn_ops`); same math as
+        :meth:`_train_group`."""
+        g, dt = self.group, X.dtype
+        R, r, T, t = self._get_phi_stats(None, dt)
+        cfg = StepConfig(self.train_momentum, T, t, r, self.eps, self.alpha, self.beta, self.detach_var)
+        W, s = self.weight.to(dt), self.shift.to(dt)
+        if self.metric == "lem":
+            y = lem_step(X, W, s, cfg)
+        elif self.metric == "lcm":
+            y = lcm_step(X, W, s, cfg)
+        else:
+            with torch.no_grad():
+                M = g.mean(X.detach(), self.karcher_steps)
+                centre = M if self.train_momentum == 1.0 else g.geodesic(T, M, self.train_momentum)
+            y = aim_step(X, W, s, M, centre, cfg)
+        assert cfg.stats is not None
+        self._update_stats(None, R, r, t, cfg.stats)
+        return y
+
+    @torch.no_grad()
+    def _update_stats(self, d: int | None, R: Tensor, r: Tensor, t: Tensor, st: StepStats) -> None:
+        r"""Running statistics after a training step: :math:`R \leftarrow \gamma_{R\to M}(\text{momentum})`,
+        :math:`r \leftarrow (1-\text{momentum})\,r + \text{momentum}\,v`, training statistics
+        :math:`(M_\eta, v_\eta)`; a degenerate batch leaves both variances unchanged."""
+        m = self.momentum
+        R_new = self.group.geodesic(R, st.mean, m)
+        r_new = torch.where(st.degenerate, r, (1.0 - m) * r + m * st.var)
+        t_new = torch.where(st.degenerate, t, st.var_eta)
+        self._set_phi_stats(d, (R_new, r_new, st.centre, t_new))
 
     def _factor(self, var: Tensor, dtype: torch.dtype) -> Tensor:
         return self.shift.to(dtype) / torch.sqrt(var + self.eps)
@@ -269,10 +409,10 @@ class LieBatchNorm(RefittableNorm):
         With a reducer ``red`` the statistics are those of the group's union over all parts of the batch.
         """
         g = self.group
-        R, r, T, t = self._get_stats(d, Z.dtype)
+        R, r, T, t = self._get_phi_stats(d, Z.dtype)
         M = self._batch_mean(Z, red)
         eta = self.train_momentum
-        centre = M if eta == 1.0 else g.geodesic(g.deform(T), M.detach(), eta)
+        centre = M if eta == 1.0 else g.geodesic(T, M.detach(), eta)
         d2, scaler = g.dispersion(g.center(Z, centre))
         if self.detach_var:  # the variance of the detached centred batch: a constant for autograd
             d2 = d2.detach()
@@ -280,12 +420,7 @@ class LieBatchNorm(RefittableNorm):
         v_eta = v if eta == 1.0 else (1.0 - eta) * t + eta * v
         degenerate = degenerate_batch(Z, count, red)
         out = scaler(self._factor(torch.where(degenerate, r, v_eta), Z.dtype), B)
-        with torch.no_grad():
-            m = self.momentum
-            R_new = g.undeform(g.geodesic(g.deform(R), M.detach(), m))
-            r_new = torch.where(degenerate, r, (1.0 - m) * r + m * v.detach())
-            t_new = torch.where(degenerate, t, v_eta.detach())
-            self._set_stats(d, (R_new, r_new, g.undeform(centre.detach()), t_new))
+        self._update_stats(d, R, r, t, StepStats(M.detach(), centre.detach(), v.detach(), v_eta.detach(), degenerate))
         return out
 
     @torch.no_grad()
@@ -296,8 +431,7 @@ class LieBatchNorm(RefittableNorm):
         M = g.mean(Z, self.refit_karcher_steps, tol=None, reduce=reduce_fn(red))
         d2, scaler = g.dispersion(g.center(Z, M))
         v = batch_mean(d2, red)
-        R = g.undeform(M)
-        self._set_stats(d, (R, v, R.clone(), v.clone()))
+        self._set_phi_stats(d, (M, v, M, v))
         return scaler(self._factor(v, Z.dtype), B)
 
     def _bias(self, Zs: Tensor, dtype: torch.dtype) -> Tensor:

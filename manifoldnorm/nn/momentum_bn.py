@@ -7,6 +7,8 @@ from torch import Tensor, nn
 
 from manifoldnorm import functional as mf
 from manifoldnorm.functional._batch import Segments
+from manifoldnorm.functional._liebn_ops import StepConfig, spdmbn_step
+from manifoldnorm.functional.spd_aim import karcher_step_tangents
 
 from ._batch_stats import (
     StatReducer,
@@ -42,6 +44,10 @@ def _aim_sqdist(P_invsqrt: Tensor, X: Tensor) -> Tensor:
     r""":math:`d^2_{\mathrm{AIM}}(X, P) = \|\log(P^{-1/2} X P^{-1/2})\|_F^2` from eigenvalues only, ``(...)``."""
     lam = torch.linalg.eigvalsh(mf.congruence(P_invsqrt, X))
     return torch.log(lam).square().sum(-1)
+
+
+#: how the test (running) variance is measured: exact distances or Kobler's tangent-space approximation
+TEST_DISPERSIONS = ("exact", "tangent")
 
 
 class SPDMomentumBatchNorm(RefittableNorm):
@@ -105,9 +111,13 @@ class SPDMomentumBatchNorm(RefittableNorm):
     def __init__(self, n: int, momentum: float = 0.1, train_momentum: float = 1.0, karcher_steps: int = 1,
                  eps: float = 1e-5, channels: int = 1, refit_karcher_steps: int = 50, detach_mean: bool = True,
                  validate: bool = True, compute_dtype: torch.dtype | str | None = None,
-                 dtype: torch.dtype = torch.float64, device=None) -> None:
+                 dtype: torch.dtype = torch.float64, device=None, test_dispersion: str = "exact") -> None:
         super().__init__()
         owner = type(self).__name__
+        if test_dispersion not in TEST_DISPERSIONS:
+            raise ValueError(f"{owner}: test_dispersion must be one of {', '.join(TEST_DISPERSIONS)}, "
+                             f"got {test_dispersion!r}")
+        self.test_dispersion = test_dispersion
         self.n = check_positive_int(n, "n", owner)
         self.channels = check_positive_int(channels, "channels", owner)
         self.momentum = check_momentum(momentum, "momentum", owner)
@@ -168,6 +178,10 @@ class SPDMomentumBatchNorm(RefittableNorm):
                              self.running_var.reshape(-1, self.channels)[0].to(cdt))
         return from_channels(y.to(odt), x)
 
+    #: one fused autograd node for the training step where it applies (local statistics, detached mean); a switch
+    #: for the tests, which compare it with the composed spectral functions
+    _fused: bool = True
+
     def _train_group(self, x4: Tensor, stats: tuple[Tensor, ...],
                      red: StatReducer | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Normalize one group of samples with momentum statistics; return outputs and updated statistics.
@@ -175,26 +189,48 @@ class SPDMomentumBatchNorm(RefittableNorm):
         With a reducer ``red`` the statistics are those of the group's union over all parts of the batch.
         """
         R, r, Rt, rt = stats
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_mean):
-            src = x4.detach() if self.detach_mean else x4
-            G = mf.mean_aim(src, dim=0, karcher_steps=self.karcher_steps, tol=0.0, reduce=reduce_fn(red))
+        tangents = None
+        if self.test_dispersion == "tangent":  # the Karcher flow's last tangent vectors serve the test variance
+            G, Si, T = karcher_step_tangents(x4.detach(), self.karcher_steps, reduce_fn(red))
+            tangents = (Si, T)
+        if self.detach_mean and tangents is None:
+            G = mf.mean_aim(x4.detach(), dim=0, karcher_steps=self.karcher_steps, tol=0.0, reduce=reduce_fn(red))
+        elif not self.detach_mean:
+            G = mf.mean_aim(x4, dim=0, karcher_steps=self.karcher_steps, tol=0.0, reduce=reduce_fn(red))
         eta = self.train_momentum
-        R_eta = G if eta == 1.0 else mf.geodesic_aim(R, G, eta)
-        Z = mf.congruence(mf.sym_invsqrtm(R_eta), x4)
-        E = mf.sym_eig(Z)  # one decomposition for the dispersion and the power
-        v_b, count = batch_mean_count(torch.log(E.eigvals()).square().sum(-1), red)
-        r_eta = (1.0 - eta) * r + eta * v_b
-        degenerate = degenerate_batch(x4, count, red)
-        var = torch.where(degenerate, r, r_eta)
-        y = self._bias(E.powm(self._factor(var, x4.dtype)), x4.dtype)
+        if self._fused and red is None and self.detach_mean:
+            R_eta = G if eta == 1.0 else mf.geodesic_aim(R, G, eta)
+            cfg = StepConfig(eta, R_eta, r, r, self.eps)
+            y = spdmbn_step(x4, self.weight.to(x4.dtype), self.shift.to(x4.dtype), G, R_eta, cfg)
+            assert cfg.stats is not None
+            v_b, r_eta, degenerate = cfg.stats.var, cfg.stats.var_eta, cfg.stats.degenerate
+        else:
+            R_eta = G if eta == 1.0 else mf.geodesic_aim(R, G, eta)
+            Z = mf.congruence(mf.sym_invsqrtm(R_eta), x4)
+            E = mf.sym_eig(Z)  # one decomposition for the dispersion and the power
+            v_b, count = batch_mean_count(torch.log(E.eigvals()).square().sum(-1), red)
+            r_eta = (1.0 - eta) * r + eta * v_b
+            degenerate = degenerate_batch(x4, count, red)
+            var = torch.where(degenerate, r, r_eta)
+            y = self._bias(E.powm(self._factor(var, x4.dtype)), x4.dtype)
         with torch.no_grad():
             G = G.detach()
             Rt_new = mf.geodesic_aim(Rt, G, self.momentum)
-            vt = batch_mean(_aim_sqdist(mf.sym_invsqrtm(Rt_new), x4.detach()), red)
+            vt = batch_mean(self._test_sqdist(Rt_new, x4.detach(), tangents), red)
             t = self.momentum
             rt_new = torch.where(degenerate, rt, (1.0 - t) * rt + t * vt)
             new = (R_eta.detach(), torch.where(degenerate, r, r_eta.detach()), Rt_new, rt_new)
         return y, new
+
+    @staticmethod
+    def _test_sqdist(Rt: Tensor, X: Tensor, tangents: tuple[Tensor, Tensor] | None) -> Tensor:
+        r"""Squared distances of the batch to the test mean: exact, :math:`\|\log(R_t^{-1/2}X_iR_t^{-1/2})\|_F^2`
+        (one more batched eigendecomposition), or with ``tangents = (S^-, T)`` of the last Karcher step Kobler's
+        tangent-space approximation :math:`\|T_i - \log(S^- R_t S^-)\|_F^2` (TSMNet ``SPDBatchNormImpl``)."""
+        if tangents is None:
+            return _aim_sqdist(mf.sym_invsqrtm(Rt), X)
+        Si, T = tangents
+        return torch.linalg.vector_norm(T - mf.sym_logm(mf.congruence(Si, Rt)), dim=(-2, -1)).square()
 
     @torch.no_grad()
     def _refit_group(self, x4: Tensor, red: StatReducer | None = None) -> tuple[Tensor, Tensor]:
@@ -226,8 +262,9 @@ class SPDMomentumBatchNorm(RefittableNorm):
         return from_channels(y.to(odt), x)
 
     def extra_repr(self) -> str:
+        extra = "" if self.test_dispersion == "exact" else f", test_dispersion={self.test_dispersion!r}"
         return (f"{self.n}, momentum={self.momentum:g}, train_momentum={self.train_momentum:g}, "
-                f"karcher_steps={self.karcher_steps}, eps={self.eps:g}, channels={self.channels}")
+                f"karcher_steps={self.karcher_steps}, eps={self.eps:g}, channels={self.channels}{extra}")
 
 
 class DomainSPDBatchNorm(DomainStatsMixin, SPDMomentumBatchNorm):
