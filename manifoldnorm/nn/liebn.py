@@ -301,6 +301,12 @@ class LieBatchNorm(RefittableNorm):
         else:
             self._refresh_phi(k)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # noqa: ANN001
+        for k in self._phi_means:  # SPD means written from outside (a grown domain slot, copy_): copies follow
+            if not self._phi_valid(k):
+                self._refresh_phi(k)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
                               unexpected_keys, error_msgs) -> None:
         for k in self._phi_means:  # a domain-aware subclass may have resized the SPD buffers to the stored size
