@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import anchor_inputs, once_differentiable
-from ._batch import equal_to_precision
+from ._batch import EQUAL_ULPS, equal_to_precision
 from ._spectral_checks import _all_finite, _check_domain, _reconstruct, _reconstruct_exp
 from .spd_pullback import cholesky_grad
 from .spectral import _EXP, _INVSQRT, _LOG, _POW, _SQRT, _check_input, _loewner, _no_autocast, sym
@@ -92,6 +92,22 @@ def _degenerate(hi: Tensor, neg_lo: Tensor, count: int) -> Tensor:
     if count <= 1:
         return torch.ones(hi.shape[:-2], dtype=torch.bool, device=hi.device)
     return equal_to_precision(hi, neg_lo)
+
+
+def _spread_rules_out_degenerate(sq: Tensor, M: Tensor) -> bool:
+    r"""A cheap sufficient test that no channel of a batch ``Z`` with mean ``M`` ``(C, n, n)`` is degenerate, from
+    :math:`\|Z_i - M\|_F^2` ``sq`` ``(N, C)``; when it fails the exact entry-wise test decides.
+
+    A degenerate channel has every entry spread :math:`\le u\,\epsilon\,s` (:math:`u` = ``EQUAL_ULPS``,
+    :math:`s` its largest entry), so :math:`\|Z_i - M\|_F \le n\,(u + N)\,\epsilon\,s` (the computed mean may
+    stray :math:`N\epsilon s` from the entries) with :math:`s \le \|M\|_F + \max_i\|Z_i - M\|_F`; a spread beyond
+    16 times that bound in every channel rules it out."""
+    N, n = sq.shape[0], M.shape[-1]
+    if N <= 1:
+        return False
+    top = sq.amax(dim=0).sqrt()
+    bound = (16.0 * n * (EQUAL_ULPS + N) * torch.finfo(M.dtype).eps) * (torch.linalg.matrix_norm(M) + top)
+    return bool((top > bound).all())
 
 
 def _factor(ctx, cfg: StepConfig, M: Tensor, centre: Tensor, v: Tensor, degenerate: Tensor,
@@ -156,12 +172,14 @@ class _LEMStep(torch.autograd.Function):
         M = Z.mean(dim=0)
         centre = M if cfg.eta == 1.0 else cfg.T + cfg.eta * (M - cfg.T)
         Zc = Z - centre
-        d2 = torch.linalg.vector_norm(Zc, dim=(-2, -1)).square()
-        if cfg.alpha != 1.0:
-            d2 = cfg.alpha * d2
+        sq = torch.linalg.vector_norm(Zc, dim=(-2, -1)).square()
+        d2 = sq if cfg.alpha == 1.0 else cfg.alpha * sq
         if cfg.beta != 0.0:
             d2 = d2 + cfg.beta * torch.diagonal(Zc, dim1=-2, dim2=-1).sum(-1).square()
-        degenerate = _degenerate(Z.amax(dim=0), Z.amin(dim=0).neg_(), Z.shape[0])
+        if cfg.eta == 1.0 and _spread_rules_out_degenerate(sq, M):
+            degenerate = torch.zeros(M.shape[:-2], dtype=torch.bool, device=M.device)
+        else:
+            degenerate = _degenerate(Z.amax(dim=0), Z.amin(dim=0).neg_(), Z.shape[0])
         c = _factor(ctx, cfg, M, centre, d2.mean(dim=0), degenerate, shift)
         A = torch.addcmul(B, _pc(c), Zc)
         nu, Q = torch.linalg.eigh(A)
@@ -217,11 +235,15 @@ class _LCMStep(torch.autograd.Function):
         Gt = Mt if cfg.eta == 1.0 else cfg.T.mT + cfg.eta * (Mt - cfg.T.mT)
         Zct = Lt - Gt
         Zct.diagonal(dim1=-2, dim2=-1).copy_(log_d - Gt.diagonal(dim1=-2, dim2=-1))
-        v = torch.linalg.vector_norm(Zct, dim=(-2, -1)).square().mean(dim=0)
-        hi, lo = Lt.amax(dim=0), Lt.amin(dim=0)  # entry-wise extremes of psi(X)^T
-        hi.diagonal(dim1=-2, dim2=-1).copy_(log_d.amax(dim=0))
-        lo.diagonal(dim1=-2, dim2=-1).copy_(log_d.amin(dim=0))
-        degenerate = _degenerate(hi, lo.neg_(), X.shape[0])
+        sq = torch.linalg.vector_norm(Zct, dim=(-2, -1)).square()
+        v = sq.mean(dim=0)
+        if cfg.eta == 1.0 and _spread_rules_out_degenerate(sq, Mt):
+            degenerate = torch.zeros(Mt.shape[:-2], dtype=torch.bool, device=Mt.device)
+        else:
+            hi, lo = Lt.amax(dim=0), Lt.amin(dim=0)  # entry-wise extremes of psi(X)^T
+            hi.diagonal(dim1=-2, dim2=-1).copy_(log_d.amax(dim=0))
+            lo.diagonal(dim1=-2, dim2=-1).copy_(log_d.amin(dim=0))
+            degenerate = _degenerate(hi, lo.neg_(), X.shape[0])
         c = _factor(ctx, cfg, Mt.mT, Gt.mT, v, degenerate, shift)
         LB = torch.linalg.cholesky(W)
         Ct = LB.mT.clone()

@@ -115,6 +115,26 @@ class LieBatchNorm(RefittableNorm):
     above and gets the output dispersion :math:`s^2 v^2/(v^2+\epsilon)`. With a synchronized layer the test
     covers the batch of all processes (one extra ``max`` all-reduce per channel group).
 
+    Statistics storage: the running and training means are kept twice, as SPD matrices (``running_mean``,
+    ``train_mean``: the Fréchet means themselves, what evaluation, users and older checkpoints read and write)
+    and in the codomain of :math:`\phi` (``running_mean_phi``, ``train_mean_phi``: log-Cholesky coordinates
+    under LCM, matrix logarithms under LEM, :math:`X^\theta` under AIM, :math:`\iota(X^\theta)` under CRIM),
+    where a training step updates them: :math:`\phi(R) \leftarrow \gamma_{\phi(R)\to M}(\text{momentum})`
+    needs no deformation of :math:`R`, and the step writes the SPD buffers with one :math:`\phi^{-1}` of both
+    means (LCM: a product, no decomposition). The SPD buffers stay the statistics: the codomain copies are used
+    only while both buffers are unchanged since the layer made them consistent (tensor identity and version
+    counter); any write from outside (``copy_``, ``load_state_dict``, ``.to()``, a grown domain slot, a
+    DDP buffer broadcast) makes the next step deform the SPD buffers again. The codomain copies are in the state
+    dict, so a resumed run continues bit for bit; a state dict without them (written before them) loads strictly
+    and gets them from the SPD means, as does one whose copies are not the image of its SPD means under this
+    layer's :math:`\phi` (another metric's state dict, to :math:`\sqrt{\epsilon_{\mathrm{dtype}}}`).
+
+    Training steps on local statistics with the detached mean (the default) under LEM, LCM at :math:`\theta = 1`
+    and AIM at :math:`\theta = 1` run as one autograd node with a written-out backward
+    (:mod:`manifoldnorm.functional._liebn_ops`; the same math, equal to the composed group operations to
+    round-off); the other configurations (synchronized statistics, ``detach_mean=False``, :math:`\theta \ne 1`,
+    CRIM) compose the group operations.
+
     Deviations
     ----------
     * The batch mean is detached by default, as in the ICLR'24 code (``cal_geom_mean`` on ``X.detach()``) and the
@@ -136,8 +156,9 @@ class LieBatchNorm(RefittableNorm):
       under every metric (the toolbox drops this gradient for AIM).
     * The AIM variance is computed from the eigenvalues of the centred matrices (exact given :math:`M`), not
       re-derived from the Karcher tangent vectors; the same decomposition serves the scaling :math:`Z^c`.
-    * ``running_mean`` is stored as an SPD matrix (the running Fréchet mean itself, not its image under
-      :math:`\phi`); all running statistics are registered buffers.
+    * ``running_mean`` is stored as an SPD matrix (the running Fréchet mean itself; the toolbox keeps the LEM and
+      LCM running means in the codomain only), next to its image under :math:`\phi` (``running_mean_phi``, see
+      Statistics storage); all running statistics are registered buffers.
     * Degenerate batches reuse the running variance (see Notes); the paper has no such rule.
     """
 

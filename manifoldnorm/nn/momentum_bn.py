@@ -89,6 +89,13 @@ class SPDMomentumBatchNorm(RefittableNorm):
         Maximum Karcher iterations when refitting statistics (early stop at float precision).
     channels, detach_mean, validate, dtype, device
         As in :class:`~manifoldnorm.nn.LieBatchNorm`.
+    test_dispersion : {'exact', 'tangent'}
+        How the batch dispersion of the test statistics is measured. ``'exact'`` (default): the AIM squared
+        distances :math:`d^2(X_i, R_t)`, one more batched eigendecomposition per step (3N + 7 matrices per
+        training step at one Karcher step and :math:`\eta = 1`). ``'tangent'``: Kobler's approximation (TSMNet ``SPDBatchNormImpl``),
+        :math:`\|T_i - \log(S^- R_t S^-)\|_F^2` from the tangent vectors :math:`T_i = \log(S^- X_i S^-)` of the
+        last Karcher step at :math:`S^{-2}`: no further batched decomposition (2N + 7 matrices). Outputs,
+        gradients and the training statistics do not depend on it; only ``running_var`` (evaluation) does.
 
     Notes
     -----
@@ -97,10 +104,16 @@ class SPDMomentumBatchNorm(RefittableNorm):
     variances unchanged, which keeps gradients bounded. Every batch of two or more distinct matrices is
     normalized by the formula above, however small its dispersion.
 
+    A training step on local statistics with the detached mean (the default) runs the whitening, the power and
+    the bias as one autograd node with a written-out backward (:func:`manifoldnorm.functional._liebn_ops.
+    spdmbn_step`: one eigendecomposition of the whitened batch serves the dispersion, the power and its backward;
+    equal to the composed spectral functions to round-off).
+
     Deviations
     ----------
     * Dispersions are exact AIM squared distances (eigenvalues of :math:`R^{-1/2}X_iR^{-1/2}`); the reference
-      approximates them in the tangent space at the last Karcher base point.
+      approximates them in the tangent space at the last Karcher base point (``test_dispersion='tangent'`` does so
+      for the test statistics).
     * The batch mean is detached by default; the reference detaches the Karcher base point but keeps the
       gradient through the final tangent mean. ``detach_mean=False`` gives the full unrolled gradient.
     * ``shift`` is one scalar per channel (the reference: one scalar per layer, i.e. ``channels=1``).

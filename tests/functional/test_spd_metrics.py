@@ -170,3 +170,32 @@ def test_dispatcher_errors_list_valid_names() -> None:
         mf.mean_aim(X, karcher_steps=0)
     with pytest.raises(ValueError, match="weights has 2 entries"):
         mf.mean_lem(X, weights=torch.ones(2))
+
+
+def test_graph_free_karcher_flow_and_geodesic_are_bit_identical() -> None:
+    """Without an autograd graph (statistics, running means) the batch-norm Karcher flow and the AIM geodesic skip
+    the spectral functions' plumbing: the same values, bit for bit."""
+    X = concentrated_spd(7, 4, sigma=0.5, seed=3).reshape(7, 1, 4, 4)
+    w = torch.rand(7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    A, B = random_spd(2, n=4, seed=5), random_spd(2, n=4, seed=6)
+    for steps in (1, 3):
+        for weights in (None, w):
+            plain = mf.mean_aim(X, dim=0, weights=weights, karcher_steps=steps, tol=0.0)
+            graph = mf.mean_aim(X.clone().requires_grad_(), dim=0, weights=weights, karcher_steps=steps, tol=0.0)
+            assert torch.equal(plain, graph.detach())
+    for t in (0.3, torch.tensor(0.7, dtype=torch.float64), torch.tensor([0.2, 0.9], dtype=torch.float64)):
+        plain = mf.geodesic_aim(A, B, t)
+        graph = mf.geodesic_aim(A.clone().requires_grad_(), B, t)
+        assert torch.equal(plain, graph.detach())
+
+
+def test_karcher_step_tangents() -> None:
+    from manifoldnorm.functional.spd_aim import karcher_step_tangents
+
+    X = concentrated_spd(6, 3, sigma=0.4, seed=2).reshape(6, 1, 3, 3)
+    G, Si, T = karcher_step_tangents(X, 2)
+    assert torch.equal(G, mf.mean_aim(X, dim=0, karcher_steps=2, tol=0.0))
+    # the last step: G = S exp(mean T) S with S = Si^{-1}, T_i = log(Si X_i Si)
+    torch.testing.assert_close(T, mf.sym_logm(mf.congruence(Si, X)), rtol=1e-12, atol=1e-12)
+    S = torch.linalg.inv(Si)
+    torch.testing.assert_close(G, mf.congruence(S, mf.sym_expm(T.mean(dim=0))), rtol=1e-12, atol=1e-12)

@@ -174,3 +174,62 @@ def test_no_grad_path_equals_autograd_path() -> None:
         torch.testing.assert_close(fast, slow.detach(), rtol=1e-14, atol=1e-14)
     E = mf.sym_eig(X)
     torch.testing.assert_close(E.powm(p), mf.sym_eig(Xg).powm(p).detach(), rtol=1e-14, atol=1e-14)
+
+
+def _loewner_by_definition(lam, flam, spec, p, scale):
+    """Quotients, the derivative on the diagonal and the closed form on every near pair (no shortcut)."""
+    from manifoldnorm.functional.spectral import _SPLIT, _loewner_exact
+
+    li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
+    out = (scale * flam).unsqueeze(-1) - (scale * flam).unsqueeze(-2)
+    out = out / (li - lj)
+    pe = p.unsqueeze(-1) if p.dim() > 0 else p
+    out.diagonal(dim1=-2, dim2=-1).copy_(scale * spec.df(lam, pe))
+    size = lam.abs() if spec.relative_gap else lam.abs().clamp_min(1.0)
+    near = (li - lj).abs() <= (_SPLIT[lam.dtype] * size).unsqueeze(-2)
+    near.diagonal(dim1=-2, dim2=-1).fill_(False)
+    pp = p.unsqueeze(-1).unsqueeze(-1) if p.dim() > 0 else p
+    exact = _loewner_exact(li.expand(out.shape), lj.expand(out.shape), flam.unsqueeze(-1).expand(out.shape),
+                           flam.unsqueeze(-2).expand(out.shape), spec, pp)
+    return torch.where(near, scale * exact, out)
+
+
+@pytest.mark.parametrize("batch", [(1,), (40, 3)])  # a few entries (whole-grid closed forms) and many (gathered)
+@pytest.mark.parametrize("name", ["log", "exp", "pow", "sqrt", "user"])
+def test_loewner_shortcuts_equal_the_definition(batch: tuple[int, ...], name: str) -> None:
+    """The O(n) adjacent-gap test and the whole-grid evaluation of near pairs change no entry of the Loewner
+    matrix beyond round-off: separated, clustered, tied and (for exp) negative spectra."""
+    from manifoldnorm.functional.spectral import _EXP, _LOG, _POW, _SQRT, _loewner, _Spec
+
+    spec = {"log": _LOG, "exp": _EXP, "pow": _POW, "sqrt": _SQRT,
+            "user": _Spec(lambda l, p: torch.tanh(l), lambda l, p: 1 - torch.tanh(l) ** 2)}[name]
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    for gap in (1.0, 1e-3, 1e-5, 1e-9, 0.0):
+        lam = torch.rand(*batch, n, generator=g, dtype=torch.float64) * 3 + 0.2
+        lam[..., 3] = lam[..., 2] * (1 + gap)  # a (near) tie
+        if name == "exp":
+            lam = lam - 2.0
+        lam = torch.sort(lam, dim=-1).values
+        p = (0.3 + torch.rand(batch, generator=g, dtype=torch.float64)) if name == "pow" else torch.zeros(
+            (), dtype=torch.float64)
+        flam = spec.f(lam, p.unsqueeze(-1) if p.dim() > 0 else p)
+        for scale in (1.0, 0.5):
+            got, expect = _loewner(lam, flam, spec, p, scale), _loewner_by_definition(lam, flam, spec, p, scale)
+            if gap >= 1e-3:  # no near pair: the quotients, bit for bit
+                assert torch.equal(got, expect), (gap, scale)
+            else:  # closed forms gathered or on the grid: vectorized and scalar math may differ in the last bit
+                torch.testing.assert_close(got, expect, rtol=1e-14, atol=0.0)
+
+
+def test_exp_reconstruction_without_overflow_is_the_plain_one() -> None:
+    from manifoldnorm.functional._spectral_checks import _reconstruct, _reconstruct_exp
+
+    g = torch.Generator().manual_seed(0)
+    lam = torch.randn(5, 4, generator=g, dtype=torch.float64) * 3
+    U = torch.linalg.qr(torch.randn(5, 4, 4, generator=g, dtype=torch.float64))[0]
+    assert torch.equal(_reconstruct_exp(U, lam), _reconstruct(U, torch.exp(lam)))
+    lam[0, -1] = 800.0  # overflow: ±inf entries where that eigenvector reaches, never NaN
+    Y = _reconstruct_exp(U, lam)
+    assert torch.isinf(Y[0]).any() and not torch.isnan(Y).any()
+    assert torch.equal(Y[1:], _reconstruct(U[1:], torch.exp(lam[1:])))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import copy
+
 import pytest
 import torch
 from conftest import concentrated_spd, random_spd
@@ -382,3 +385,296 @@ def test_detach_var_input_gradient_difference(metric, low, high):
     assert all(1e-3 < r < 0.3 for r in rel), rel  # nonzero, and a correction rather than another gradient
     # the range quoted in the docstring, in percent to one decimal
     assert abs(100 * min(rel) - low) <= 0.06 and abs(100 * max(rel) - high) <= 0.06, rel
+
+
+# the fused training kernels and the codomain statistics --------------------------------------------------------
+FUSED_CASES = [("lem", 1.0, 1.0, 0.0), ("lem", 1.0, 0.5, 0.3), ("lcm", 1.0, 1.0, 0.0), ("aim", 1.0, 1.0, 0.0),
+               ("aim", 1.0, 2.0, -0.1)]
+
+
+def _channels_layer(metric, theta, alpha, beta, n, C, seed, identity_bias=False, **kw):
+    bn = LieBatchNorm(n, metric=metric, theta=theta, alpha=alpha, beta=beta, channels=C, **kw)
+    with torch.no_grad():
+        bn.weight.copy_(random_spd(C, n=n, seed=seed + 50, cond=5.0))
+        if identity_bias:  # repeated eigenvalues: the exact Loewner closed forms
+            bn.weight[0] = torch.eye(n, dtype=F64)
+        bn.shift.copy_(0.6 + 0.3 * torch.arange(C, dtype=F64))
+    return bn
+
+
+def _batch(N, n, C, seed):
+    return torch.stack([concentrated_spd(N, n, sigma=0.3 + 0.2 * c, seed=seed + 10 * c) for c in range(C)], dim=1)
+
+
+def _train_step(bn, X, G):
+    A = X.clone().requires_grad_(True)
+    bn.zero_grad(set_to_none=True)
+    Y = bn(A)
+    (Y * G).sum().backward()
+    return [Y.detach(), A.grad, bn.weight.grad.clone(), bn.shift.grad.clone()]
+
+
+def _sgd(bn, lr=0.02):
+    with torch.no_grad():
+        bn.weight.copy_(mf.sym(bn.weight + lr * (bn.weight.grad @ bn.weight.grad.mT)))  # stays SPD
+        bn.shift.sub_(lr * bn.shift.grad)
+
+
+def _assert_all_close(a, b, tol=1e-12):
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, atol=tol * max(1.0, float(y.abs().max())), rtol=tol)
+
+
+@pytest.mark.parametrize("metric,theta,alpha,beta", FUSED_CASES)
+@pytest.mark.parametrize("eta,C,detach_var", [(1.0, 1, False), (0.6, 2, False), (1.0, 2, True)])
+def test_fused_step_equals_the_composed_group_operations(metric, theta, alpha, beta, eta, C, detach_var, seed):
+    """One autograd node per training step gives what the group operations give (float64, to round-off): outputs,
+    input and parameter gradients, running statistics over several steps (a degenerate batch among them), and
+    the evaluation output after them."""
+    n, N = 4, 7
+    kw = dict(train_momentum=eta, detach_var=detach_var, momentum=0.3, karcher_steps=2, identity_bias=C == 2)
+    fused, composed = (_channels_layer(metric, theta, alpha, beta, n, C, seed, **kw) for _ in range(2))
+    composed._fused = False
+    assert fused._fusable(None) and not composed._fusable(None)
+    for step in range(5):
+        X = _batch(N, n, C, seed + step)
+        if step == 2:  # identical matrices: scaled with the running variance, which stays
+            X = X[:1].expand_as(X).clone()
+        G = _upstream(X.shape, step)
+        _assert_all_close(_train_step(fused, X, G), _train_step(composed, X, G))
+        for (k, a), b in zip(fused.named_buffers(), composed.buffers(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+        _sgd(fused)
+        _sgd(composed)
+    fused.eval()
+    composed.eval()
+    X = _batch(5, n, C, seed + 9)
+    torch.testing.assert_close(fused(X), composed(X), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["aim", "lem", "lcm"])
+def test_fused_step_matches_forward_ref(metric, seed):
+    """The fused step against the independent plain-autograd reference (eigh's own backward: distinct
+    eigenvalues, so a random bias)."""
+    n, N = 5, 9
+    bn = _channels_layer(metric, 1.0, 1.0, 0.0, n, 2, seed)
+    ref = _channels_layer(metric, 1.0, 1.0, 0.0, n, 2, seed)
+    X = _batch(N, n, 2, seed)
+    G = _upstream(X.shape, seed + 1)
+    got = _train_step(bn, X, G)
+    A = X.clone().requires_grad_(True)
+    Yr = ref.forward_ref(A)
+    (Yr * G).sum().backward()
+    _assert_all_close(got, [Yr.detach(), A.grad, ref.weight.grad, ref.shift.grad], tol=1e-10)
+
+
+@pytest.mark.parametrize("metric", ["aim", "lem", "lcm"])
+@pytest.mark.parametrize("identity_bias", [False, True])
+def test_fused_step_parameter_gradients_pass_gradcheck(metric, identity_bias):
+    """The batch statistics do not depend on the bias and the dispersion: their training gradients are derivatives
+    (finite differences in float64), also at the identity bias (repeated eigenvalues)."""
+    n = 3
+    X = _batch(6, n, 2, 3)
+    bn = _channels_layer(metric, 1.0, 1.0, 0.0, n, 2, 1, identity_bias=identity_bias)
+    assert bn._fusable(None)
+    W0 = bn.weight.detach().clone().requires_grad_(True)
+    s0 = bn.shift.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda W, s: call_with(bn, X, {"weight": mf.sym(W), "shift": s}), (W0, s0),
+                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["aim", "lem", "lcm"])
+def test_fused_step_refuses_a_second_derivative(metric):
+    bn = _channels_layer(metric, 1.0, 1.0, 0.0, 3, 1, 0)
+    A = _batch(5, 3, 1, 1).requires_grad_(True)
+    (g,) = torch.autograd.grad((bn(A) * _upstream(A.shape, 0)).sum(), A, create_graph=True)
+    with pytest.raises(NotImplementedError, match="once differentiable.*forward_ref"):
+        g.square().sum().backward()
+
+
+def _stats_of(bn):
+    return {k: v.clone() for k, v in bn.state_dict().items()}
+
+
+@pytest.mark.parametrize("metric", ["aim", "lem", "lcm", "crim"])
+def test_codomain_copies_live_in_the_state_dict_and_resume_bit_exactly(metric):
+    """Training updates the means in the codomain of the deformation; the state dict carries them next to the SPD
+    means, so a run resumed from it continues bit for bit."""
+    n, N = 4, 6
+    a = _channels_layer(metric, 1.0, 1.0, 0.0, n, 2, 0, train_momentum=0.7)
+    for step in range(3):
+        X = _batch(N, n, 2, step)
+        _train_step(a, X, _upstream(X.shape, step))
+        _sgd(a)
+    sd = a.state_dict()
+    assert {"running_mean_phi", "train_mean_phi"} <= set(sd)
+    # the codomain copies are the images of the SPD means
+    torch.testing.assert_close(sd["running_mean_phi"], a.group.deform(sd["running_mean"]), atol=1e-12, rtol=1e-12)
+    b = _channels_layer(metric, 1.0, 1.0, 0.0, n, 2, 7, train_momentum=0.7)
+    b.load_state_dict(copy.deepcopy(sd))
+    for step in range(3, 6):
+        X = _batch(N, n, 2, step)
+        G = _upstream(X.shape, step)
+        for x, y in zip(_train_step(a, X, G), _train_step(b, X, G), strict=True):
+            assert torch.equal(x, y)
+        _sgd(a)
+        _sgd(b)
+    for (k, x), y in zip(a.named_buffers(), b.buffers(), strict=True):
+        assert torch.equal(x, y), k
+
+
+def _old_format(sd):
+    """A state dict as written before the codomain copies: parameters and the four statistics, SPD means."""
+    old = collections.OrderedDict((k, v.clone()) for k, v in sd.items() if not k.endswith("_phi"))
+    assert list(old) == ["weight", "shift", "running_mean", "running_var", "train_mean", "train_var"]
+    return old
+
+
+def _eval_by_formula(metric, X, R, r, W, s, eps):
+    """Evaluation output from SPD running statistics, written from the definitions (θ = 1)."""
+    c = s / (r + eps) ** 0.5
+    if metric == "lem":
+        return mf.sym_expm(c * (mf.sym_logm(X) - mf.sym_logm(R)) + mf.sym_logm(W))
+    if metric == "lcm":
+        return mf.cholesky_exp(c * (mf.cholesky_log(X) - mf.cholesky_log(R)) + mf.cholesky_log(W))
+    Li = torch.linalg.inv(torch.linalg.cholesky(R))
+    LB = torch.linalg.cholesky(W)
+    return LB @ powm(Li @ X @ Li.mT, c) @ LB.mT
+
+
+@pytest.mark.parametrize("metric", ["aim", "lem", "lcm"])
+def test_old_format_state_dict_loads_and_gives_the_same_results(metric):
+    """A state dict without the codomain copies (SPD running means, as written before them) loads strictly; the
+    layer evaluates with those statistics and trains on from them as a layer holding them in its buffers."""
+    n = 4
+    R, T = random_spd(n=n, seed=3), random_spd(n=n, seed=4)
+    old = collections.OrderedDict(
+        weight=random_spd(1, n=n, seed=5, cond=4.0), shift=torch.tensor([0.8], dtype=F64),
+        running_mean=R.unsqueeze(0), running_var=torch.tensor([1.7], dtype=F64),
+        train_mean=T.unsqueeze(0), train_var=torch.tensor([0.9], dtype=F64))
+    bn = LieBatchNorm(n, metric=metric, train_momentum=0.5)
+    bn.load_state_dict(copy.deepcopy(old))
+    assert torch.equal(bn.running_mean, old["running_mean"]) and torch.equal(bn.train_mean, old["train_mean"])
+    torch.testing.assert_close(bn.running_mean_phi, bn.group.deform(old["running_mean"]), atol=1e-13, rtol=1e-13)
+    X = concentrated_spd(6, n, sigma=0.4, seed=2)
+    bn.eval()
+    torch.testing.assert_close(bn(X), _eval_by_formula(metric, X, R, 1.7, old["weight"][0], 0.8, bn.eps),
+                               atol=1e-11, rtol=1e-11)
+    # training on: the same as a layer whose SPD buffers were written with these statistics
+    other = LieBatchNorm(n, metric=metric, train_momentum=0.5)
+    with torch.no_grad():
+        for k, v in old.items():
+            getattr(other, k).copy_(v)
+    bn.train()
+    for step in range(3):
+        X = concentrated_spd(6, n, sigma=0.4, seed=10 + step)
+        G = _upstream(X.shape, step)
+        _assert_all_close(_train_step(bn, X, G), _train_step(other, X, G))
+        _sgd(bn)
+        _sgd(other)
+    for (k, a), b in zip(bn.named_buffers(), other.buffers(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+    # and a round trip through the old format changes nothing in evaluation
+    again = LieBatchNorm(n, metric=metric, train_momentum=0.5)
+    again.load_state_dict(_old_format(bn.state_dict()))
+    bn.eval()
+    again.eval()
+    torch.testing.assert_close(again(X), bn(X), atol=1e-12, rtol=1e-12)
+
+
+def test_codomain_copies_of_another_metric_are_recomputed():
+    """Loaded codomain copies are used only when they are the image of the loaded SPD means under this layer's
+    deformation; a state dict of another metric (same keys) gets them recomputed."""
+    n = 3
+    lem = LieBatchNorm(n, metric="lem")
+    lem(concentrated_spd(6, n, sigma=0.4, seed=1))
+    lcm = LieBatchNorm(n, metric="lcm")
+    lcm.load_state_dict(lem.state_dict())
+    torch.testing.assert_close(lcm.running_mean_phi, mf.cholesky_log(lem.running_mean), atol=1e-12, rtol=1e-12)
+    assert float((lcm.running_mean_phi - lem.running_mean_phi).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("metric", ["aim", "lem", "lcm"])
+def test_writing_an_spd_buffer_takes_effect(metric):
+    """The SPD buffers stay the statistics: a write from outside (copy_, to(), a load) is seen by the next step."""
+    n = 3
+    bn = LieBatchNorm(n, metric=metric, momentum=1.0)
+    bn(concentrated_spd(6, n, sigma=0.4, seed=1))
+    R = random_spd(1, n=n, seed=8)
+    with torch.no_grad():
+        bn.running_mean.copy_(R)
+        bn.running_var.fill_(0.5)
+    bn.eval()
+    X = concentrated_spd(4, n, sigma=0.4, seed=3)
+    torch.testing.assert_close(bn(X), _eval_by_formula(metric, X, R[0], 0.5, bn.weight.detach()[0], 1.0, bn.eps),
+                               atol=1e-11, rtol=1e-11)
+    low = copy.deepcopy(bn).to(torch.float32)
+    torch.testing.assert_close(low(X.float()), bn(X).float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("metric,calls,matrices", [("lcm", {"cholesky": 2}, lambda N: N + 1),
+                                                   ("lem", {"eigh": 4}, lambda N: 2 * N + 1 + 2),
+                                                   ("aim", {"eigh": 6, "cholesky": 2}, lambda N: 2 * N + 6)])
+def test_training_step_decompositions(metric, calls, matrices):
+    """A training step decomposes what its math needs: LCM one Cholesky of the batch and one of the bias (the
+    statistics stay in log-Cholesky coordinates); LEM the batch and the bias logarithms, the output exponential
+    and one exponential of the two running means; AIM the Karcher step, the centred batch and the statistics."""
+    from manifoldnorm.functional.profile import count_decompositions
+
+    n, N = 5, 12
+    bn = LieBatchNorm(n, metric=metric, validate=False)
+    X = concentrated_spd(N, n, sigma=0.4, seed=0).requires_grad_(True)
+    bn(X.detach())  # a first step: the codomain copies are in use from then on
+    with count_decompositions() as log:
+        (bn(X) * _upstream(X.shape, 0)).sum().backward()
+    assert log.by_kind() == calls
+    assert log.matrices() == matrices(N)
+
+
+def test_variance_test_never_skips_a_degenerate_batch():
+    """The cheap spread test that skips the entry-wise test never calls a degenerate batch non-degenerate."""
+    from manifoldnorm.functional._liebn_ops import _spread_rules_out_degenerate
+    from manifoldnorm.nn._batch_stats import degenerate_batch
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float64, torch.float32):
+        eps = torch.finfo(dtype).eps
+        for n, N in ((3, 2), (6, 9), (8, 64)):
+            Z0 = torch.randn(1, 2, n, n, generator=g, dtype=F64) * 3.0
+            for ulps in (0.0, 1.0, 4.0, 8.0, 16.0, 1e3, 1e6):
+                Z = (Z0 + ulps * eps * Z0.abs().amax() * torch.rand(N, 2, n, n, generator=g, dtype=F64)).to(dtype)
+                M = Z.mean(dim=0)
+                sq = torch.linalg.vector_norm(Z - M, dim=(-2, -1)).square()
+                if bool(degenerate_batch(Z, N, None).any()):
+                    assert not _spread_rules_out_degenerate(sq, M)
+            Z = concentrated_spd(N, n, sigma=0.3, seed=1).reshape(N, 1, n, n).to(dtype)
+            M = Z.mean(dim=0)
+            assert _spread_rules_out_degenerate(torch.linalg.vector_norm(Z - M, dim=(-2, -1)).square(), M)
+
+
+@pytest.mark.parametrize("metric", ["aim", "lem", "lcm"])
+def test_domain_layer_keeps_codomain_copies_per_slot(metric):
+    """The domain-specific subclass: slots grown on the fly and old-format state dicts of another number of
+    domains (statistics stacked along the domain dimension) load, evaluate and train on as before."""
+    from manifoldnorm.nn import DomainLieBatchNorm
+
+    n = 3
+    X = concentrated_spd(8, n, sigma=0.4, seed=2)
+    d = torch.tensor([0, 1, 2, 0, 1, 2, 2, 0])
+    a = DomainLieBatchNorm(n, metric=metric)  # undeclared: grows to 3 slots
+    with pytest.warns(UserWarning, match="grows"):
+        a(X, domain=d)
+    a(X, domain=d)
+    assert a.running_mean_phi.shape == a.running_mean.shape == (3, 1, n, n)
+    torch.testing.assert_close(a.running_mean_phi, a.group.deform(a.running_mean), atol=1e-12, rtol=1e-12)
+    b = DomainLieBatchNorm(n, metric=metric)
+    b.load_state_dict(_old_format(a.state_dict()))
+    assert b.num_domains == 3
+    a.eval()
+    b.eval()
+    torch.testing.assert_close(b(X, domain=d), a(X, domain=d), atol=1e-12, rtol=1e-12)
+    a.train()
+    b.train()
+    torch.testing.assert_close(b(X, domain=d), a(X, domain=d), atol=1e-12, rtol=1e-12)
+    for (k, x), y in zip(a.named_buffers(), b.buffers(), strict=True):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12, msg=lambda m, k=k: f"{k}: {m}")

@@ -8,7 +8,7 @@ from conftest import concentrated_spd, random_spd
 
 from manifoldnorm import functional as mf
 from manifoldnorm.nn import DomainSPDBatchNorm, SPDMomentumBatchNorm, refit_domain_norms
-from tests.nn.nn_helpers import F64, gradcheck_norm, input_grad_norm, powm
+from tests.nn.nn_helpers import F64, call_with, gradcheck_norm, input_grad_norm, powm
 
 
 def _sqd(P, X):
@@ -197,3 +197,117 @@ def test_domain_bn_gradcheck(mode):
         bn(X, domain=d)
         bn.eval()
     assert gradcheck_norm(bn, X, domain=d)
+
+
+# the fused training step and the test dispersion -------------------------------------------------------------------
+def _mbn_step(bn, X, G, **kw):
+    A = X.clone().requires_grad_(True)
+    bn.zero_grad(set_to_none=True)
+    Y = bn(A, **kw)
+    (Y * G).sum().backward()
+    return [Y.detach(), A.grad, bn.weight.grad.clone(), bn.shift.grad.clone()]
+
+
+def _sym_noise(shape, seed):
+    return mf.sym(torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64))
+
+
+@pytest.mark.parametrize("cls", [SPDMomentumBatchNorm, DomainSPDBatchNorm])
+@pytest.mark.parametrize("eta,channels", [(1.0, 1), (0.6, 2)])
+def test_fused_step_equals_the_composed_spectral_functions(cls, eta, channels, seed):
+    """The training step as one autograd node (whiten, power, bias) equals the composition of the spectral
+    functions (float64, to round-off): outputs, gradients and statistics over several steps, a degenerate batch
+    among them, with several domains."""
+    n, N = 4, 8
+    layers = []
+    for _ in range(2):
+        bn = cls(n, train_momentum=eta, momentum=0.3, karcher_steps=2, channels=channels)
+        with torch.no_grad():
+            bn.weight.copy_(random_spd(channels, n=n, seed=seed + 40, cond=5.0))
+            bn.weight[0] = torch.eye(n, dtype=F64)  # repeated eigenvalues in the bias
+            bn.shift.copy_(0.5 + 0.3 * torch.arange(channels, dtype=F64))
+        layers.append(bn)
+    layers[1]._fused = False
+    kw = {"domain": torch.tensor([0, 1] * (N // 2))} if cls is DomainSPDBatchNorm else {}
+    for step in range(4):
+        X = torch.stack([concentrated_spd(N, n, sigma=0.3 + 0.2 * c, seed=seed + step + 10 * c)
+                         for c in range(channels)], dim=1)
+        if step == 2:
+            X = X[:1].expand_as(X).clone()
+        G = _sym_noise(X.shape, step)
+        for a, b in zip(*(_mbn_step(bn, X, G, **kw) for bn in layers), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12 * max(1.0, float(b.abs().max())), rtol=1e-12)
+        for (k, a), b in zip(layers[0].named_buffers(), layers[1].buffers(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+        with torch.no_grad():
+            for bn in layers:
+                bn.shift.sub_(0.05 * bn.shift.grad)
+                bn.weight.copy_(mf.sym(bn.weight + 0.02 * bn.weight.grad @ bn.weight.grad.mT))
+
+
+def test_fused_step_matches_forward_ref(seed):
+    n, N = 5, 9
+    X = concentrated_spd(N, n, sigma=0.4, seed=seed)
+    G = _sym_noise(X.shape, seed)
+    bn, ref = (_set_params(SPDMomentumBatchNorm(n), n, seed) for _ in range(2))
+    got = _mbn_step(bn, X, G)
+    A = X.clone().requires_grad_(True)
+    Yr = ref.forward_ref(A)
+    (Yr * G).sum().backward()
+    for a, b in zip(got, [Yr.detach(), A.grad, ref.weight.grad, ref.shift.grad], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_fused_step_parameter_gradients_pass_gradcheck():
+    n = 3
+    X = concentrated_spd(6, n, sigma=0.4, seed=2)
+    for bias in (random_spd(1, n=n, seed=4, cond=3.0), torch.eye(n, dtype=F64).unsqueeze(0)):
+        bn = SPDMomentumBatchNorm(n)
+        W0, s0 = bias.clone().requires_grad_(True), torch.tensor([0.7], dtype=F64, requires_grad=True)
+
+        def f(W, s, bn=bn):
+            return call_with(bn, X, {"weight": mf.sym(W), "shift": s})
+
+        assert torch.autograd.gradcheck(f, (W0, s0), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_tangent_test_dispersion_is_koblers_and_saves_a_decomposition():
+    """``test_dispersion='tangent'``: the test variance from the last Karcher step's tangent vectors,
+    :math:`\\|T_i - \\log(S^- R_t S^-)\\|^2` (TSMNet); outputs, gradients and the training statistics are those of
+    the exact default, and the step decomposes one batch fewer (2N + 7 matrices instead of 3N + 7 with one
+    Karcher step)."""
+    from manifoldnorm.functional.profile import count_decompositions
+
+    n, N, ks, mom = 4, 10, 2, 0.3
+    X = concentrated_spd(N, n, sigma=0.4, seed=1)
+    G = _sym_noise(X.shape, 2)
+    exact, tangent = (_set_params(SPDMomentumBatchNorm(n, karcher_steps=ks, momentum=mom, test_dispersion=t,
+                                                       validate=False), n, 0) for t in ("exact", "tangent"))
+    logs = []
+    for bn in (exact, tangent):
+        with count_decompositions() as log:
+            _mbn_step(bn, X, G)
+        logs.append(log)
+    for a, b in zip(_mbn_step(exact, X, G), _mbn_step(tangent, X, G), strict=True):
+        assert torch.equal(a, b)
+    # Karcher steps (N + 2 each), centred batch, R^{-1/2}, W^{1/2}, test geodesic (2), test dispersion (N + 1 or 1)
+    assert logs[0].matrices() == (ks + 2) * N + 2 * ks + 5 and logs[1].matrices() == (ks + 1) * N + 2 * ks + 5
+    for name in ("train_mean", "train_var", "running_mean"):
+        assert torch.equal(getattr(exact, name), getattr(tangent, name))
+    # Kobler's formula, written out (two steps, each from the statistics before it)
+    fresh = _set_params(SPDMomentumBatchNorm(n, karcher_steps=ks, momentum=mom), n, 0)
+    Rt, rt = fresh.running_mean[0].clone(), 1.0
+    for _ in range(2):
+        Gk = X.mean(dim=0)
+        for _ in range(ks):
+            Si = powm(Gk, -0.5)
+            T = mf.sym_logm(Si @ X @ Si)
+            Gk = powm(Gk, 0.5) @ mf.sym_expm(T.mean(dim=0)) @ powm(Gk, 0.5)
+        Rt = mf.geodesic_aim(Rt, Gk, mom)
+        vt = (T - mf.sym_logm(Si @ Rt @ Si)).square().sum((-1, -2)).mean()
+        rt = (1 - mom) * rt + mom * vt
+    torch.testing.assert_close(tangent.running_mean[0], Rt, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(tangent.running_var[0], rt, atol=1e-10, rtol=1e-10)
+    assert abs(float(tangent.running_var[0] - exact.running_var[0])) > 1e-8  # an approximation
+    with pytest.raises(ValueError, match="test_dispersion must be one of exact, tangent"):
+        SPDMomentumBatchNorm(n, test_dispersion="approx")
