@@ -30,6 +30,12 @@ from .registry import register_norm
 __all__ = ["LieBatchNorm"]
 
 
+def _version(t: Tensor) -> int | None:
+    """The in-place version counter of ``t``; ``None`` for an inference tensor (which has none: the codomain copy
+    of such a buffer is recomputed at every use)."""
+    return None if t.is_inference() else t._version
+
+
 class LieBatchNorm(RefittableNorm):
     r"""Lie group batch normalization of SPD matrices under the (θ,α,β)-AIM, (α,β)-LEM, θ-LCM or θ-CRIM metric.
 
@@ -258,14 +264,15 @@ class LieBatchNorm(RefittableNorm):
     def _stamp_phi(self, k: str) -> None:
         """Record that ``<k>_phi`` is the image of ``k`` under the deformation (as the buffers are now)."""
         S, P = self._buffers[k], self._buffers[k + "_phi"]
-        self._phi_stamps[k] = (S, S._version, P, P._version)
+        self._phi_stamps[k] = (S, _version(S), P, _version(P))
 
     def _phi_valid(self, k: str) -> bool:
         """Are the SPD buffer ``k`` and its codomain copy unchanged since they were last made consistent?"""
         stamp = self._phi_stamps.get(k)
         S, P = self._buffers[k], self._buffers[k + "_phi"]
-        return (stamp is not None and stamp[0] is S and stamp[1] == S._version and stamp[2] is P
-                and stamp[3] == P._version and P.shape == S.shape)
+        return (stamp is not None and stamp[0] is S and stamp[2] is P and stamp[1] is not None
+                and stamp[3] is not None and stamp[1] == _version(S) and stamp[3] == _version(P)
+                and P.shape == S.shape)
 
     @torch.no_grad()
     def _refresh_phi(self, k: str, dtype: torch.dtype | None = None) -> None:

@@ -92,10 +92,11 @@ class SPDMomentumBatchNorm(RefittableNorm):
     test_dispersion : {'exact', 'tangent'}
         How the batch dispersion of the test statistics is measured. ``'exact'`` (default): the AIM squared
         distances :math:`d^2(X_i, R_t)`, one more batched eigendecomposition per step (3N + 7 matrices per
-        training step at one Karcher step and :math:`\eta = 1`). ``'tangent'``: Kobler's approximation (TSMNet ``SPDBatchNormImpl``),
-        :math:`\|T_i - \log(S^- R_t S^-)\|_F^2` from the tangent vectors :math:`T_i = \log(S^- X_i S^-)` of the
-        last Karcher step at :math:`S^{-2}`: no further batched decomposition (2N + 7 matrices). Outputs,
-        gradients and the training statistics do not depend on it; only ``running_var`` (evaluation) does.
+        training step at one Karcher step and :math:`\eta = 1`). ``'tangent'``: Kobler's approximation (TSMNet
+        ``SPDBatchNormImpl``), :math:`\|T_i - \log(S^- R_t S^-)\|_F^2` from the tangent vectors
+        :math:`T_i = \log(S^- X_i S^-)` of the last Karcher step at :math:`S^{-2}`: no further batched
+        decomposition (2N + 7 matrices). Outputs, gradients and the training statistics do not depend on it;
+        only ``running_var`` (evaluation) does.
 
     Notes
     -----

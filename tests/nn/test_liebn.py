@@ -679,3 +679,16 @@ def test_domain_layer_keeps_codomain_copies_per_slot(metric):
     torch.testing.assert_close(b(X, domain=d), a(X, domain=d), atol=1e-12, rtol=1e-12)
     for (k, x), y in zip(a.named_buffers(), b.buffers(), strict=True):
         torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("metric", ["aim", "lem", "lcm", "crim"])
+def test_layers_made_and_run_in_inference_mode(metric):
+    """Inference tensors have no version counter: the codomain copies of such buffers are recomputed at each use."""
+    X = concentrated_spd(6, 3, sigma=0.4, seed=1)
+    expect = LieBatchNorm(3, metric=metric)(X).detach()
+    with torch.inference_mode():
+        bn = LieBatchNorm(3, metric=metric)
+        torch.testing.assert_close(bn(X), expect, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(bn(X), expect, atol=1e-12, rtol=1e-12)
+        bn.eval()
+        assert torch.isfinite(bn(X)).all()
