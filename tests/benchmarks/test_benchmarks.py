@@ -153,7 +153,8 @@ def test_norms_against_a_tree_and_with_domains(tmp_path: Path) -> None:
         assert r["old_met"] == (None if r["old_target"] is None else ratio <= r["old_target"])
         assert r["out_rel_err"] < 1e-6 and r["grad_rel_err"] < 1e-6, r  # dsliebn_lem: per-domain twin reference
     assert rows["liebn_lcm"]["old_target"] == 0.6 and rows["dsliebn_lem"]["old_target"] is None
-    assert rows["dsliebn_lem"]["decompositions"]["calls"] > rows["liebn_aim"]["decompositions"]["calls"] > 0
+    # 9 domains in one batched step: fewer decomposition calls than domains
+    assert 0 < rows["dsliebn_lem"]["decompositions"]["calls"] < 9 and rows["liebn_aim"]["decompositions"]["calls"] > 0
 
 
 def test_norms_other_tree_answers_n_a_for_what_it_lacks() -> None:
