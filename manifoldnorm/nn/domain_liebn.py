@@ -97,12 +97,17 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
       statistics with the AIM momentum batch norm. Combining LieBN with per-domain statistics is our own.
     * Evaluation uses the LieBN running statistics (momentum ``momentum``); with ``train_momentum < 1``
       training normalizes with per-domain momentum statistics as Kobler's layer.
+    * The statistics are kept as SPD matrices only (no codomain copies ``*_phi``: the batched path deforms the
+      statistics of the domains present once per step).
     * Everything listed under :class:`~manifoldnorm.nn.LieBatchNorm` applies; statistics live in stacked
       buffers instead of one module per domain.
     """
 
     domain_aware = True
     _stat_names = ("running_mean", "running_var", "train_mean", "train_var")
+    #: no codomain copies of the means: the batched domain path reads and writes the SPD statistics of the
+    #: domains present (one batched deformation per step, whatever the number of domains)
+    _phi_means: tuple[str, ...] = ()
 
     def __init__(
         self,
