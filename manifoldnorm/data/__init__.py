@@ -2,7 +2,7 @@
 character-level text and small image classification sets.
 
 No Lightning or Hydra here; MOABB/MNE are imported lazily by :func:`load_moabb` only, scikit-learn by
-:func:`load_digits_images` and Pillow by :func:`load_image_folder`.
+:func:`load_digits_images`, Pillow by :func:`load_image_folder` and SciPy by the band-pass filter.
 """
 
 from .arrays import ArrayDataset, ValidatedArrays, load_arrays, validate_arrays
@@ -17,25 +17,44 @@ from .images import (
 )
 from .moabb import load_moabb
 from .montage import BCI2A_CHANNELS, channel_positions, channel_positions_2d
-from .preprocess import COV_ESTIMATORS, bandpass, covariances, recenter, riemannian_mean
+from .preprocess import (
+    CHUNK_TRIALS,
+    COV_ESTIMATORS,
+    bandpass,
+    bandpass_covariances,
+    covariances,
+    recenter,
+    riemannian_mean,
+)
 from .rotations import simulate_rotation_sequences
-from .simulate import CLASS_NAMES, SimulationParams, load_simulated, simulate_motor_imagery
+from .simulate import (
+    CLASS_NAMES,
+    COVARIANCE_CACHE_FORMAT,
+    SimulationParams,
+    load_simulated,
+    load_simulated_covariances,
+    simulate_motor_imagery,
+)
 from .splits import PROTOCOLS, Split, split_indices, target_domains
 from .text import TEXT_SOURCES, CharVocab, CharWindows, RandomWindowSampler, eval_starts, load_text, split_text
-from .types import EEGData, domain_ids
+from .types import EEGCovariances, EEGData, domain_ids
 
 __all__ = [
     "simulate_rotation_sequences",
     "BCI2A_CHANNELS",
+    "CHUNK_TRIALS",
     "CLASS_NAMES",
+    "COVARIANCE_CACHE_FORMAT",
     "COV_ESTIMATORS",
     "PROTOCOLS",
     "ArrayDataset",
+    "EEGCovariances",
     "EEGData",
     "SimulationParams",
     "Split",
     "ValidatedArrays",
     "bandpass",
+    "bandpass_covariances",
     "channel_positions",
     "channel_positions_2d",
     "covariances",
@@ -44,6 +63,7 @@ __all__ = [
     "load_arrays",
     "load_moabb",
     "load_simulated",
+    "load_simulated_covariances",
     "recenter",
     "riemannian_mean",
     "simulate_motor_imagery",

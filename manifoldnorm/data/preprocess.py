@@ -1,17 +1,39 @@
 r"""Signal preprocessing for epoched EEG: band-pass filtering, covariance estimation, re-centring.
 
-NumPy/SciPy only; results are float64.
+NumPy/SciPy only (SciPy is imported by :func:`bandpass` when it first runs). Filtering and covariances work
+through the trials in chunks of :data:`CHUNK_TRIALS`: each chunk is converted to float64, processed and written
+into the output, so no float64 copy of all raw trials is ever held. Every trial is processed on its own, so the
+result does not depend on the chunk size (the tests check equality with the unchunked computation).
 """
 
 from __future__ import annotations
 
-import numpy as np
-from scipy.signal import butter, sosfiltfilt
+from collections.abc import Iterator, Sequence
 
-__all__ = ["COV_ESTIMATORS", "bandpass", "covariances", "recenter", "riemannian_mean"]
+import numpy as np
+
+__all__ = ["CHUNK_TRIALS", "COV_ESTIMATORS", "bandpass", "bandpass_covariances", "covariances", "recenter",
+           "riemannian_mean"]
 
 COV_ESTIMATORS: tuple[str, ...] = ("oas", "scm", "lwf")
 """Names accepted by :func:`covariances`."""
+
+CHUNK_TRIALS: int = 256
+"""Trials processed at a time by :func:`bandpass` and :func:`covariances` (22 channels x 384 samples: 17 MB of
+float64 per chunk)."""
+
+
+def _check_chunk(chunk_size: int | None) -> int:
+    if chunk_size is None:
+        return CHUNK_TRIALS
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
 
 
 def _check_trials(X: np.ndarray, name: str = "X") -> np.ndarray:
@@ -20,17 +42,37 @@ def _check_trials(X: np.ndarray, name: str = "X") -> np.ndarray:
         raise ValueError(f"{name} must have shape (..., C, T), got {X.shape}")
     if not np.issubdtype(X.dtype, np.floating) and not np.issubdtype(X.dtype, np.integer):
         raise TypeError(f"{name} must be a real-valued array, got dtype {X.dtype}")
-    if not np.all(np.isfinite(X)):
-        raise ValueError(f"{name} contains NaN or Inf")
+    rows = X.reshape(-1, X.shape[-1])
+    if not all(np.isfinite(rows[part]).all() for part in _chunks(len(rows), max(CHUNK_TRIALS * X.shape[-2], 1))):
+        raise ValueError(f"{name} contains NaN or Inf")  # checked a chunk at a time: no mask of all trials
     return X
 
 
-def bandpass(X: np.ndarray, sfreq: float, fmin: float = 8.0, fmax: float = 30.0, order: int = 4) -> np.ndarray:
+def _bandpass_sos(sfreq: float, fmin: float, fmax: float, order: int) -> np.ndarray:
+    from scipy.signal import butter  # SciPy on first use: importing manifoldnorm.data stays light
+
+    nyquist = sfreq / 2.0
+    if not 0 < fmin < fmax < nyquist:
+        raise ValueError(f"need 0 < fmin < fmax < sfreq/2 = {nyquist:g} Hz, got fmin={fmin}, fmax={fmax}")
+    if int(order) != order or order < 1:
+        raise ValueError(f"order must be a positive integer, got {order}")
+    return butter(int(order), [fmin, fmax], btype="bandpass", fs=sfreq, output="sos")
+
+
+def _filter(sos: np.ndarray, X: np.ndarray) -> np.ndarray:
+    from scipy.signal import sosfiltfilt
+
+    return sosfiltfilt(sos, np.asarray(X, dtype=np.float64), axis=-1)
+
+
+def bandpass(X: np.ndarray, sfreq: float, fmin: float = 8.0, fmax: float = 30.0, order: int = 4,
+             chunk_size: int | None = None) -> np.ndarray:
     """Zero-phase Butterworth band-pass filter along the last axis.
 
     The filter is applied forwards and backwards (second-order sections), so the effective
     magnitude response is the square of an order-``order`` Butterworth band-pass and the phase is
-    zero.
+    zero. Trials (the leading axes) are filtered ``chunk_size`` at a time in float64 and written into the
+    output in the input's float dtype: a float32 input never has a float64 copy of all its trials.
 
     Parameters
     ----------
@@ -42,21 +84,24 @@ def bandpass(X: np.ndarray, sfreq: float, fmin: float = 8.0, fmax: float = 30.0,
         Pass band edges in Hz, ``0 < fmin < fmax < sfreq / 2``.
     order : int
         Butterworth order of the one-pass design.
+    chunk_size : int, optional
+        Trials filtered at a time (default :data:`CHUNK_TRIALS`); the result does not depend on it.
 
     Returns
     -------
     ndarray, same shape as ``X``
     """
     X = _check_trials(X) if np.ndim(X) >= 2 else np.asarray(X)
-    nyquist = sfreq / 2.0
-    if not 0 < fmin < fmax < nyquist:
-        raise ValueError(f"need 0 < fmin < fmax < sfreq/2 = {nyquist:g} Hz, got fmin={fmin}, fmax={fmax}")
-    if int(order) != order or order < 1:
-        raise ValueError(f"order must be a positive integer, got {order}")
-    sos = butter(int(order), [fmin, fmax], btype="bandpass", fs=sfreq, output="sos")
-    out = sosfiltfilt(sos, np.asarray(X, dtype=np.float64), axis=-1)
+    sos = _bandpass_sos(sfreq, fmin, fmax, order)
     dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float64
-    return out.astype(dtype, copy=False)
+    if X.ndim < 2:
+        return _filter(sos, X).astype(dtype, copy=False)
+    size = _check_chunk(chunk_size)
+    flat = X.reshape(-1, *X.shape[-2:]) if X.ndim > 2 else X[None]
+    out = np.empty(flat.shape, dtype=dtype)
+    for part in _chunks(len(flat), size):
+        out[part] = _filter(sos, flat[part])
+    return out.reshape(X.shape)
 
 
 def _scm(Xc: np.ndarray) -> np.ndarray:
@@ -97,7 +142,7 @@ def _lwf_shrinkage(Xc: np.ndarray, S: np.ndarray) -> np.ndarray:
         return np.where(beta == 0, 0.0, beta / np.where(delta == 0, 1.0, delta))
 
 
-def covariances(X: np.ndarray, estimator: str = "oas") -> np.ndarray:
+def covariances(X: np.ndarray, estimator: str = "oas", chunk_size: int | None = None) -> np.ndarray:
     r"""Spatial covariance matrix of every trial.
 
     Each trial is centred over time, :math:`S = \frac1T \tilde X \tilde X^\top`. The shrinkage
@@ -119,6 +164,9 @@ def covariances(X: np.ndarray, estimator: str = "oas") -> np.ndarray:
     X : ndarray, shape (..., C, T)
         Trials.
     estimator : {"oas", "scm", "lwf"}
+    chunk_size : int, optional
+        Trials converted to float64 and processed at a time (default :data:`CHUNK_TRIALS`); the result does not
+        depend on it.
 
     Returns
     -------
@@ -133,9 +181,63 @@ def covariances(X: np.ndarray, estimator: str = "oas") -> np.ndarray:
     """
     if estimator not in COV_ESTIMATORS:
         raise ValueError(f"unknown covariance estimator {estimator!r}; valid names are {list(COV_ESTIMATORS)}")
-    X = np.asarray(_check_trials(X), dtype=np.float64)
+    X = _check_trials(X)
     if X.shape[-1] < 2:
         raise ValueError(f"need at least 2 time samples per trial, got {X.shape[-1]}")
+    size = _check_chunk(chunk_size)
+    if X.ndim == 2:
+        return _covariances(X, estimator)
+    flat = X.reshape(-1, *X.shape[-2:])
+    out = np.empty((len(flat), X.shape[-2], X.shape[-2]), dtype=np.float64)
+    for part in _chunks(len(flat), size):
+        out[part] = _covariances(flat[part], estimator)
+    return out.reshape(*X.shape[:-1], X.shape[-2])
+
+
+def bandpass_covariances(X: np.ndarray, sfreq: float, band: Sequence[float] | None, order: int = 4,
+                         estimator: str = "oas", chunk_size: int | None = None) -> np.ndarray:
+    """``covariances(bandpass(X, sfreq, *band, order), estimator)``, one chunk of trials at a time.
+
+    Equal to the two-step computation, value for value (the filtered chunk is rounded to the dtype of ``X``, as
+    :func:`bandpass` returns it), while holding only one filtered chunk: neither the filtered trials nor a float64
+    copy of the input exist in full. ``band=None`` skips the filter.
+
+    Parameters
+    ----------
+    X : ndarray, shape (N, C, T)
+    sfreq : float
+    band : (fmin, fmax) or None
+    order : int
+    estimator : {"oas", "scm", "lwf"}
+    chunk_size : int, optional
+        Trials at a time (default :data:`CHUNK_TRIALS`).
+
+    Returns
+    -------
+    ndarray, shape (N, C, C), float64
+    """
+    if estimator not in COV_ESTIMATORS:
+        raise ValueError(f"unknown covariance estimator {estimator!r}; valid names are {list(COV_ESTIMATORS)}")
+    X = _check_trials(X)
+    if band is None:
+        return covariances(X, estimator, chunk_size=chunk_size)
+    fmin, fmax = (float(b) for b in band)
+    if X.ndim != 3:
+        raise ValueError(f"X must have shape (N, C, T), got {X.shape}")
+    if X.shape[-1] < 2:
+        raise ValueError(f"need at least 2 time samples per trial, got {X.shape[-1]}")
+    sos = _bandpass_sos(sfreq, fmin, fmax, order)
+    size = _check_chunk(chunk_size)
+    dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float64
+    out = np.empty((len(X), X.shape[1], X.shape[1]), dtype=np.float64)
+    for part in _chunks(len(X), size):
+        out[part] = _covariances(_filter(sos, X[part]).astype(dtype, copy=False), estimator)
+    return out
+
+
+def _covariances(X: np.ndarray, estimator: str) -> np.ndarray:
+    """:func:`covariances` of checked trials, all at once."""
+    X = np.asarray(X, dtype=np.float64)
     Xc = X - X.mean(axis=-1, keepdims=True)
     S = _scm(Xc)
     if estimator == "scm":

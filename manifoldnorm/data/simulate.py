@@ -54,25 +54,43 @@ data do not depend on how many subjects are generated.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .cache import CACHE_READ_ERRORS, default_cache_dir, load_eegdata, params_key, save_eegdata
+from .cache import (
+    default_cache_dir,
+    load_covariances,
+    load_eegdata,
+    params_key,
+    read_entry,
+    save_covariances,
+    save_eegdata,
+)
 from .montage import BCI2A_CHANNELS, channel_positions, grid_to_sphere
+from .preprocess import COV_ESTIMATORS, bandpass_covariances
 from .sources import colored_noise, gaussian_patterns, peak, pink, small_rotation, spectrum_norm, tangent_jitter
-from .types import EEGData
+from .types import EEGCovariances, EEGData
 
-__all__ = ["CLASS_NAMES", "SimulationParams", "load_simulated", "simulate_motor_imagery"]
+__all__ = ["CLASS_NAMES", "COVARIANCE_CACHE_FORMAT", "SimulationParams", "load_simulated",
+           "load_simulated_covariances", "simulate_motor_imagery"]
+
+log = logging.getLogger(__name__)
 
 CLASS_NAMES: tuple[str, ...] = ("left_hand", "right_hand", "feet", "tongue")
 """Class names of the simulated data, in label order."""
 
 GENERATOR_VERSION = 1
 """Bumped whenever the generator changes its output for fixed parameters (invalidates caches)."""
+
+COVARIANCE_CACHE_FORMAT = 1
+"""Bumped whenever the layout or the computation of the cached covariances changes: part of their cache key, so
+an entry of another format is never read (:func:`load_simulated_covariances`)."""
 
 # Sensorimotor sources: (class index, lateral deg, anterior deg) on the 10-20 grid (18 deg = 10 %).
 _MOTOR_SOURCES: tuple[tuple[int, float, float], ...] = (
@@ -277,16 +295,26 @@ def simulate_motor_imagery(
     return _simulate(params)
 
 
-def _simulate(params: SimulationParams) -> EEGData:
-    xs, ys, subjects, sessions = [], [], [], []
+def _sessions(params: SimulationParams) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """``(subject, session, X, y)`` of every session in order; one session's trials in memory at a time."""
     for subject in range(params.n_subjects):
         model = _subject_model(params, subject)
         for session in range(params.n_sessions):
             X, y = _session_trials(params, model, subject, session)
-            xs.append(X)
-            ys.append(y)
-            subjects.append(np.full(len(y), subject))
-            sessions.append(np.full(len(y), session))
+            yield subject, session, X, y
+
+
+def _describe(params: SimulationParams) -> dict:
+    return {"generator": "simulate_motor_imagery", "version": GENERATOR_VERSION, "params": params.to_dict()}
+
+
+def _simulate(params: SimulationParams) -> EEGData:
+    xs, ys, subjects, sessions = [], [], [], []
+    for subject, session, X, y in _sessions(params):
+        xs.append(X)
+        ys.append(y)
+        subjects.append(np.full(len(y), subject))
+        sessions.append(np.full(len(y), session))
     return EEGData(
         X=np.concatenate(xs),
         y=np.concatenate(ys),
@@ -295,8 +323,7 @@ def _simulate(params: SimulationParams) -> EEGData:
         sfreq=params.sfreq,
         ch_names=list(BCI2A_CHANNELS),
         class_names=list(CLASS_NAMES),
-        info={"generator": "simulate_motor_imagery", "version": GENERATOR_VERSION,
-              "params": params.to_dict()},
+        info=_describe(params),
     )
 
 
@@ -308,14 +335,35 @@ def _make_params(**kwargs: object) -> SimulationParams:
     return SimulationParams(**kwargs)  # type: ignore[arg-type]
 
 
+def _n_trials(params: SimulationParams) -> int:
+    return params.n_subjects * params.n_sessions * len(CLASS_NAMES) * params.trials_per_class
+
+
+def _n_times(params: SimulationParams) -> int:
+    return int(round(params.duration * params.sfreq))
+
+
+def _folder(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def _store(path: Path, save, data) -> None:  # noqa: ANN001 - save_eegdata / save_covariances and their data
+    try:
+        save(path, data)
+    except OSError as err:
+        warnings.warn(f"could not write the simulation cache {path}: {err}", RuntimeWarning, stacklevel=3)
+
+
 def load_simulated(
     cache_dir: str | os.PathLike | None = None, refresh: bool = False, **kwargs: object
 ) -> EEGData:
     """:func:`simulate_motor_imagery` with an on-disk cache.
 
-    The cache entry is ``<cache_dir>/simulated_mi_<hash>.npz``, keyed by a hash of the generator
-    version and all parameters. A missing, unreadable or inconsistent entry is regenerated; writes
-    are atomic. If the cache folder is not writable the data are returned with a warning.
+    The cache entry is ``<cache_dir>/simulated_mi_<hash>.npz`` (raw float32 trials), keyed by a hash of the
+    generator version and all parameters. A missing entry is generated; an unreadable or inconsistent one is
+    regenerated with a logged warning; writes are atomic. If the cache folder is not writable the data are
+    returned with a warning. Covariance-based runs read :func:`load_simulated_covariances` instead, whose entry
+    holds only the matrices.
 
     Parameters
     ----------
@@ -331,21 +379,101 @@ def load_simulated(
     EEGData
     """
     params = _make_params(**kwargs)
-    desc = {"generator": "simulate_motor_imagery", "version": GENERATOR_VERSION, "params": params.to_dict()}
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = folder / f"simulated_mi_{params_key(desc)}.npz"
-    if path.exists() and not refresh:
-        try:
-            data = load_eegdata(path)
-            expected = (params.n_subjects * params.n_sessions * len(CLASS_NAMES) * params.trials_per_class,
-                        len(BCI2A_CHANNELS), int(round(params.duration * params.sfreq)))
-            if data.info == desc and data.X.shape == expected:
-                return data
-        except CACHE_READ_ERRORS:
-            pass
+    desc = _describe(params)
+    path = _folder(cache_dir) / f"simulated_mi_{params_key(desc)}.npz"
+    if not refresh and (data := _read_raw(path, params)) is not None:
+        return data
     data = _simulate(params)
-    try:
-        save_eegdata(path, data)
-    except OSError as err:
-        warnings.warn(f"could not write the simulation cache {path}: {err}", RuntimeWarning, stacklevel=2)
+    _store(path, save_eegdata, data)
+    return data
+
+
+def _read_raw(path: Path, params: SimulationParams) -> EEGData | None:
+    expected = (_n_trials(params), len(BCI2A_CHANNELS), _n_times(params))
+    return read_entry(path, load_eegdata, _describe(params),
+                      lambda d: None if d.X.shape == expected else f"X has shape {d.X.shape}, expected {expected}")
+
+
+def load_simulated_covariances(
+    band: Sequence[float] | None = (8.0, 30.0),
+    filter_order: int = 4,
+    estimator: str = "oas",
+    cache_dir: str | os.PathLike | None = None,
+    refresh: bool = False,
+    chunk_size: int | None = None,
+    **kwargs: object,
+) -> EEGCovariances:
+    """Band-pass filtered covariance matrices of the simulated trials, with an on-disk cache of the matrices only.
+
+    Equal, value for value, to ``covariances(bandpass(load_simulated(...).X, sfreq, *band, filter_order),
+    estimator)``: each chunk of trials is filtered in float64, rounded to float32 (as :func:`bandpass` returns
+    float32 trials) and reduced to its covariances (:func:`~manifoldnorm.data.bandpass_covariances`).
+
+    The entry is ``<cache_dir>/simulated_mi_cov_<hash>.npz``, keyed by a hash of the generator version, the
+    simulation parameters, ``band``, ``filter_order``, ``estimator`` and :data:`COVARIANCE_CACHE_FORMAT`; it holds
+    the ``(N, C, C)`` float64 matrices and the labels (20 MB for the ``spd_eeg`` experiment, against 175 MB of
+    raw trials). On a miss the matrices are computed from the raw entry of :func:`load_simulated` if one is
+    cached, else by simulating one session at a time (the raw trials are neither kept nor written). An
+    unreadable entry, or one that describes other data, is rebuilt with a logged warning; writes are atomic; an
+    unwritable cache folder gives a warning and the data.
+
+    Parameters
+    ----------
+    band : (fmin, fmax) or None
+        Band-pass edges in Hz; ``None`` skips the filter.
+    filter_order : int
+        Butterworth order of :func:`~manifoldnorm.data.bandpass`.
+    estimator : {"oas", "scm", "lwf"}
+        Covariance estimator (:func:`~manifoldnorm.data.covariances`).
+    cache_dir : path, optional
+        Cache folder; default ``$MANIFOLDNORM_CACHE`` or ``~/.cache/manifoldnorm``.
+    refresh : bool
+        Recompute and overwrite the entry even if it is readable.
+    chunk_size : int, optional
+        Trials filtered at a time (memory only; the result does not depend on it).
+    **kwargs
+        Parameters of :func:`simulate_motor_imagery`.
+
+    Returns
+    -------
+    EEGCovariances
+    """
+    params = _make_params(**kwargs)
+    if estimator not in COV_ESTIMATORS:
+        raise ValueError(f"unknown covariance estimator {estimator!r}; valid names are {list(COV_ESTIMATORS)}")
+    if band is not None:
+        band = tuple(float(b) for b in band)
+        if len(band) != 2:
+            raise ValueError(f"band must be (fmin, fmax) or None, got {band}")
+    if isinstance(filter_order, bool) or int(filter_order) != filter_order or filter_order < 1:
+        raise ValueError(f"filter_order must be a positive integer, got {filter_order!r}")
+    features = {"kind": "covariances", "format": COVARIANCE_CACHE_FORMAT, "band": None if band is None else list(band),
+                "filter_order": int(filter_order), "estimator": estimator, "dtype": "float64"}
+    desc = {**_describe(params), "features": features}
+    folder = _folder(cache_dir)
+    path = folder / f"simulated_mi_cov_{params_key(desc)}.npz"
+    n, c = _n_trials(params), len(BCI2A_CHANNELS)
+
+    def check(d: EEGCovariances) -> str | None:
+        if d.X.shape != (n, c, c) or d.n_times != _n_times(params):
+            return f"X has shape {d.X.shape} from {d.n_times} samples, expected {(n, c, c)} from {_n_times(params)}"
+        return None
+
+    if not refresh and (data := read_entry(path, load_covariances, desc, check)) is not None:
+        return data
+
+    def reduce(X: np.ndarray) -> np.ndarray:
+        return bandpass_covariances(X, params.sfreq, band, int(filter_order), estimator, chunk_size=chunk_size)
+
+    raw_path = folder / f"simulated_mi_{params_key(_describe(params))}.npz"
+    raw = _read_raw(raw_path, params) if raw_path.exists() else None
+    if raw is not None:
+        X, y, subject, session = reduce(raw.X), raw.y, raw.subject, raw.session
+        del raw
+    else:
+        parts = [(reduce(Xs), ys, np.full(len(ys), s), np.full(len(ys), k)) for s, k, Xs, ys in _sessions(params)]
+        X, y, subject, session = (np.concatenate(a) for a in zip(*parts, strict=True))
+    data = EEGCovariances(X=X, y=y, subject=subject, session=session, sfreq=params.sfreq, n_times=_n_times(params),
+                          ch_names=list(BCI2A_CHANNELS), class_names=list(CLASS_NAMES), info=desc)
+    _store(path, save_covariances, data)
     return data

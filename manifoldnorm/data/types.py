@@ -1,4 +1,4 @@
-"""Container for epoched multi-domain EEG: :class:`EEGData`."""
+"""Containers for epoched multi-domain EEG: :class:`EEGData` (raw trials) and :class:`EEGCovariances`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EEGData", "domain_ids"]
+__all__ = ["EEGCovariances", "EEGData", "domain_ids"]
 
 
 def domain_ids(subject: np.ndarray, session: np.ndarray) -> np.ndarray:
@@ -152,3 +152,76 @@ class EEGData:
             f"subjects={np.unique(self.subject).tolist()}, "
             f"domains={int(np.unique(self.domain).size) if len(self) else 0})"
         )
+
+
+def _int_labels(name: str, values: Any, n: int) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match X, got {arr.shape}")
+    if arr.size and not np.all(np.equal(np.mod(arr, 1), 0)):
+        raise ValueError(f"{name} must hold integers")
+    return arr.astype(np.int64)
+
+
+@dataclass
+class EEGCovariances:
+    """Spatial covariance matrices of epoched EEG trials with labels and domain annotations.
+
+    What a covariance-based run reads (:func:`manifoldnorm.data.load_simulated_covariances`): the raw trials
+    they were computed from are not kept.
+
+    Parameters
+    ----------
+    X : ndarray, shape (N, C, C), float64
+        One covariance matrix per trial.
+    y, subject, session : ndarray, shape (N,), int64
+        As in :class:`EEGData`.
+    sfreq : float
+        Sampling frequency of the trials in Hz.
+    n_times : int
+        Time samples per trial the matrices were estimated from.
+    ch_names, class_names : list of str
+    info : dict
+        Provenance: the generator, its parameters and the preprocessing.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    subject: np.ndarray
+    session: np.ndarray
+    sfreq: float
+    n_times: int
+    ch_names: list[str]
+    class_names: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.X = np.asarray(self.X, dtype=np.float64)
+        if self.X.ndim != 3 or self.X.shape[1] != self.X.shape[2]:
+            raise ValueError(f"X must have shape (N, C, C), got {self.X.shape}")
+        n = self.X.shape[0]
+        for name in ("y", "subject", "session"):
+            setattr(self, name, _int_labels(name, getattr(self, name), n))
+        self.sfreq, self.n_times = float(self.sfreq), int(self.n_times)
+        self.ch_names = [str(c) for c in self.ch_names]
+        self.class_names = [str(c) for c in self.class_names]
+        if len(self.ch_names) != self.X.shape[1]:
+            raise ValueError(f"ch_names has {len(self.ch_names)} entries but X has {self.X.shape[1]} channels")
+        if n and (self.y.min() < 0 or self.y.max() >= len(self.class_names)):
+            raise ValueError(f"y must lie in [0, {len(self.class_names)}) to index class_names {self.class_names}")
+
+    @property
+    def domain(self) -> np.ndarray:
+        """Domain id per trial, shape (N,), int64; one id per ``(subject, session)`` pair."""
+        return domain_ids(self.subject, self.session)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return int(self.X.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"EEGCovariances(n_trials={len(self)}, n_channels={self.X.shape[1]}, n_times={self.n_times}, "
+                f"classes={self.class_names}, subjects={np.unique(self.subject).tolist()})")

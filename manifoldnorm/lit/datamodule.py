@@ -15,10 +15,11 @@ from manifoldnorm.data import (
     ArrayDataset,
     EEGData,
     bandpass,
-    covariances,
+    bandpass_covariances,
     load_arrays,
     load_moabb,
     load_simulated,
+    load_simulated_covariances,
     split_indices,
 )
 from manifoldnorm.data.arrays import KINDS
@@ -71,7 +72,8 @@ class EEGDataModule(pl.LightningDataModule):
         Precomputed SPD matrices are used as they are.
     representation : {"cov", "raw"}
         ``cov``: band-pass filtered (``band``) OAS covariances, float64 ``(N, C, C)`` (SPDNet input);
-        ``raw``: band-pass filtered trials, float32 ``(N, C, T)`` (TSMNet input).
+        ``raw``: band-pass filtered trials, float32 ``(N, C, T)`` (TSMNet input). Both are computed one chunk of
+        trials at a time (:data:`manifoldnorm.data.CHUNK_TRIALS`), without a float64 copy of all raw trials.
     protocol : {"within_session", "cross_session", "cross_subject"}
         See :func:`manifoldnorm.data.split_indices`.
     batch_size : int
@@ -89,7 +91,9 @@ class EEGDataModule(pl.LightningDataModule):
     path : str, optional
         The ``.npz`` file of the ``arrays`` source.
     cache_dir : str, optional
-        Cache directory of the simulated data (default ``$MANIFOLDNORM_CACHE`` or ``~/.cache/manifoldnorm``).
+        Cache directory of the simulated data (default ``$MANIFOLDNORM_CACHE`` or ``~/.cache/manifoldnorm``). The
+        cache holds what the run reads: the covariance matrices for ``cov``
+        (:func:`manifoldnorm.data.load_simulated_covariances`), the float32 trials for ``raw``.
     source_kwargs : mapping, optional
         Extra arguments of the loader (e.g. ``n_subjects`` for the simulation, ``dataset`` for MOABB).
     split_kwargs : mapping, optional
@@ -163,16 +167,22 @@ class EEGDataModule(pl.LightningDataModule):
         """Features, metadata (y, subject, session), number of classes and time samples."""
         if self.source == "arrays":
             return self._array_features()
+        if self.source == "simulated" and self.representation == "cov":  # the cache holds the matrices only
+            cov = load_simulated_covariances(band=self.band, filter_order=self.filter_order,
+                                             estimator=self.cov_estimator, cache_dir=self.cache_dir,
+                                             **self.source_kwargs)
+            return cov.X, {"y": cov.y, "subject": cov.subject, "session": cov.session}, cov.n_classes, cov.n_times
         data = self._load_eeg()
         meta = {"y": data.y, "subject": data.subject, "session": data.session}
-        X = data.X
-        if self.band is not None and self.source != "moabb":  # MOABB filters in the loader
-            X = bandpass(X, data.sfreq, self.band[0], self.band[1], order=self.filter_order)
-        return self._represent(X), meta, data.n_classes, data.n_times
+        band = self.band if self.source != "moabb" else None  # MOABB filters in the loader
+        return self._represent(data.X, data.sfreq, band), meta, data.n_classes, data.n_times
 
-    def _represent(self, X: np.ndarray) -> np.ndarray:
+    def _represent(self, X: np.ndarray, sfreq: float | None, band: tuple[float, float] | None) -> np.ndarray:
+        """Band-passed covariances (float64) or band-passed trials (float32), one chunk of trials at a time."""
         if self.representation == "cov":
-            return covariances(X, estimator=self.cov_estimator).astype(np.float64)
+            return bandpass_covariances(X, sfreq, band, self.filter_order, self.cov_estimator)
+        if band is not None:
+            X = bandpass(np.asarray(X, dtype=np.float32), sfreq, band[0], band[1], order=self.filter_order)
         return np.ascontiguousarray(X, dtype=np.float32)
 
     def _array_features(self) -> tuple[np.ndarray, dict[str, np.ndarray], int, int]:
@@ -185,14 +195,10 @@ class EEGDataModule(pl.LightningDataModule):
             if self.representation != "cov":
                 raise ValueError(f"{self.path} holds SPD matrices; only representation='cov' can use them")
             return arrays.X.astype(np.float64), meta, num_classes, 0
-        X = arrays.X
-        if self.band is not None:
-            with np.load(Path(self.path).expanduser(), allow_pickle=False) as f:
-                sfreq = float(f["sfreq"]) if "sfreq" in f.files else None
-            if sfreq is None:
-                raise ValueError(f"{self.path}: band-pass filtering needs 'sfreq' in the file (or set band=null)")
-            X = bandpass(X, sfreq, self.band[0], self.band[1], order=self.filter_order)
-        return self._represent(X), meta, num_classes, int(X.shape[-1])
+        X, sfreq = arrays.X, arrays.sfreq
+        if self.band is not None and sfreq is None:
+            raise ValueError(f"{self.path}: band-pass filtering needs 'sfreq' in the file (or set band=null)")
+        return self._represent(X, sfreq, self.band), meta, num_classes, int(X.shape[-1])
 
     def prepare_data(self) -> None:
         if self.source == "moabb":  # downloads once (rank 0); setup then reads the local copy

@@ -8,7 +8,7 @@ from pyriemann.geometry.covariance import covariances as pr_covariances
 from pyriemann.geometry.mean import mean_riemann
 from sklearn.covariance import ledoit_wolf, oas
 
-from manifoldnorm.data import bandpass, covariances, recenter, riemannian_mean
+from manifoldnorm.data import CHUNK_TRIALS, bandpass, bandpass_covariances, covariances, recenter, riemannian_mean
 
 
 def _trials(n=6, c=5, t=64, seed=0):
@@ -58,6 +58,47 @@ def test_covariance_errors():
         covariances(bad)
     with pytest.raises(ValueError, match="shape"):
         covariances(np.zeros(5))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("estimator", ["oas", "lwf", "scm"])
+def test_chunked_covariances_equal_the_unchunked(dtype, estimator):
+    """Chunks bound the memory (no float64 copy of all trials); every trial is computed alone, so the chunk size
+    does not change a value (to 1e-12 relative; in practice bitwise)."""
+    X = _trials(37, 6, 80, seed=3).astype(dtype)
+    whole = covariances(X, estimator, chunk_size=len(X))
+    for chunk in (1, 5, 36, 100, None):
+        np.testing.assert_allclose(covariances(X, estimator, chunk_size=chunk), whole, rtol=1e-12, atol=0)
+    X4 = X[:36].reshape(4, 9, 6, 80)  # leading axes are chunked as one
+    np.testing.assert_allclose(covariances(X4, estimator, chunk_size=7), whole[:36].reshape(4, 9, 6, 6),
+                               rtol=1e-12, atol=0)
+    assert CHUNK_TRIALS >= 1
+
+
+def test_chunked_bandpass_equals_the_unchunked_and_keeps_float32():
+    X = _trials(21, 4, 256, seed=5).astype(np.float32)
+    whole = bandpass(X, 128.0, 8.0, 30.0, chunk_size=len(X))
+    assert whole.dtype == np.float32  # float32 trials stay float32 (filtered in float64, one chunk at a time)
+    for chunk in (1, 4, None):
+        np.testing.assert_array_equal(bandpass(X, 128.0, 8.0, 30.0, chunk_size=chunk), whole)
+    assert bandpass(X.astype(np.float64), 128.0, 8.0, 30.0).dtype == np.float64
+    with pytest.raises(ValueError, match="chunk_size"):
+        bandpass(X, 128.0, chunk_size=0)
+
+
+@pytest.mark.parametrize("estimator", ["oas", "lwf"])
+def test_bandpass_covariances_equal_the_two_steps(estimator):
+    """The fused pipeline (filter a chunk, round it to the input dtype, reduce it) gives the two-step values."""
+    X = _trials(19, 5, 256, seed=7).astype(np.float32)
+    two_steps = covariances(bandpass(X, 128.0, 8.0, 30.0, order=4), estimator)
+    for chunk in (1, 6, None):
+        fused = bandpass_covariances(X, 128.0, (8.0, 30.0), 4, estimator, chunk_size=chunk)
+        assert fused.dtype == np.float64
+        np.testing.assert_allclose(fused, two_steps, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(bandpass_covariances(X, 128.0, None, 4, estimator), covariances(X, estimator),
+                               rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="valid names are"):
+        bandpass_covariances(X, 128.0, (8.0, 30.0), 4, "mcd")
 
 
 def test_bandpass_passes_band_and_is_zero_phase():

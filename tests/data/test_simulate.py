@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -13,11 +14,14 @@ from scipy.signal import welch
 from manifoldnorm.data import (
     BCI2A_CHANNELS,
     CLASS_NAMES,
+    EEGCovariances,
     EEGData,
     bandpass,
     channel_positions,
     channel_positions_2d,
+    covariances,
     load_simulated,
+    load_simulated_covariances,
     simulate_motor_imagery,
 )
 from manifoldnorm.data import simulate as sim_module
@@ -156,19 +160,102 @@ def test_cache_hit_and_key(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.suffix != ".npz"]  # no temporary files left
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncate", "wrong_content"])
-def test_corrupted_cache_is_regenerated(tmp_path, damage):
-    fresh = load_simulated(cache_dir=tmp_path, **SMALL)
-    (path,) = tmp_path.glob("*.npz")
+def _damage(path, damage):
     if damage == "garbage":
         path.write_bytes(b"not an npz file")
     elif damage == "truncate":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         np.savez(path.open("wb"), X=np.zeros((1, 2, 3)))
-    again = load_simulated(cache_dir=tmp_path, **SMALL)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "wrong_content"])
+def test_corrupted_cache_is_regenerated(tmp_path, damage, caplog):
+    fresh = load_simulated(cache_dir=tmp_path, **SMALL)
+    (path,) = tmp_path.glob("*.npz")
+    _damage(path, damage)
+    with caplog.at_level(logging.WARNING, logger="manifoldnorm.data.cache"):
+        again = load_simulated(cache_dir=tmp_path, **SMALL)
+    assert any(str(path) in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(again.X, fresh.X)
     third = load_simulated(cache_dir=tmp_path, **SMALL)  # the entry was rewritten and is readable
+    np.testing.assert_array_equal(third.X, fresh.X)
+
+
+def _count_sessions(monkeypatch):
+    calls = []
+    real = sim_module._sessions
+    monkeypatch.setattr(sim_module, "_sessions", lambda p: calls.append(p) or real(p))
+    return calls
+
+
+def test_covariance_cache_holds_only_the_matrices(tmp_path, monkeypatch):
+    """A covariance run's cache entry: the (N, C, C) matrices and labels, equal value for value to filtering and
+    reducing the simulated trials; no raw trials written; the second read served from disk."""
+    raw = simulate_motor_imagery(**SMALL)
+    expected = covariances(bandpass(raw.X, raw.sfreq, 8.0, 30.0), "oas")
+    calls = _count_sessions(monkeypatch)
+    cov = load_simulated_covariances(band=(8.0, 30.0), cache_dir=tmp_path, **SMALL)
+    (path,) = tmp_path.glob("*.npz")
+    assert path.name.startswith("simulated_mi_cov_") and len(calls) == 1
+    assert isinstance(cov, EEGCovariances) and cov.X.dtype == np.float64 and cov.X.shape == (80, 22, 22)
+    np.testing.assert_allclose(cov.X, expected, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(cov.y, raw.y)
+    np.testing.assert_array_equal(cov.domain, raw.domain)
+    assert (cov.n_times, cov.n_classes, cov.sfreq) == (raw.n_times, 4, raw.sfreq)
+    again = load_simulated_covariances(band=(8.0, 30.0), cache_dir=tmp_path, **SMALL)
+    assert len(calls) == 1  # served from disk
+    np.testing.assert_array_equal(again.X, cov.X)
+    assert again.info == cov.info and again.info["features"]["estimator"] == "oas"
+    assert not [p for p in tmp_path.iterdir() if p.suffix != ".npz"]  # no temporary files left
+
+
+def test_covariance_cache_reads_a_cached_raw_entry_instead_of_simulating(tmp_path, monkeypatch):
+    raw = load_simulated(cache_dir=tmp_path, **SMALL)
+    calls = _count_sessions(monkeypatch)
+    cov = load_simulated_covariances(band=None, estimator="scm", cache_dir=tmp_path, **SMALL)
+    assert calls == []
+    np.testing.assert_allclose(cov.X, covariances(raw.X, "scm"), rtol=1e-12, atol=0)
+
+
+def test_covariance_cache_key_covers_the_preprocessing_and_the_format(tmp_path, monkeypatch):
+    """Another band, filter order, estimator or cache format is another entry: a stale one is never read."""
+    load_simulated_covariances(cache_dir=tmp_path, **SMALL)
+    load_simulated_covariances(band=(8.0, 30.0), cache_dir=tmp_path, **SMALL)  # the default band: same entry
+    assert len(list(tmp_path.glob("simulated_mi_cov_*.npz"))) == 1
+    for kwargs in ({"band": (4.0, 40.0)}, {"filter_order": 2}, {"estimator": "lwf"}, {"band": None}):
+        load_simulated_covariances(cache_dir=tmp_path, **kwargs, **SMALL)
+    assert len(list(tmp_path.glob("simulated_mi_cov_*.npz"))) == 5
+    calls = _count_sessions(monkeypatch)
+    monkeypatch.setattr(sim_module, "COVARIANCE_CACHE_FORMAT", sim_module.COVARIANCE_CACHE_FORMAT + 1)
+    load_simulated_covariances(cache_dir=tmp_path, **SMALL)
+    assert len(calls) == 1 and len(list(tmp_path.glob("simulated_mi_cov_*.npz"))) == 6
+    with pytest.raises(ValueError, match="valid names are"):
+        load_simulated_covariances(estimator="mcd", cache_dir=tmp_path, **SMALL)
+    with pytest.raises(ValueError, match="filter_order"):
+        load_simulated_covariances(filter_order=0, cache_dir=tmp_path, **SMALL)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "wrong_content", "other_data"])
+def test_damaged_covariance_cache_is_rebuilt_with_a_logged_warning(tmp_path, damage, caplog):
+    fresh = load_simulated_covariances(cache_dir=tmp_path, **SMALL)
+    (path,) = tmp_path.glob("*.npz")
+    if damage == "other_data":  # a readable entry describing other parameters (e.g. copied under this name)
+        other_dir = tmp_path / "other"
+        load_simulated_covariances(cache_dir=other_dir, **{**SMALL, "seed": 1})
+        (other,) = other_dir.glob("*.npz")
+        path.write_bytes(other.read_bytes())
+    else:
+        _damage(path, damage)
+    with caplog.at_level(logging.WARNING, logger="manifoldnorm.data.cache"):
+        again = load_simulated_covariances(cache_dir=tmp_path, **SMALL)
+    (record,) = [r for r in caplog.records if str(path) in r.getMessage()]
+    assert "rebuilding it" in record.getMessage()
+    np.testing.assert_array_equal(again.X, fresh.X)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="manifoldnorm.data.cache"):
+        third = load_simulated_covariances(cache_dir=tmp_path, **SMALL)  # rewritten: read without a word
+    assert not caplog.records
     np.testing.assert_array_equal(third.X, fresh.X)
 
 
@@ -189,7 +276,8 @@ def test_unwritable_cache_warns_and_returns_data(tmp_path):
 def test_data_package_imports_no_training_stack():
     code = (
         "import sys, manifoldnorm.data; "
-        "bad = [m for m in ('lightning', 'hydra', 'pyriemann', 'sklearn', 'moabb', 'mne') if m in sys.modules]; "
+        "bad = [m for m in ('lightning', 'hydra', 'pyriemann', 'sklearn', 'moabb', 'mne', 'scipy') "
+        "if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())

@@ -113,3 +113,20 @@ def test_every_experiment_runs_on_tiny_data(experiment: str, cache: Path, tmp_pa
     proc = train(f"+experiment={experiment}", "logger=none", *tiny, f"hydra.run.dir={tmp_path}", cache=cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test/bacc" in proc.stdout
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_idle_openmp_threads_sleep_unless_told_otherwise(preset: str | None, expected: str) -> None:
+    """launch/train.py sets OMP_WAIT_POLICY=PASSIVE before anything imports torch (whose OpenMP runtime reads it
+    once, at start); an explicit setting is kept."""
+    source = (ROOT / "launch" / "train.py").read_text()
+    assert source.index('os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")') < source.index("import hydra")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import os, runpy; runpy.run_path('launch/train.py', run_name='imported'); "
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == expected

@@ -46,6 +46,24 @@ def test_raw_representation_and_other_protocols(make_dm) -> None:
     assert set(cs.datasets["test"].domain) == {2, 3} and set(cs.datasets["train"].domain) == {0, 1}
 
 
+def test_each_representation_caches_only_what_it_reads(tmp_path: Path, small_sim: dict) -> None:
+    """representation=cov reads (and writes) the covariance entry only; raw the float32 trials only."""
+    cov_dir, raw_dir = tmp_path / "cov", tmp_path / "raw"
+    cov = EEGDataModule(cache_dir=str(cov_dir), source_kwargs=small_sim, batch_size=16)
+    cov.setup("fit")
+    assert [p.name.startswith("simulated_mi_cov_") for p in cov_dir.iterdir()] == [True]
+    raw = EEGDataModule(cache_dir=str(raw_dir), source_kwargs=small_sim, representation="raw", batch_size=16)
+    raw.setup("fit")
+    (entry,) = raw_dir.iterdir()
+    assert entry.name.startswith("simulated_mi_") and not entry.name.startswith("simulated_mi_cov_")
+    assert raw.datasets["train"].X.dtype == np.float32
+    # the covariances read from their entry equal those computed from the raw trials
+    data = load_simulated(cache_dir=str(raw_dir), **small_sim)
+    idx = np.asarray(cov.split["train"])
+    np.testing.assert_allclose(cov.datasets["train"].X, covariances(bandpass(data.X[idx], data.sfreq, 8.0, 30.0)),
+                               rtol=1e-12, atol=0)
+
+
 def test_seeded_shuffling_is_reproducible(make_dm) -> None:
     a, b, c = make_dm(seed=3), make_dm(seed=3), make_dm(seed=4)
     ya, yb = next(iter(a.train_dataloader()))[1], next(iter(b.train_dataloader()))[1]

@@ -51,6 +51,36 @@ def test_fit_logs_metrics_and_test_metrics_match_sklearn(make_dm, tmp_path: Path
     assert results["test/bacc"] == pytest.approx(balanced_accuracy_score(ds.y, pred), abs=1e-6)
 
 
+class _StepLosses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[tuple[float, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.losses.append((outputs["loss"].detach(), int(batch[1].shape[0])))
+
+
+def test_metrics_are_logged_once_per_epoch_with_the_per_step_values(make_dm, tmp_path: Path, monkeypatch) -> None:
+    """The steps only accumulate; each epoch logs once, with the values per-step ``self.log(on_epoch=True)`` calls
+    gave: the batch-size-weighted mean loss in Lightning's arithmetic (float32 sum of value x n, one division)."""
+    dm = make_dm(protocol="within_session", drop_last=False, batch_size=24)  # 80 = 3 x 24 + 8: the weights matter
+    module = _module()
+    calls: list[str] = []
+    real = pl.LightningModule.log
+    monkeypatch.setattr(pl.LightningModule, "log", lambda self, name, *a, **k: calls.append(name) or real(
+        self, name, *a, **k))
+    steps = _StepLosses()
+    trainer = _trainer(tmp_path, 2, callbacks=[steps], limit_val_batches=2)
+    trainer.fit(module, datamodule=dm)
+    assert sorted(calls) == sorted(f"{s}/{m}" for _ in range(2) for s in ("train", "val")
+                                   for m in ("loss", "acc", "bacc"))  # once per epoch, none per step
+    last = steps.losses[-len(steps.losses) // 2:]
+    total, count = torch.tensor(0.0), torch.tensor(0)
+    for loss, n in last:
+        total, count = total + loss * n, count + n
+    assert torch.equal(trainer.callback_metrics["train/loss"], total / count)
+    assert len({n for _, n in last}) > 1  # the check saw batches of different sizes
+
+
 def _domain_stats(model: torch.nn.Module) -> list[torch.Tensor]:
     return [m.running_mean.clone() for m in model.modules() if isinstance(m, DomainSPDBatchNorm)]
 
