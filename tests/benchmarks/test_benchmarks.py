@@ -43,7 +43,7 @@ def positive(x: float) -> bool:
 def test_cli_lists_the_suites_and_refuses_an_unknown_one() -> None:
     from benchmarks import suites
 
-    assert suites() == ["guard", "layers", "norms", "optim", "scale", "spectral", "sweep"]
+    assert suites() == ["flagship", "guard", "layers", "norms", "optim", "scale", "spectral", "step", "sweep"]
     listed = bench("--help").stdout
     assert all(f"  {name} " in listed for name in suites())
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "spectrall"], cwd=ROOT, capture_output=True,
@@ -51,7 +51,7 @@ def test_cli_lists_the_suites_and_refuses_an_unknown_one() -> None:
     assert proc.returncode != 0 and "unknown suite 'spectrall'" in proc.stderr
 
 
-@pytest.mark.parametrize("suite", ["sweep", "optim", "scale", "guard"])
+@pytest.mark.parametrize("suite", ["sweep", "optim", "scale", "guard", "step", "flagship"])
 def test_long_suites_parse_their_options(suite: str) -> None:
     """The suites too long for a test start and know their options (each also runs as ``-m benchmarks.<suite>``)."""
     out = subprocess.run([sys.executable, "-m", f"benchmarks.{suite}", "--help"], cwd=ROOT, capture_output=True,
@@ -422,3 +422,96 @@ def test_guard_quick(tmp_path: Path) -> None:
     assert positive(data["guard_check_us"])
     hook_s = data["guard_check_us"] / 1e6
     assert data["guard_check_pct_of_step"] == pytest.approx(1e5 * hook_s / data["cpu_step_ms_off"])
+
+
+# ------------------------------------------------------------------------------------------------ step
+@pytest.mark.slow
+def test_step_quick(tmp_path: Path) -> None:
+    """Bare vs Lightning step on a small flagship, interleaved, with the profiled breakdown (a smoke run)."""
+    out = tmp_path / "step.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "WANDB_", "SLURM_"))}
+    env["MANIFOLDNORM_CACHE"] = str(tmp_path / "cache")
+    proc = bench("step", "--quick", "--override", "logger=none", "--out", str(out), timeout=600, env=env)
+    assert "| arm | median step, wall (ms) |" in proc.stdout and "Lightning / bare" in proc.stdout
+    data = report(out, "step")
+    assert (data["threads"], data["epochs"], data["quick"], data["tree"]) == (1, 2, True, str(ROOT))
+    rows = {r["arm"]: r for r in data["rows"]}
+    assert set(rows) == {"bare", "lightning"} and rows["bare"]["steps"] == rows["lightning"]["steps"] > 0
+    assert all(positive(r["wall_ms"]) and positive(r["cpu_ms"]) for r in rows.values())
+    assert data["ratio_wall"] == pytest.approx(rows["lightning"]["wall_ms"] / rows["bare"]["wall_ms"])
+    items = {r["item"]: r for r in data["breakdown"]}
+    for work in ("model forward", "optimizer.step (the update itself)"):  # the model's work is attributed
+        assert items[work]["model_work"] and positive(items[work]["ms_per_step"])
+        assert items[work]["calls_per_step"] == pytest.approx(1.0)
+    assert any(k.startswith("[Callback]NonFiniteGuard") for k in items)
+    assert not any("_StepClock" in k for k in items)  # the measurement's own callback is left out
+    assert sum(r["ms_per_step"] for r in data["breakdown"]) == pytest.approx(data["profiled_mean_ms"], rel=0.05)
+
+
+# -------------------------------------------------------------------------------------------- flagship
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_flagship_compares_with_a_worktree_or_a_path(tmp_path: Path, monkeypatch) -> None:
+    """``--against``: a commit becomes a detached worktree in the temp dir (made once, then reused); a checkout
+    path is used as it is; anything else is refused with one line."""
+    from benchmarks import flagship
+
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    (repo / "manifoldnorm").mkdir()
+    (repo / "launch" / "train.py").write_text("print('old')\n")
+    _git(tmp_path, "init", "-q", str(repo))
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "old")
+    sha = _git(repo, "rev-parse", "HEAD")
+    monkeypatch.setattr(flagship, "worktree_root", lambda: tmp_path / "worktrees")
+    tree, what = flagship.resolve_tree(sha[:7], repo)
+    assert what == sha and tree == tmp_path / "worktrees" / sha[:12]
+    assert (tree / "launch" / "train.py").read_text() == "print('old')\n"
+    assert flagship.resolve_tree(sha, repo) == (tree, sha)  # reused
+    assert flagship.resolve_tree(str(repo), repo) == (repo.resolve(), str(repo.resolve()))
+    with pytest.raises(SystemExit, match="neither a directory nor a commit"):
+        flagship.resolve_tree("no-such-rev", repo)
+    with pytest.raises(SystemExit, match="not a manifoldnorm checkout"):
+        flagship.resolve_tree(str(tmp_path / "worktrees"), repo)
+    assert flagship.FirstStepTimer.__name__ == "FirstStepTimer"  # the probe, by its documented name too
+
+
+def test_flagship_table_is_the_median_of_each_tree() -> None:
+    from benchmarks.flagship import LABELS, summarize
+
+    runs = [{"arm": arm, "wall_s": w, "cpu_s": 2 * w, "peak_rss_mb": m, "startup_s": 4.0, "test_bacc": 0.784}
+            for arm, w, m in (("old", 90.0, 2100.0), ("old", 100.0, 2200.0), ("old", 200.0, 2100.0),
+                              ("new", 40.0, 500.0), ("new", 50.0, 520.0), ("new", 45.0, 510.0))]
+    rows = {r["measure"]: r for r in summarize(runs)}
+    assert list(rows) == list(LABELS)
+    assert (rows["wall_s"]["old"], rows["wall_s"]["new"]) == (100.0, 45.0)
+    assert rows["wall_s"]["ratio"] == pytest.approx(0.45) and rows["wall_s"]["met"] is True
+    assert rows["peak_rss_mb"]["met"] is True and rows["startup_s"]["met"] is True
+    assert rows["test_bacc"]["ratio"] == 1.0 and rows["test_bacc"]["met"] is True
+    assert rows["cpu_s"]["target"] is None and rows["cpu_s"]["met"] is None
+
+
+@pytest.mark.slow
+def test_flagship_quick(tmp_path: Path) -> None:
+    """Two-epoch flagship runs of this checkout against itself (``--against`` a path: no worktree): the machinery
+    end to end, the probe's start-up, and equal accuracy and bitwise equal weights of identical code."""
+    out = tmp_path / "flagship.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "WANDB_", "SLURM_"))}
+    proc = bench("flagship", "--quick", "--against", str(ROOT), "--cache-dir", str(tmp_path / "cache"),
+                 "--override", "data.source_kwargs.n_subjects=3", "--out", str(out), timeout=1200, env=env)
+    assert "| measure | old (median) | new (median) | new / old | target | met |" in proc.stdout
+    data = report(out, "flagship")
+    assert data["quick"] and data["runs"] == 1 and data["old_tree"] == data["new_tree"] == str(ROOT)
+    assert data["overrides"] == ["trainer.max_epochs=2", "data.source_kwargs.n_subjects=3"]
+    assert data["weights_identical"] == [True]
+    runs = {r["arm"]: r for r in data["runs_detail"]}
+    for r in runs.values():
+        assert positive(r["wall_s"]) and positive(r["cpu_s"]) and positive(r["peak_rss_mb"])
+        assert 0 < r["startup_s"] < r["wall_s"] and positive(r["train_s"]) and positive(r["test_s"])
+        assert 0.25 < r["test_bacc"] <= 1.0
+    rows = {r["measure"]: r for r in data["rows"]}
+    assert rows["test_bacc"]["old"] == rows["test_bacc"]["new"] and rows["test_bacc"]["met"] is True
+    assert rows["wall_s"]["ratio"] == pytest.approx(runs["new"]["wall_s"] / runs["old"]["wall_s"])
