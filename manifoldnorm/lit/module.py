@@ -249,7 +249,9 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
             return
         log = functools.partial(self.log_dict, on_step=False, on_epoch=True, batch_size=1)
         log({f"{stage}/loss": loss}, prog_bar=stage != "test")
-        log(metrics.compute(), prog_bar=stage == "val")
+        # torchmetrics' compute() already reduces over the processes: the values are equal on every rank, so
+        # sync_dist (a mean of equal values, exact) changes nothing but tells Lightning they are global
+        log(metrics.compute(), prog_bar=stage == "val", sync_dist=True)
         metrics.reset()
 
     def _start_epoch(self, stage: str, metrics: MetricCollection) -> None:
