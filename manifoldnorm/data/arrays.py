@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .types import domain_ids
 
-__all__ = ["KINDS", "SYMMETRY_RTOL", "ArrayDataset", "ValidatedArrays", "load_arrays", "validate_arrays"]
+__all__ = ["KINDS", "SYMMETRY_RTOL", "ArrayDataset", "BatchedView", "ValidatedArrays", "load_arrays",
+           "validate_arrays"]
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +290,44 @@ class ArrayDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._X[i], self._y[i], self._d[i]
 
+    def batched(self) -> BatchedView:
+        """This dataset as a ``DataLoader`` should fetch it: one gather per array and batch (:class:`BatchedView`)."""
+        return BatchedView(self)
+
     def __repr__(self) -> str:
         return (f"ArrayDataset(n={len(self)}, kind={self.kind!r}, shape={tuple(self.X.shape[1:])}, "
                 f"classes={len(self.class_names)}, domains={np.unique(self.domain).size})")
+
+
+class _Batch(tuple):
+    """``(x, y, domain)`` of a whole batch, already gathered by :meth:`BatchedView.__getitems__`."""
+
+
+class BatchedView(Dataset):
+    """An :class:`ArrayDataset` for a ``DataLoader`` with automatic batching: a batch is gathered with one indexing
+    per array (``__getitems__``) instead of one per trial and a stack. Give the loader
+    ``collate_fn=BatchedView.collate``; its batches are then equal, value for value and dtype for dtype, to those of
+    the default collation of ``(x, y, domain)`` samples: the list ``[x, y, domain]``.
+    """
+
+    def __init__(self, dataset: ArrayDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: list[int]) -> _Batch:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        ds = self.dataset  # index_select: a plain row copy (advanced indexing starts a parallel region per call)
+        return _Batch((ds._X.index_select(0, idx), ds._y.index_select(0, idx), ds._d.index_select(0, idx)))
+
+    @staticmethod
+    def collate(batch: Any) -> Any:
+        """A batch of :meth:`__getitems__` as ``[x, y, domain]``; anything else through ``default_collate``."""
+        return list(batch) if isinstance(batch, _Batch) else default_collate(batch)
 
 
 def load_arrays(path: str | os.PathLike, kind: str = "auto") -> ArrayDataset:

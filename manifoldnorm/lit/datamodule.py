@@ -22,7 +22,7 @@ from manifoldnorm.data import (
     load_simulated_covariances,
     split_indices,
 )
-from manifoldnorm.data.arrays import KINDS
+from manifoldnorm.data.arrays import KINDS, BatchedView
 from manifoldnorm.data.types import domain_ids
 from manifoldnorm.lit.resume import seeded_loader
 
@@ -251,7 +251,7 @@ class EEGDataModule(pl.LightningDataModule):
             raise RuntimeError(f"EEGDataModule: call setup() before requesting the {name} loader")
         ds = self.datasets[name]
         return seeded_loader(
-            ds,
+            ds.batched(),  # one gather per batch (BatchedView), not one indexing per trial and a stack
             train=train,
             seed=self.seed,
             batch_size=self.batch_size,
@@ -259,6 +259,7 @@ class EEGDataModule(pl.LightningDataModule):
             drop_last=train and self.drop_last and len(ds) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=BatchedView.collate,
         )
 
     def train_dataloader(self) -> DataLoader:

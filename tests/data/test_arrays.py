@@ -124,3 +124,26 @@ def test_load_arrays_errors(tmp_path):
     np.savez(tmp_path / "pickled.npz", X=np.array([object()], dtype=object), y=np.zeros(1))
     with pytest.raises(ValueError, match="could not read"):
         load_arrays(tmp_path / "pickled.npz")
+
+
+def test_batched_view_gives_the_batches_of_the_default_collation():
+    """One gather per array and batch (``BatchedView``): the same list ``[x, y, domain]``, values, dtypes and
+    strides as stacking the samples, for any sampler order and a short last batch; a plain loader still works."""
+    from torch.utils.data import RandomSampler
+
+    from manifoldnorm.data.arrays import BatchedView
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((23, 4, 8))
+    ds = ArrayDataset(A @ np.swapaxes(A, -1, -2) / 8, rng.integers(0, 3, 23), rng.integers(0, 2, 23), kind="spd")
+    plain = DataLoader(ds, batch_size=5, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(1)))
+    fast = DataLoader(ds.batched(), batch_size=5, collate_fn=BatchedView.collate,
+                      sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(1)))
+    pairs = list(zip(plain, fast, strict=True))
+    assert len(pairs) == 5 and pairs[-1][1][0].shape[0] == 3
+    for a, b in pairs:
+        assert isinstance(b, list) and len(b) == 3
+        for p, q in zip(a, b, strict=True):
+            assert torch.equal(p, q) and p.dtype == q.dtype and p.stride() == q.stride()
+    assert len(ds.batched()) == len(ds) and all(torch.equal(p, q) for p, q in zip(ds.batched()[3], ds[3], strict=True))
+    assert BatchedView.collate([(torch.zeros(2), 1), (torch.ones(2), 2)])[1].tolist() == [1, 2]  # default_collate
