@@ -205,7 +205,8 @@ def _remove(handles: list[Any]) -> None:
             h.remove()
 
 
-_MODEL_WORK = ("model forward", "[Strategy]SingleDeviceStrategy.backward", "optimizer.step (the update itself)")
+_MODEL_WORK = ("model forward", "[Strategy]SingleDeviceStrategy.backward", "optimizer.step (the update itself)",
+               "[LightningModule]ClassificationModule.optimizer_zero_grad")  # what the bare step does too
 
 
 def _label(name: str) -> str:
