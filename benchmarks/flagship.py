@@ -21,6 +21,9 @@ overrides (``--override``). Measured per run:
   :class:`FirstStepTimer` (``benchmarks/_probe/mn_flagship_probe.py``), injected through Hydra overrides
   (``+callbacks.first_step._target_=mn_flagship_probe.FirstStepTimer``) with ``benchmarks/_probe`` on the
   ``PYTHONPATH`` after the tree under test (the probe imports nothing from either tree);
+* the start-up floor: just before each run, the wall time of a process that only imports the required stack
+  (``import torch, lightning.pytorch, hydra, geoopt, wandb``), with the same environment; no run can reach its
+  first step sooner;
 * the test balanced accuracy printed by the run, and whether ``last.ckpt`` holds bitwise the same weights as the
   other tree's run of the same round.
 
@@ -60,7 +63,10 @@ TARGETS = {"wall_s": ("ratio <= 0.5", lambda ratio, new: ratio <= 0.5),
            "startup_s": ("new <= 5 s", lambda ratio, new: new <= 5.0),
            "test_bacc": ("equal", lambda ratio, new: ratio == 1.0)}
 LABELS = {"wall_s": "wall (s)", "cpu_s": "process CPU, user + system (s)", "peak_rss_mb": "peak RSS (MB)",
-          "startup_s": "start-up to the first training step (s)", "test_bacc": "test balanced accuracy"}
+          "startup_s": "start-up to the first training step (s)",
+          "stack_import_s": "start-up floor: importing torch, lightning, hydra, geoopt, wandb (s)",
+          "test_bacc": "test balanced accuracy"}
+STACK_IMPORT = "import torch, lightning.pytorch, hydra, omegaconf, geoopt, wandb"
 
 # The first step of the data setup: compose the tree's own config and set its data module up (filling the cache).
 _PREPARE = """
@@ -148,6 +154,17 @@ def prepare(tree: Path, cache_dir: Path, overrides: Sequence[str], extra: dict[s
     return time.perf_counter() - t0
 
 
+def stack_import(tree: Path, cache_dir: Path, extra: dict[str, str]) -> float:
+    """Wall seconds of a process that imports the required stack and nothing else (the start-up floor)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", STACK_IMPORT], cwd=tree, env=run_env(tree, cache_dir, extra),
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"importing the stack failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall
+
+
 _METRIC = re.compile(r"^(test/bacc)\s+([0-9.]+)\s*$", re.M)
 
 
@@ -203,7 +220,7 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
     for key, label in LABELS.items():
         med = {}
         for arm in ("old", "new"):
-            values = [r[key] for r in runs if r["arm"] == arm and r[key] is not None]
+            values = [r[key] for r in runs if r["arm"] == arm and r.get(key) is not None]
             med[arm] = statistics.median(values) if values else None
         ratio = med["new"] / med["old"] if med["old"] and med["new"] is not None else None
         target, check = TARGETS.get(key, (None, None))
@@ -276,12 +293,14 @@ def main(argv: list[str] | None = None) -> dict:
             order = ("old", "new") if r % 2 == 0 else ("new", "old")
             this_round = {}
             for arm in order:
+                floor = stack_import(trees[arm], cache_dir, extra_env)
                 run = flagship_run(trees[arm], base / f"r{r}_{arm}", cache_dir, overrides, extra_env)
-                run.update(arm=arm, round=r)
+                run.update(arm=arm, round=r, stack_import_s=floor)
                 this_round[arm] = run
                 detail.append(run)
                 print(f"  round {r} {arm}: wall {run['wall_s']:.1f} s, CPU {run['cpu_s']:.1f} s, peak RSS "
-                      f"{run['peak_rss_mb']:.0f} MB, start-up {run['startup_s']:.1f} s, test bacc "
+                      f"{run['peak_rss_mb']:.0f} MB, start-up {run['startup_s']:.1f} s (stack imports alone "
+                      f"{floor:.1f} s), test bacc "
                       f"{_fmt('test_bacc', run['test_bacc'])} (load {run['load_1min']:.1f})", flush=True)
             identical.append(same_weights(*(Path(this_round[a]["run_dir"]) / "checkpoints" / "last.ckpt"
                                             for a in ("old", "new"))))

@@ -32,6 +32,7 @@ from manifoldnorm.lit.guard import NonFiniteError  # noqa: E402
 def train(cfg: DictConfig) -> float | None:
     if cfg.ckpt_path is not None:  # a damaged checkpoint is refused before the data is built
         run.check_resume_checkpoint(cfg.ckpt_path)
+    run.set_threads(cfg.get("threads"))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = run.build_datamodule(cfg)
     module = run.build_module(cfg)

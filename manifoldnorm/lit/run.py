@@ -32,6 +32,7 @@ from manifoldnorm.lit.requeue import SLURMRequeue
 __all__ = [
     "ConfigError",
     "config_errors",
+    "set_threads",
     "build_datamodule",
     "build_module",
     "build_callbacks",
@@ -72,6 +73,24 @@ def config_errors(section: str) -> Iterator[None]:
         else:
             msg = f"{type(cause).__name__}: {cause}"
         raise ConfigError(f"invalid configuration in '{section}': {msg}") from err
+
+
+def set_threads(threads: Any) -> None:
+    """Set this process's intra-op CPU threads (``torch.set_num_threads``) from the config key ``threads``.
+
+    ``None`` keeps torch's default (the ``OMP_NUM_THREADS`` of the environment, else the number of cores). A tiny
+    model (an SPDNet on 22x22 covariances, batches of 32) runs hundreds of small kernels per step; waking a second
+    thread for each costs more than it gives (``docs/benchmarks.md``, flagship), hence ``threads: 1`` in its
+    experiment. Results can differ in the last bits from another thread count (reductions are split differently).
+    """
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"invalid configuration in 'threads': expected a positive int or null, got {threads!r}")
+    import torch
+
+    torch.set_num_threads(threads)
+    log.info("torch intra-op threads: %d", threads)
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:

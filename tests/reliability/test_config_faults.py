@@ -261,3 +261,26 @@ def test_launch_reports_bad_option_in_one_line(override: str, key: str, tmp_path
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and key in errors[0] and "got" in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, "two", True])
+def test_threads_option_rejects_bad_values(bad: object) -> None:
+    """``threads`` (conf/train.yaml): a positive int or null; anything else stops with one line naming the key."""
+    before = torch.get_num_threads()
+    with pytest.raises(run.ConfigError, match=r"'threads': expected a positive int or null"):
+        run.set_threads(bad)
+    assert torch.get_num_threads() == before
+
+
+def test_threads_option_sets_torch_threads() -> None:
+    before = torch.get_num_threads()
+    try:
+        run.set_threads(None)
+        assert torch.get_num_threads() == before
+        run.set_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        assert compose("train").threads is None
+        assert compose("train", overrides=["+experiment=spd_eeg"]).threads == 1
