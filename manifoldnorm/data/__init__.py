@@ -35,7 +35,7 @@ from .simulate import (
     load_simulated_covariances,
     simulate_motor_imagery,
 )
-from .splits import PROTOCOLS, Split, split_indices, target_domains
+from .splits import PROTOCOLS, SPLIT_LABELS, SPLIT_PROTOCOLS, Split, check_split_labels, split_indices, target_domains
 from .text import TEXT_SOURCES, CharVocab, CharWindows, RandomWindowSampler, eval_starts, load_text, split_text
 from .types import EEGCovariances, EEGData, domain_ids
 
@@ -47,6 +47,9 @@ __all__ = [
     "COVARIANCE_CACHE_FORMAT",
     "COV_ESTIMATORS",
     "PROTOCOLS",
+    "SPLIT_LABELS",
+    "SPLIT_PROTOCOLS",
+    "check_split_labels",
     "ArrayDataset",
     "EEGCovariances",
     "EEGData",

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from .splits import check_split_labels
 from .types import domain_ids
 
 __all__ = ["KINDS", "SYMMETRY_RTOL", "ArrayDataset", "BatchedView", "ValidatedArrays", "load_arrays",
@@ -258,10 +259,15 @@ class ArrayDataset(Dataset):
         Class names (string labels are encoded by their position in it).
     sfreq : float, optional
         Sampling frequency of raw trials in Hz (kept as an attribute).
+    split : array_like of str or bytes, shape (N,), optional
+        The data's official split, ``"train"``/``"val"``/``"test"`` per trial, checked by
+        :func:`manifoldnorm.data.check_split_labels` (unknown labels, wrong length, no train or test trial, a test
+        class without training trials are errors); :func:`~manifoldnorm.data.split_indices` then uses it.
 
     Attributes
     ----------
     X, y, domain, subject, session : ndarray
+    split : ndarray of str or None
     kind : str
     class_names : list of str
     sfreq : float or None
@@ -269,7 +275,7 @@ class ArrayDataset(Dataset):
 
     def __init__(self, X: Any, y: Any, domain: Any = None, kind: str = "auto", subject: Any = None,
                  session: Any = None, class_names: list[str] | None = None,
-                 sfreq: float | None = None) -> None:
+                 sfreq: float | None = None, split: Any = None) -> None:
         v = validate_arrays(X, y, domain=domain, kind=kind, subject=subject, session=session,
                             class_names=class_names)
         self.X, self.y, self.domain, self.kind = v.X, v.y, v.domain, v.kind
@@ -280,6 +286,7 @@ class ArrayDataset(Dataset):
         if sfreq is not None and not float(sfreq) > 0:
             raise ValueError(f"sfreq must be positive, got {sfreq}")
         self.sfreq = None if sfreq is None else float(sfreq)
+        self.split = None if split is None else check_split_labels(split, self.y, self.class_names)
         self._X = torch.from_numpy(np.ascontiguousarray(self.X))
         self._y = torch.from_numpy(self.y)
         self._d = torch.from_numpy(self.domain)
@@ -334,7 +341,9 @@ def load_arrays(path: str | os.PathLike, kind: str = "auto") -> ArrayDataset:
     """Load a user ``.npz`` file into an :class:`ArrayDataset`.
 
     Required keys: ``X`` (N, C, T) or (N, n, n) and ``y`` (N,). Optional: ``domain``, or ``subject``
-    and ``session`` (domain then derived per pair); ``class_names``; ``sfreq`` (Hz, for raw trials).
+    and ``session`` (domain then derived per pair); ``class_names``; ``sfreq`` (Hz, for raw trials); ``split``
+    (``"train"``/``"val"``/``"test"`` per trial: the official split, used by ``protocol="auto"``/``"official"`` of
+    :func:`~manifoldnorm.data.split_indices`).
     Pickled objects are refused. ``kind`` (``"auto"``, ``"raw"``, ``"spd"``) is that of :func:`validate_arrays`,
     which says how near-symmetric matrices are read; its errors are raised with the file's path in front.
     """
@@ -354,6 +363,6 @@ def load_arrays(path: str | os.PathLike, kind: str = "auto") -> ArrayDataset:
     try:
         return ArrayDataset(content["X"], content["y"], domain=content.get("domain"), kind=kind,
                             subject=content.get("subject"), session=content.get("session"),
-                            class_names=class_names, sfreq=sfreq)
+                            class_names=class_names, sfreq=sfreq, split=content.get("split"))
     except (ValueError, TypeError) as err:
         raise type(err)(f"{path}: {err}") from err

@@ -13,10 +13,20 @@ Protocols (:data:`PROTOCOLS`):
     Test on held-out subjects (``test_subjects``, or ``n_test_subjects`` drawn with ``seed``);
     validation trials are carved from the training subjects. Target domains = the held-out
     subjects' sessions.
+``official``
+    The split the data ship with: a ``split`` field of ``"train"``/``"val"``/``"test"`` per trial
+    (:func:`check_split_labels`) gives the indices exactly; without ``"val"`` entries, ``val_fraction`` of
+    every (domain, class) cell of the training trials is moved to validation (seeded, as for the protocols).
+``auto``
+    ``official`` when the data carry a ``split`` field, else ``cross_session``.
+
+A ``split`` field with one of the three protocols named explicitly is an error: the data say how they are to
+be evaluated and the protocol would silently ignore it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,10 +34,19 @@ import numpy as np
 
 from .types import domain_ids
 
-__all__ = ["PROTOCOLS", "Split", "split_indices", "target_domains"]
+__all__ = ["PROTOCOLS", "SPLIT_LABELS", "SPLIT_PROTOCOLS", "Split", "check_split_labels", "split_indices",
+           "target_domains"]
+
+log = logging.getLogger(__name__)
 
 PROTOCOLS: tuple[str, ...] = ("within_session", "cross_session", "cross_subject")
-"""Names accepted by :func:`split_indices`."""
+"""Evaluation protocols that derive a split from subjects and sessions (see the module docstring)."""
+
+SPLIT_PROTOCOLS: tuple[str, ...] = (*PROTOCOLS, "official", "auto")
+"""Every ``protocol`` accepted by :func:`split_indices`: the protocols, the data's own split, or either."""
+
+SPLIT_LABELS: tuple[str, ...] = ("train", "val", "test")
+"""Values of a ``split`` field (the data's official split), one per trial."""
 
 
 class Split(dict):
@@ -112,9 +131,80 @@ def _stratified_holdout(
             np.sort(np.concatenate(held)) if held else empty)
 
 
+def check_split_labels(split: Any, y: Any, class_names: Sequence[str] | None = None) -> np.ndarray:
+    """Validate a data set's official split: one of :data:`SPLIT_LABELS` per trial.
+
+    Parameters
+    ----------
+    split : array_like of str or bytes, shape (N,)
+        ``"train"``, ``"val"`` or ``"test"`` per trial (bytes, as ``np.savez`` may store them, are decoded).
+    y : array_like of int, shape (N,)
+        Class labels, for the length and the class check.
+    class_names : sequence of str, optional
+        Names used in the messages instead of the class ids.
+
+    Returns
+    -------
+    ndarray of str, shape (N,)
+
+    Raises
+    ------
+    TypeError
+        ``split`` does not hold strings.
+    ValueError
+        Wrong length, unknown labels (the valid ones are listed), no ``"train"`` or no ``"test"`` trial, or a
+        class with test trials but no training trial. The last is an error rather than a warning: a classifier
+        cannot learn a class it never sees, and its test accuracy would then measure the split, not the model.
+    """
+    y = np.asarray(y).reshape(-1)
+    arr = np.asarray(split)
+    if arr.shape != y.shape:
+        raise ValueError(f"split has shape {arr.shape} but there are {len(y)} trials: give one of "
+                         f"{'/'.join(SPLIT_LABELS)} per trial, shape ({len(y)},)")
+    if arr.dtype.kind == "S":
+        arr = np.char.decode(arr, "utf-8", errors="replace")
+    elif arr.dtype == object and all(isinstance(v, (str, bytes)) for v in arr.tolist()):
+        arr = np.array([v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in arr.tolist()],
+                       dtype=str).reshape(arr.shape)
+    if arr.dtype.kind != "U":
+        raise TypeError(f"split must hold the strings {list(SPLIT_LABELS)} (one per trial), got dtype {arr.dtype}")
+    unknown = ~np.isin(arr, SPLIT_LABELS)
+    if unknown.any():
+        bad = sorted(set(arr[unknown].tolist()))
+        raise ValueError(f"split holds unknown labels {bad[:10]} ({int(unknown.sum())} trials, first at index "
+                         f"{int(np.flatnonzero(unknown)[0])}); valid labels: {', '.join(SPLIT_LABELS)}")
+    counts = {name: int(np.sum(arr == name)) for name in SPLIT_LABELS}
+    for name in ("train", "test"):
+        if counts[name] == 0:
+            raise ValueError(f"split marks no trial {name!r} (counts: {counts}); mark some trials {name!r}")
+    unseen = np.setdiff1d(y[arr == "test"], y[arr == "train"])
+    if unseen.size:
+        names = [class_names[c] if class_names is not None and 0 <= c < len(class_names) else int(c)
+                 for c in unseen.tolist()]
+        raise ValueError(f"classes {names} have 'test' trials in split but no 'train' trial, so no model can learn "
+                         f"them; move some of their trials to 'train' or remove them from the data")
+    return arr.astype(f"<U{max(len(s) for s in SPLIT_LABELS)}")
+
+
+def _official_split(labels: np.ndarray, y: np.ndarray, domain: np.ndarray, val_fraction: float,
+                    rng: np.random.Generator) -> Split:
+    """The ``official`` protocol: indices from ``split`` labels; a seeded stratified val part when none is given."""
+    labels = check_split_labels(labels, y)
+    all_idx = np.arange(len(y), dtype=np.int64)
+    train, val, test = (all_idx[labels == name] for name in SPLIT_LABELS)
+    if len(val):
+        how = "as given (val_fraction not used)"
+    else:
+        train, val = _stratified_holdout(train, y, domain, val_fraction, rng)
+        how = f"carved from train (val_fraction={val_fraction:g}, stratified by domain and class, seeded)"
+    log.info("official split from the data's 'split' array (the protocols are not used): train %d, val %d %s, "
+             "test %d", len(train), len(val), how, len(test))
+    return Split(train, val, test, protocol="official", domain=domain)
+
+
 def split_indices(
     data_or_meta: Any,
-    protocol: str = "within_session",
+    protocol: str = "auto",
     seed: int = 0,
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
@@ -127,13 +217,17 @@ def split_indices(
     ----------
     data_or_meta : EEGData, ArrayDataset, mapping or DataFrame
         Anything with fields ``y`` and ``subject`` + ``session`` (or ``domain``; required only by
-        ``within_session``), each of shape (N,).
-    protocol : {"within_session", "cross_session", "cross_subject"}
-        See the module docstring.
+        ``within_session``), each of shape (N,); optionally ``split`` (the official split, see
+        :func:`check_split_labels`).
+    protocol : {"auto", "official", "within_session", "cross_session", "cross_subject"}
+        See the module docstring. ``auto`` (default): ``official`` when ``split`` is present, else
+        ``cross_session``. A ``split`` field with an explicit protocol raises a ``ValueError``.
+        *Deviation from earlier versions:* the default was ``within_session``.
     seed : int
         Seed for the shuffles (and the choice of test subjects).
     val_fraction : float
-        Fraction of the training pool of every domain and class moved to validation.
+        Fraction of the training pool of every domain and class moved to validation (``official``: only when
+        ``split`` has no ``"val"`` entry).
     test_fraction : float
         ``within_session`` only: fraction of every domain and class held out for test.
     test_subjects : sequence of int, optional
@@ -147,12 +241,24 @@ def split_indices(
         ``{"train", "val", "test"}`` → sorted int64 arrays, with ``.target_domains`` and
         ``.source_domains``.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; valid protocols are {list(PROTOCOLS)}")
+    if protocol not in SPLIT_PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; valid protocols are {list(SPLIT_PROTOCOLS)}")
     _check_fraction("val_fraction", val_fraction)
     _check_fraction("test_fraction", test_fraction)
     y, subject, session, domain = _meta(data_or_meta)
     rng = np.random.default_rng(seed)
+    labels = _field(data_or_meta, "split")
+    if protocol == "auto":
+        protocol = "cross_session" if labels is None else "official"
+    if protocol == "official":
+        if labels is None:
+            raise ValueError("protocol 'official' needs the data's own split: a 'split' field (an .npz key 'split') "
+                             f"of {'/'.join(SPLIT_LABELS)} per trial; without one choose one of {list(PROTOCOLS)}")
+        return _official_split(labels, y, domain, val_fraction, rng)
+    if labels is not None:
+        raise ValueError(f"the data carry an official 'split' array, which protocol {protocol!r} would ignore; "
+                         f"set protocol='auto' or 'official' to use it, or remove 'split' from the data to "
+                         f"evaluate by protocol")
     all_idx = np.arange(len(y), dtype=np.int64)
 
     if protocol == "within_session":

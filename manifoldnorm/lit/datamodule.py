@@ -74,8 +74,10 @@ class EEGDataModule(pl.LightningDataModule):
         ``cov``: band-pass filtered (``band``) OAS covariances, float64 ``(N, C, C)`` (SPDNet input);
         ``raw``: band-pass filtered trials, float32 ``(N, C, T)`` (TSMNet input). Both are computed one chunk of
         trials at a time (:data:`manifoldnorm.data.CHUNK_TRIALS`), without a float64 copy of all raw trials.
-    protocol : {"within_session", "cross_session", "cross_subject"}
-        See :func:`manifoldnorm.data.split_indices`.
+    protocol : {"auto", "official", "within_session", "cross_session", "cross_subject"}
+        See :func:`manifoldnorm.data.split_indices`. ``auto`` (default): the file's own ``split`` array when the
+        ``arrays`` source has one (``official``), else ``cross_session``. An explicit protocol with a ``split``
+        array is an error.
     batch_size : int
     seed : int
         Seed of the split and of the training-set shuffling (:class:`EpochSeededSampler`).
@@ -114,7 +116,7 @@ class EEGDataModule(pl.LightningDataModule):
         self,
         source: str = "simulated",
         representation: str = "cov",
-        protocol: str = "cross_session",
+        protocol: str = "auto",
         batch_size: int = 32,
         seed: int = 0,
         num_workers: int = 0,
@@ -188,6 +190,8 @@ class EEGDataModule(pl.LightningDataModule):
     def _array_features(self) -> tuple[np.ndarray, dict[str, np.ndarray], int, int]:
         arrays = load_arrays(Path(self.path).expanduser(), kind=self.kind)
         meta = {"y": arrays.y, "domain": arrays.domain}
+        if arrays.split is not None:
+            meta["split"] = arrays.split
         if arrays.subject is not None and arrays.session is not None:
             meta.update(subject=arrays.subject, session=arrays.session)
         num_classes = len(arrays.class_names)
@@ -209,8 +213,13 @@ class EEGDataModule(pl.LightningDataModule):
             return
         X, meta, num_classes, n_times = self._features()
         domain = meta["domain"] if "domain" in meta else domain_ids(meta["subject"], meta["session"])
-        self.split = split_indices(meta, protocol=self.protocol, seed=self.seed, val_fraction=self.val_fraction,
-                                   **self.split_kwargs)
+        try:
+            self.split = split_indices(meta, protocol=self.protocol, seed=self.seed,
+                                       val_fraction=self.val_fraction, **self.split_kwargs)
+        except ValueError as err:
+            if self.source != "arrays":
+                raise
+            raise ValueError(f"{self.path}: {err}") from err
         for name, idx in self.split.items():
             idx = np.asarray(idx, dtype=np.int64)
             kind = "spd" if self.representation == "cov" else "raw"
