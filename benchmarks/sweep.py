@@ -19,8 +19,6 @@ JSON: ``{"suite", "torch", "seeds", "jobs", "threads_per_run", "quick", "overrid
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +38,11 @@ from benchmarks._harness import (
     save_figure,
     write_report,
 )
+from manifoldnorm.lit.report import aggregate, mean_std, read_metrics
 from manifoldnorm.nn import list_norms
+
+__all__ = ["EXPERIMENTS", "SWEEP_NORMS", "main", "markdown", "plot_sweep", "read_metrics", "run_job", "run_sweep",
+           "run_sweep_jobs", "summarize"]
 
 # experiment -> (validation metric to plot and report, its direction, test metric)
 EXPERIMENTS = {
@@ -85,25 +87,6 @@ def run_sweep_jobs(job_list: Sequence[dict], out: Path, jobs: int, threads: int)
         return list(pool.map(lambda job: run_job(job, out, threads), job_list))
 
 
-def read_metrics(run_dir: Path) -> dict:
-    """Validation curves ``{metric: [(step, value), ...]}`` and last-logged values of a run's CSV log."""
-    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
-    if not files:
-        raise FileNotFoundError(f"no csv/version_*/metrics.csv under {run_dir}")
-    curves: dict[str, list[tuple[int, float]]] = {}
-    last: dict[str, float] = {}
-    with files[-1].open() as fh:
-        for row in csv.DictReader(fh):
-            for key, value in row.items():
-                if key in ("step", "epoch") or value in ("", None):
-                    continue
-                v = float(value)
-                last[key] = v
-                if key.startswith("val/"):
-                    curves.setdefault(key, []).append((int(float(row["step"])), v))
-    return {"curves": curves, "last": last}
-
-
 # ---------------------------------------------------------------------------------------------- the sweep
 def run_sweep(experiments: Sequence[str], norms: dict[str, Sequence[str]], seeds: Sequence[int], out: Path,
               jobs: int, threads: int, quick: bool, extra: Sequence[str] = ()) -> list[dict]:
@@ -113,25 +96,22 @@ def run_sweep(experiments: Sequence[str], norms: dict[str, Sequence[str]], seeds
     return run_sweep_jobs(grid, out, jobs, threads)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+_mean_std = mean_std  # the name this module used before the aggregation moved to manifoldnorm.lit.report
 
 
 def summarize(runs: Sequence[dict]) -> list[dict]:
-    """One row per (experiment, norm): final/best validation metric, test metric, run time (mean, std)."""
+    """One row per (experiment, norm): final/best validation metric, test metric, run time (mean, std).
+
+    The aggregation is :func:`manifoldnorm.lit.report.aggregate`, the one of ``launch/report.py``.
+    """
     rows = []
     for experiment, (val_key, mode, test_key) in EXPERIMENTS.items():
-        for norm in dict.fromkeys(r["norm"] for r in runs if r["experiment"] == experiment):
-            group = [r for r in runs if r["experiment"] == experiment and r["norm"] == norm]
-            final = [r["curves"][val_key][-1][1] for r in group]
-            pick = min if mode == "min" else max
-            best = [pick(v for _, v in r["curves"][val_key]) for r in group]
-            test = [r["last"][test_key] for r in group if test_key in r["last"]]
-            rows.append({"experiment": experiment, "norm": norm, "seeds": len(group), "metric": val_key,
-                         "final": _mean_std(final), "best": _mean_std(best),
-                         "test_metric": test_key, "test": _mean_std(test) if test else None,
-                         "wall_s": _mean_std([r["wall_s"] for r in group]),
-                         "steps": group[0]["curves"][val_key][-1][0]})
+        group = [r for r in runs if r["experiment"] == experiment]
+        for row in aggregate(group, lambda r: r["norm"], val_key, mode, test_keys=(test_key,), scalars=("wall_s",)):
+            rows.append({"experiment": experiment, "norm": row["group"], "seeds": row["seeds"], "metric": val_key,
+                         "final": row["final"], "best": row["best"],
+                         "test_metric": test_key, "test": row["test"].get(test_key),
+                         "wall_s": row["wall_s"], "steps": row["steps"]})
     return rows
 
 
