@@ -37,8 +37,9 @@ model and gradients): ``optimizer.step()`` time, its ratio to AdamW's and its sh
 validation curves of the chosen setting per variant.
 
 Runs are cached by run directory (``<out>_runs/<variant>/lr<lr>_wd<wd>/seed<s>/result.json``, holding the
-overrides it ran with): an interrupted study started again skips what finished. A run that failed before
-training is an error (the study stops); one that diverged is recorded as such and not retried.
+overrides it ran with): an interrupted study started again skips what finished. A run that fails is an error
+(the study stops, nothing is cached), except one stopped by the non-finite guard: it is recorded as diverged and
+not retried.
 
 JSON: ``{"suite", "torch", "experiment", "size", "seeds", "jobs", "threads_per_run", "quick", "overrides",
 "tokens_per_step", "corpus", "thresholds", "timer", "total_wall_s", "plot", "runs": [...], "plans": {...},
@@ -72,6 +73,7 @@ from benchmarks._harness import (
     child_env,
     default_out,
     env_info,
+    fmt,
     md_table,
     pyplot,
     round_robin,
@@ -328,13 +330,14 @@ def run_one(key: Key, out: Path, overrides: Sequence[str], threads: int) -> dict
     record = {"optimizer": key.name, "lr": key.lr, "weight_decay": key.wd, "seed": key.seed,
               "overrides": list(overrides), "wall_s": wall, "diverged": False}
     if proc.returncode != 0:
-        try:
+        said = (proc.stderr + proc.stdout).lower()
+        if "nonfiniteerror" not in said and "training diverged" not in said:
+            raise RuntimeError(f"run {key} failed (exit {proc.returncode}):\n{' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        try:  # stopped by the non-finite guard: a result (infinitely bad), not an error
             metrics = read_run(where)
         except FileNotFoundError:
-            metrics = None
-        if metrics is None or "non-finite" not in (proc.stderr + proc.stdout).lower():
-            raise RuntimeError(f"run {key} failed (exit {proc.returncode}):\n{' '.join(cmd)}\n{proc.stderr[-3000:]}")
-        record.update(metrics, diverged=True, error=proc.stderr[-1500:])  # stopped by the non-finite guard
+            metrics = {"curves": {}, "last": {}}
+        record.update(metrics, diverged=True, error=proc.stderr[-1500:])
     else:
         record.update(read_run(where))
         if not math.isfinite(final_val(record)):
@@ -453,8 +456,8 @@ def markdown(rows: Sequence[dict]) -> str:
         test = "n/a" if r["test_loss"] is None else f"{r['test_loss']:.3f} ± {r['test_loss_std']:.3f}"
         return [r["optimizer"], lr, wd, f"{r['final_train_loss']:.3f} ± {r['final_train_loss_std']:.3f}",
                 f"{r['final_val_loss']:.3f} ± {r['final_val_loss_std']:.3f}", test, *reach,
-                f"{r.get('step_ms', nan):.2f} ms ({r.get('step_ratio') or nan:.2f}×, "
-                f"{100 * (r.get('step_share') or nan):.0f} %)",
+                f"{r.get('step_ms', nan):.2f} ms ({fmt(r.get('step_ratio'), '.2f')}×, "
+                f"{fmt(None if r.get('step_share') is None else 100 * r['step_share'], '.0f')} %)",
                 f"{r.get('state_bytes_per_param', nan):.1f} / {r.get('matrix_state_bytes_per_param', nan):.1f}"]
 
     return md_table(["optimizer", "lr: below / **chosen** / above (seed-0 val loss)", "wd (seed-0 val loss)",
@@ -550,6 +553,7 @@ def plot_optim(runs: Sequence[dict], choices: dict[str, dict], path: Path, token
             if not finite:
                 continue
             ax.plot([s * tokens_per_step / 1e6 for s, _ in finite], [v for _, v in finite], style, color=color,
+                    marker=".", markersize=4,
                     label=f"{name} (lr {choice['lr']:g}, wd {choice['weight_decay']:g})" if metric == VAL_KEY
                     else None)
             tops.append(finite[len(finite) // 4][1])
@@ -667,7 +671,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokens, _ = _tokens_per_step(args.quick, args.size, args.override)
     results, choices = run_study(args.optimizers, seeds, runs_dir, args.jobs, args.threads, args.quick, args.size,
                                  args.override, args.max_extend)
-    runs = [{k: v for k, v in r.items() if k != "cached"} for r in results.values()]
+    order = sorted(results, key=lambda k: (args.optimizers.index(k.name), k.seed, k.wd, k.lr))  # not finish order
+    runs = [{k: v for k, v in results[key].items() if k != "cached"} for key in order]
     choices = {n: choices[n] for n in args.optimizers}
     with torch_threads(1):
         cost = step_cost(args.optimizers, args.quick, args.size, args.repeats, args.override)

@@ -386,6 +386,15 @@ def test_optim_quick_runs_resumes_and_resummarizes(tmp_path: Path) -> None:
             assert r[key] == old[key], key
 
 
+def test_optim_a_failing_run_stops_the_study_and_is_not_cached(tmp_path: Path) -> None:
+    from benchmarks.optim import Key, run_dir, run_one
+
+    key = Key("adamw", 3e-3, 0.01, 0)
+    with pytest.raises(RuntimeError, match=r"run Key\(name='adamw'.*failed"):
+        run_one(key, tmp_path, ["optimizer=no_such_optimizer"], threads=1)
+    assert not (run_dir(tmp_path, key) / "result.json").exists()
+
+
 def test_optim_refuses_the_old_lm_char_report(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "optim", "--from-json",
                            str(ROOT / "docs" / "bench" / "bench_optim.json"), "--out", str(tmp_path / "o.json")],
