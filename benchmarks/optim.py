@@ -622,8 +622,8 @@ def dry_run(args: argparse.Namespace, runs_dir: Path) -> dict:
              "characters per run",
              f"runs: at least {sum(least.values())}, typically ~{sum(typical.values())}, at most "
              f"{sum(most.values())}; {cached} already finished in {runs_dir}",
-             f"at ~{sec:.0f} s per run (measured with 2 runs at a time on 2 cores), {args.jobs} at a time: at least "
-             f"{hours['least']:.1f} h, typically ~{hours['typical']:.1f} h, minus the finished runs"]
+             f"at ~{sec:.0f} s per run (extrapolated from short real runs, one thread each), {args.jobs} at a "
+             f"time: at least {hours['least']:.1f} h, typically ~{hours['typical']:.1f} h, minus the finished runs"]
     for n in args.optimizers:
         v = BY_NAME[n]
         lines.append(f"  {n}: optimizer={v.config} {' '.join(v.extra)}; lr ({v.lr_key}) from "
