@@ -205,7 +205,8 @@ def load_corpus(stdlib_dir: str | Path | None = None, licenses_dir: str | Path |
 
     Assembling takes a few seconds (parsing about 500 modules), so the text is cached as a UTF-8 file in
     ``cache_dir`` (default: ``$MANIFOLDNORM_CACHE`` or ``~/.cache/manifoldnorm``; ``False``: no cache), under a
-    name that hashes the Python version, the source folders and :data:`CORPUS_VERSION`.
+    name that hashes the Python version, the source folders, the license files' sizes and times and
+    :data:`CORPUS_VERSION`.
     """
     stdlib = Path(stdlib_dir) if stdlib_dir is not None else Path(sysconfig.get_paths()["stdlib"])
     licenses = Path(licenses_dir) if licenses_dir is not None else Path(COMMON_LICENSES_DIR)
@@ -214,8 +215,10 @@ def load_corpus(stdlib_dir: str | Path | None = None, licenses_dir: str | Path |
         from .cache import default_cache_dir
 
         folder = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)
-        key = hashlib.sha256(repr((CORPUS_VERSION, sys.version, str(stdlib.resolve()),
-                                   str(licenses.resolve()))).encode()).hexdigest()[:16]
+        stamps = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(licenses.glob("*"))
+                  if p.is_file()] if licenses.is_dir() else []
+        key = hashlib.sha256(repr((CORPUS_VERSION, sys.version, str(stdlib.resolve()), str(licenses.resolve()),
+                                   stamps)).encode()).hexdigest()[:16]
         path = folder / "text" / f"corpus-{key}.txt"
         if path.is_file():
             try:
