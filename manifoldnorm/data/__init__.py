@@ -36,7 +36,18 @@ from .simulate import (
     simulate_motor_imagery,
 )
 from .splits import PROTOCOLS, SPLIT_LABELS, SPLIT_PROTOCOLS, Split, check_split_labels, split_indices, target_domains
-from .text import TEXT_SOURCES, CharVocab, CharWindows, RandomWindowSampler, eval_starts, load_text, split_text
+from .text import (
+    CORPUS_PARTS,
+    TEXT_SOURCES,
+    CharVocab,
+    CharWindows,
+    RandomWindowSampler,
+    corpus_parts,
+    eval_starts,
+    load_corpus,
+    load_text,
+    split_text,
+)
 from .types import EEGCovariances, EEGData, domain_ids
 
 __all__ = [
@@ -74,10 +85,13 @@ __all__ = [
     "target_domains",
     "validate_arrays",
     "TEXT_SOURCES",
+    "CORPUS_PARTS",
     "CharVocab",
     "CharWindows",
     "RandomWindowSampler",
+    "corpus_parts",
     "eval_starts",
+    "load_corpus",
     "load_text",
     "split_text",
     "ImageDataset",

@@ -10,6 +10,12 @@ Sources of :func:`load_text` (:data:`TEXT_SOURCES`), all readable without a netw
 ``jargon``
     The Jargon File (Raymond, version 4.4.7, about 1.6 million characters) as installed by the Debian/Ubuntu
     package ``jargon-text`` (``apt install jargon-text``), or the copy given by ``path``.
+``corpus``
+    About 3 million characters assembled from what a Debian machine with CPython 3.11 already has
+    (:func:`load_corpus`, parts in :data:`CORPUS_PARTS`): the license texts of ``/usr/share/common-licenses``
+    (Debian's essential package ``base-files``), the ``pydoc`` topics, then the docstrings and full-line comments
+    of the standard library's modules. Natural-ish English, but technical: license prose, Python documentation,
+    code comments and docstrings with their examples, not general prose.
 
 A model predicts character ``t + 1`` from characters ``0 .. t`` of a window of ``block_size`` characters: a
 window starting at ``s`` is the pair ``x = ids[s : s + T]``, ``y = ids[s + 1 : s + T + 1]``.
@@ -17,7 +23,15 @@ window starting at ``s`` is the pair ``x = ids[s : s + T]``, ``y = ids[s + 1 : s
 
 from __future__ import annotations
 
+import ast
 import gzip
+import hashlib
+import io
+import os
+import sys
+import sysconfig
+import tempfile
+import tokenize
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -27,17 +41,21 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 __all__ = [
+    "COMMON_LICENSES_DIR",
+    "CORPUS_PARTS",
     "JARGON_PATHS",
     "TEXT_SOURCES",
     "CharVocab",
     "CharWindows",
     "RandomWindowSampler",
     "eval_starts",
+    "corpus_parts",
+    "load_corpus",
     "load_text",
     "split_text",
 ]
 
-TEXT_SOURCES: tuple[str, ...] = ("pydoc", "file", "jargon")
+TEXT_SOURCES: tuple[str, ...] = ("pydoc", "file", "jargon", "corpus")
 """Names accepted by :func:`load_text`."""
 
 JARGON_PATHS: tuple[str, ...] = (
@@ -68,12 +86,164 @@ def _pydoc_text() -> str:
     return "".join(topics[key] for key in sorted(topics))
 
 
+# ------------------------------------------------------------------------------------------------ the corpus
+CORPUS_PARTS: tuple[str, ...] = ("common_licenses", "pydoc", "stdlib")
+"""The parts of the ``corpus`` source, in the order they are concatenated (see :func:`corpus_parts`)."""
+
+COMMON_LICENSES_DIR = "/usr/share/common-licenses"
+"""Debian's license texts (package ``base-files``, essential: on every Debian/Ubuntu system)."""
+
+CORPUS_VERSION = 1
+"""Bumped whenever the way the corpus is assembled changes (it is part of the cache key)."""
+
+# Folders of the standard library left out: tests, and the parts Debian ships in separate packages (idle, tk,
+# 2to3, distutils, ensurepip), so that the text is the same for python.org/pyenv builds and Debian's python3.11.
+_STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "idlelib",
+                               "lib2to3", "tkinter", "turtledemo", "distutils", "ensurepip", "__pycache__"})
+_STDLIB_SKIP_FILES = frozenset({"turtle.py", "sitecustomize.py"})
+_STDLIB_MIN_FILES = 100  # fewer .py files than this: not a standard library
+
+
+def _stdlib_files(root: Path) -> list[Path]:
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if (set(rel.parts[:-1]) & _STDLIB_SKIP_DIRS or rel.parts[0].startswith("config-")
+                or rel.name in _STDLIB_SKIP_FILES or rel.name.startswith("_sysconfigdata")):
+            continue
+        files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _module_text(source: bytes) -> list[str]:
+    """Docstrings (module, classes, functions, methods) and full-line comment blocks of one module, in source
+    order; ``[]`` for a file that does not parse."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    items = [(getattr(node, "lineno", 0), doc) for node in ast.walk(tree)
+             if isinstance(node, kinds) and (doc := ast.get_docstring(node, clean=True))]
+    block: list[str] = []
+    start = last = -1
+    try:
+        for tok in tokenize.tokenize(io.BytesIO(source).readline):
+            if tok.type != tokenize.COMMENT or not tok.line.lstrip().startswith("#"):
+                continue
+            text = tok.string.lstrip("#").strip()
+            if tok.string.startswith("#!") or not text or "coding" in text and tok.start[0] <= 2:
+                continue
+            if block and tok.start[0] != last + 1:
+                items.append((start, "\n".join(block)))
+                block = []
+            if not block:
+                start = tok.start[0]
+            block.append(text)
+            last = tok.start[0]
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    if block:
+        items.append((start, "\n".join(block)))
+    return [text for _, text in sorted(items, key=lambda item: item[0])]
+
+
+def _stdlib_text(root: Path) -> str:
+    files = _stdlib_files(root) if root.is_dir() else []
+    if len(files) < _STDLIB_MIN_FILES:
+        raise FileNotFoundError(f"corpus part 'stdlib': no Python standard library at {root} ({len(files)} "
+                                f"module files, need >= {_STDLIB_MIN_FILES})")
+    seen: set[str] = set()
+    chunks = []
+    for path in files:
+        for text in _module_text(path.read_bytes()):
+            if text not in seen:  # licence headers and shared docstrings once
+                seen.add(text)
+                chunks.append(text)
+    return "\n\n".join(chunks)
+
+
+def _licenses_text(root: Path) -> str:
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.is_symlink()) if root.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"corpus part 'common_licenses': no license texts in {root} (Debian package "
+                                "base-files); use another text with source='file'")
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip() for p in files)
+
+
+def corpus_parts(stdlib_dir: str | Path | None = None, licenses_dir: str | Path | None = None) -> dict[str, str]:
+    """The parts of the ``corpus`` source, ``{name: text}`` in :data:`CORPUS_PARTS` order.
+
+    ``common_licenses``
+        Every regular file of ``licenses_dir`` (default :data:`COMMON_LICENSES_DIR`; symbolic links such as
+        ``GPL -> GPL-3`` skipped), sorted by name: about 250 000 characters of license prose.
+    ``pydoc``
+        Python's help topics, as the ``pydoc`` source (about 465 000 characters).
+    ``stdlib``
+        The docstrings (module, class, function, method; ``inspect.cleandoc``-ed) and full-line comment blocks
+        (``#`` stripped) of the standard library's ``.py`` files under ``stdlib_dir`` (default: this Python's,
+        ``sysconfig.get_paths()["stdlib"]``), read with ``ast``/``tokenize`` without importing anything, file by
+        file in sorted path order, each in source order; a text repeated verbatim is kept once. Tests,
+        ``site-packages`` and what Debian splits into other packages (idlelib, tkinter, turtle, lib2to3,
+        distutils, ensurepip) are left out. About 2.3 million characters with CPython 3.11.
+
+    Raises ``FileNotFoundError`` naming the part whose source is missing.
+    """
+    stdlib = Path(stdlib_dir) if stdlib_dir is not None else Path(sysconfig.get_paths()["stdlib"])
+    licenses = Path(licenses_dir) if licenses_dir is not None else Path(COMMON_LICENSES_DIR)
+    return {"common_licenses": _licenses_text(licenses), "pydoc": _pydoc_text(), "stdlib": _stdlib_text(stdlib)}
+
+
+def load_corpus(stdlib_dir: str | Path | None = None, licenses_dir: str | Path | None = None,
+                cache_dir: str | Path | None | bool = None) -> str:
+    """The ``corpus`` source: :func:`corpus_parts` joined by blank lines (``"\\n\\n"``), in that order.
+
+    Deterministic for a given Python installation and ``base-files`` version; the docstrings change a little
+    between Python releases, so compare runs by the length and SHA-256 of the text (the validation and test
+    splits, the last 15 % with the default fractions, are docstrings and comments of the alphabetically last
+    modules, held out whole from training).
+
+    Assembling takes a few seconds (parsing about 500 modules), so the text is cached as a UTF-8 file in
+    ``cache_dir`` (default: ``$MANIFOLDNORM_CACHE`` or ``~/.cache/manifoldnorm``; ``False``: no cache), under a
+    name that hashes the Python version, the source folders, the license files' sizes and times and
+    :data:`CORPUS_VERSION`.
+    """
+    stdlib = Path(stdlib_dir) if stdlib_dir is not None else Path(sysconfig.get_paths()["stdlib"])
+    licenses = Path(licenses_dir) if licenses_dir is not None else Path(COMMON_LICENSES_DIR)
+    path = None
+    if cache_dir is not False:
+        from .cache import default_cache_dir
+
+        folder = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)
+        stamps = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(licenses.glob("*"))
+                  if p.is_file()] if licenses.is_dir() else []
+        key = hashlib.sha256(repr((CORPUS_VERSION, sys.version, str(stdlib.resolve()), str(licenses.resolve()),
+                                   stamps)).encode()).hexdigest()[:16]
+        path = folder / "text" / f"corpus-{key}.txt"
+        if path.is_file():
+            try:
+                return path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                pass  # rebuilt below
+    text = "\n\n".join(corpus_parts(stdlib, licenses).values())
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".corpus-", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs the few seconds again
+    return text
+
+
 def load_text(source: str = "pydoc", path: str | Path | None = None) -> str:
     """Read a text corpus without network access.
 
     Parameters
     ----------
-    source : {"pydoc", "file", "jargon"}
+    source : {"pydoc", "file", "jargon", "corpus"}
         See the module docstring.
     path : str or Path, optional
         The file of ``source="file"`` (required), or another copy of the Jargon File for ``source="jargon"``.
@@ -88,15 +258,15 @@ def load_text(source: str = "pydoc", path: str | Path | None = None) -> str:
     ValueError
         Unknown source, a missing ``path`` for ``source="file"``, an empty file or one that is not UTF-8.
     FileNotFoundError
-        The file does not exist, or ``jargon-text`` is not installed.
+        The file does not exist, ``jargon-text`` is not installed, or a part of the corpus is missing.
     """
     if source not in TEXT_SOURCES:
         raise ValueError(f"unknown text source {source!r}; valid: {', '.join(TEXT_SOURCES)}")
-    if source == "pydoc":
+    if source in ("pydoc", "corpus"):
         if path is not None:
-            raise ValueError("source='pydoc' reads Python's bundled help topics and takes no path "
+            raise ValueError(f"source={source!r} reads texts installed with Python and Debian and takes no path "
                              "(use source='file' for your own text)")
-        return _pydoc_text()
+        return _pydoc_text() if source == "pydoc" else load_corpus()
     if source == "file":
         if path is None or str(path) == "":
             raise ValueError("source='file' needs path=<UTF-8 text file>")

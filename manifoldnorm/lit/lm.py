@@ -52,9 +52,9 @@ class CharLMDataModule(pl.LightningDataModule):
 
     Parameters
     ----------
-    source : {"pydoc", "file", "jargon"}
+    source : {"pydoc", "file", "jargon", "corpus"}
         Text of :func:`~manifoldnorm.data.load_text`; ``pydoc`` (Python's bundled help topics, ~465k characters)
-        is always available.
+        is always available, ``corpus`` (~2.9M characters, :func:`~manifoldnorm.data.load_corpus`) on Debian.
     path : str, optional
         The text file of ``source="file"`` (or another copy of the Jargon File).
     block_size : int

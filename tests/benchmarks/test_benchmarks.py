@@ -277,28 +277,135 @@ def test_sweep_quick(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- optim
 def test_optim_compares_adamw_and_every_matrix_optimizer() -> None:
-    from benchmarks.optim import LR_GRID, compared_optimizers, matrix_optimizers
+    from benchmarks.optim import VARIANTS, compared_optimizers, matrix_optimizers
     from manifoldnorm.optim import list_optimizers
 
-    assert compared_optimizers() == ["adamw", "muon", "normuon", "conda", "sinkgd"]
-    assert set(matrix_optimizers()) <= set(list_optimizers()) and set(compared_optimizers()) == set(LR_GRID)
+    assert compared_optimizers() == ["adamw", "muon", "normuon_original", "normuon_match_rms", "conda", "sinkgd",
+                                     "adamp"]
+    assert set(matrix_optimizers()) <= set(list_optimizers())
+    assert set(matrix_optimizers()) | {"adamw", "adamp"} == {v.config for v in VARIANTS}
+    for v in VARIANTS:
+        assert (ROOT / "conf" / "optimizer" / f"{v.config}.yaml").is_file()
+        assert v.group in ("matrix", "rest") and len(v.lrs) == 3
+    rows = {v.name: v for v in VARIANTS}
+    assert rows["normuon_original"].extra == ("optimizer.matrix.adjust_lr_fn=original",)
+    assert rows["normuon_match_rms"].extra == ("optimizer.matrix.adjust_lr_fn=match_rms_adamw",)
 
 
-def test_optim_resummarizes_the_published_runs(tmp_path: Path) -> None:
-    """``--from-json`` on docs/bench/bench_optim.json: the published report still describes what the suite writes."""
+def test_optim_lr_ladder_and_bracketing_rule() -> None:
+    from benchmarks.optim import bracket, ladder_index, ladder_value
+
+    assert [ladder_value(i) for i in range(-6, -2)] == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert all(ladder_value(ladder_index(x)) == x for x in (1e-5, 3e-4, 1e-3, 0.3, 1.0, 3.0))
+    grid = (1e-3, 3e-3, 1e-2)
+    assert bracket({}, grid).needed == grid
+    assert bracket({1e-3: 2.0}, grid).needed == (3e-3, 1e-2)
+    inside = bracket({1e-3: 2.0, 3e-3: 1.5, 1e-2: 1.7}, grid)
+    assert (inside.needed, inside.best, inside.bracketed, inside.below, inside.above) == ((), 3e-3, True, 1e-3, 1e-2)
+    edge = bracket({1e-3: 2.0, 3e-3: 1.8, 1e-2: 1.7}, grid)  # best at the upper edge: extended upwards
+    assert (edge.needed, edge.best, edge.bracketed) == ((3e-2,), 1e-2, False)
+    diverged = bracket({1e-3: 2.0, 3e-3: 1.8, 1e-2: 1.7, 3e-2: float("inf")}, grid)  # diverging is worse
+    assert (diverged.needed, diverged.best, diverged.bracketed, diverged.above) == ((), 1e-2, True, 3e-2)
+    falling = {1e-3: 2.0, 3e-3: 1.9, 1e-2: 1.8, 3e-2: 1.7, 0.1: 1.6}
+    capped = bracket(falling, grid, max_extend=2)  # 2 points beyond the grid at most: not bracketed
+    assert (capped.needed, capped.best, capped.bracketed, capped.below, capped.above) == ((), 0.1, False, 3e-2, None)
+    assert bracket(falling, grid, max_extend=3).needed == (0.3,)
+
+
+def _simulate(best_lr: float, best_wd: float, seeds=(0, 1, 2)) -> tuple[dict, dict]:  # noqa: ANN001
+    """The study's plan to its end with a made-up loss: a parabola in log10(lr) per weight decay."""
+    import math
+
+    from benchmarks.optim import BY_NAME, Key, plan
+
+    results: dict = {}
+    while True:
+        needed, choice = plan(BY_NAME["muon"], results, list(seeds))
+        if choice is not None:
+            return results, choice
+        assert needed and not set(needed) & set(results)
+        for k in needed:
+            shift = 0.0 if k.wd == best_wd else 0.05
+            loss = 1.5 + (math.log10(k.lr) - math.log10(best_lr)) ** 2 + shift + 0.001 * k.seed
+            assert isinstance(k, Key)
+            results[k] = {"curves": {"val/loss": [(10, 3.0), (20, loss)]}, "diverged": False}
+
+
+def test_optim_plan_brackets_then_searches_weight_decay_then_seeds() -> None:
+    from benchmarks.optim import WD_GRID, WD_LR_SEARCH, Key
+
+    results, choice = _simulate(best_lr=0.3, best_wd=WD_LR_SEARCH)  # far above muon's grid 3e-3..3e-2
+    assert (choice["lr"], choice["weight_decay"], choice["bracketed"]) == (0.3, WD_LR_SEARCH, True)
+    assert (choice["lr_bracket"]["below"], choice["lr_bracket"]["above"]) == (0.1, 1.0)
+    assert set(choice["wd_search"]) == {f"{w:g}" for w in WD_GRID} and choice["lr_search_at_wd"] is None
+    assert len(results) == 3 + 3 + (len(WD_GRID) - 1) + 2  # grid, 3 extensions, other decays, seeds 1 and 2
+    assert {k.seed for k in results if (k.lr, k.wd) == (0.3, WD_LR_SEARCH)} == {0, 1, 2}
+    # another weight decay wins: the lr bracket is searched again at it, the seeds run there
+    results, choice = _simulate(best_lr=1e-2, best_wd=0.1)
+    assert (choice["lr"], choice["weight_decay"], choice["bracketed"]) == (1e-2, 0.1, True)
+    assert choice["lr_search_at_wd"] == {"0.003": choice["lr_bracket"]["below_loss"], "0.01": choice["lr_bracket"][
+        "chosen_loss"], "0.03": choice["lr_bracket"]["above_loss"]}
+    assert len(results) == 3 + (len(WD_GRID) - 1) + 2 + 2
+    assert Key("muon", 1e-2, 0.1, 2) in results
+
+
+def test_optim_quick_runs_resumes_and_resummarizes(tmp_path: Path) -> None:
+    """Two rows through launch/train.py (seconds-long runs), run again from the cache, re-summarized from JSON."""
     from benchmarks.optim import THRESHOLDS
 
-    src = ROOT / "docs" / "bench" / "bench_optim.json"
-    saved = json.loads(src.read_text())
     out = tmp_path / "optim.json"
-    bench("optim", "--from-json", str(src), "--out", str(out))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "WANDB_", "SLURM_"))}
+    env["MANIFOLDNORM_CACHE"] = str(tmp_path / "cache")
+    args = ("optim", "--quick", "--optimizers", "adamw", "normuon_original", "--repeats", "2", "--out", str(out))
+    proc = bench(*args, env=env)
+    assert "| optimizer | lr: below / **chosen** / above" in proc.stdout
     data = report(out, "optim")
-    assert set(data) == set(saved) | {"suite", "torch"}
-    assert [r["optimizer"] for r in data["rows"]] == [r["optimizer"] for r in saved["rows"]]
-    for r, old in zip(data["rows"], saved["rows"], strict=True):
-        assert set(old) <= set(r) and set(r["steps_to_loss"]) == {f"{t:g}" for t in THRESHOLDS}
-        for key in ("lr", "seeds", "final_val_loss", "final_val_loss_std", "steps_to_adamw_final", "step_ratio"):
-            assert r[key] == pytest.approx(old[key]), key
+    assert data["quick"] and data["experiment"] == "lm_corpus" and data["cached_runs"] == 0
+    assert data["tokens_per_step"] == 4 * 16 and data["corpus"]["source"] == "pydoc"
+    rows = {r["optimizer"]: r for r in data["rows"]}
+    assert list(rows) == ["adamw", "normuon_original"]
+    for name, r in rows.items():
+        assert (r["lr"], r["weight_decay"], r["seeds"]) == ({"adamw": 3e-3, "normuon_original": 3e-2}[name], 0.01, 1)
+        assert 0 < r["final_val_loss"] < 8 and 0 < r["final_train_loss"] < 8 and r["total_steps"] == 7
+        assert set(r["to_threshold"]) == {f"{t:g}" for t in THRESHOLDS}
+        assert positive(r["step_ms"]) and positive(r["fwd_bwd_ms"]) and 0 < r["step_share"] < 1
+    assert rows["adamw"]["step_ratio"] == pytest.approx(1.0)
+    assert rows["normuon_original"]["matrix_state_bytes_per_param"] > 0
+    runs = {(r["optimizer"], r["seed"]): r for r in data["runs"]}
+    assert runs[("adamw", 0)]["overrides"][:4] == ["optimizer=adamw", "optimizer.rest.lr=0.003",
+                                                   "optimizer.rest.weight_decay=0.01", "data.source=pydoc"]
+    assert all(len(r["curves"]["val/loss"]) == 2 and len(r["curves"]["train/loss_epoch"]) == 2 for r in data["runs"])
+    assert Path(data["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = tmp_path / "again.json"  # the same runs directory: nothing is trained again
+    bench(*args[:-1], str(tmp_path / "optim.json"), env=env)
+    data2 = report(out, "optim")
+    assert data2["cached_runs"] == 2 and data2["runs"] == data["runs"]
+    bench("optim", "--from-json", str(out), "--out", str(again), env=env)
+    for r, old in zip(report(again, "optim")["rows"], data2["rows"], strict=True):
+        for key in ("optimizer", "lr", "weight_decay", "final_val_loss", "to_threshold", "step_ratio"):
+            assert r[key] == old[key], key
+
+
+def test_optim_a_failing_run_stops_the_study_and_is_not_cached(tmp_path: Path) -> None:
+    from benchmarks.optim import Key, run_dir, run_one
+
+    key = Key("adamw", 3e-3, 0.01, 0)
+    with pytest.raises(RuntimeError, match=r"run Key\(name='adamw'.*failed"):
+        run_one(key, tmp_path, ["optimizer=no_such_optimizer"], threads=1)
+    assert not (run_dir(tmp_path, key) / "result.json").exists()
+
+
+def test_optim_refuses_the_old_lm_char_report(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "optim", "--from-json",
+                           str(ROOT / "docs" / "bench" / "bench_optim.json"), "--out", str(tmp_path / "o.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "not a report of this study" in proc.stderr
+
+
+def test_optim_dry_run_counts_the_runs(tmp_path: Path) -> None:
+    proc = bench("optim", "--dry-run", "--out", str(tmp_path / "o.json"))
+    assert "7 rows" in proc.stdout and "runs: at least 49, typically ~70" in proc.stdout
+    assert "0 already finished" in proc.stdout and " h, typically" in proc.stdout
 
 
 # ----------------------------------------------------------------------------------------------- scale

@@ -56,7 +56,7 @@ def test_file_source_errors(tmp_path: Path) -> None:
         load_text("books")
     with pytest.raises(ValueError, match="takes no path"):
         load_text("pydoc", tmp_path / "empty.txt")
-    assert TEXT_SOURCES == ("pydoc", "file", "jargon")
+    assert TEXT_SOURCES == ("pydoc", "file", "jargon", "corpus")
 
 
 def test_jargon_source_reads_installed_copy_or_explains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,3 +148,73 @@ def test_random_window_sampler_is_seeded_by_epoch() -> None:
     assert list(RandomWindowSampler(1000, 64, seed=4)) != first
     with pytest.raises(ValueError, match="num_samples"):
         RandomWindowSampler(10, 0)
+
+
+# ------------------------------------------------------------------------------------------------ the corpus
+def _fake_stdlib(root: Path, n: int = text_mod._STDLIB_MIN_FILES) -> Path:
+    for i in range(n):
+        pkg = root / ("pkg" if i % 2 else "") / f"mod{i:03d}.py"
+        pkg.parent.mkdir(parents=True, exist_ok=True)
+        pkg.write_text(f'"""Module {i}."""\n# comment one of {i}\n# comment two\nx = 1  # trailing: left out\n\n'
+                       f'def f():\n    """Function of {i}."""\n\n\nclass C:\n    """Shared docstring."""\n')
+    (root / "test").mkdir()
+    (root / "test" / "test_x.py").write_text('"""Tests are left out."""\n')
+    return root
+
+
+def test_corpus_is_the_parts_in_order_and_deterministic(tmp_path: Path) -> None:
+    stdlib = _fake_stdlib(tmp_path / "lib")
+    licenses = tmp_path / "licenses"
+    licenses.mkdir()
+    (licenses / "B-1.0").write_text("second license\n")
+    (licenses / "A-2.0").write_text("first license\n")
+    (licenses / "A").symlink_to(licenses / "A-2.0")  # Debian's GPL -> GPL-3 links: not read twice
+    parts = text_mod.corpus_parts(stdlib, licenses)
+    assert list(parts) == list(text_mod.CORPUS_PARTS) == ["common_licenses", "pydoc", "stdlib"]
+    assert parts["common_licenses"] == "first license\n\nsecond license"
+    assert parts["pydoc"] == load_text("pydoc")
+    body = parts["stdlib"]
+    assert body.startswith("Module 0.\n\ncomment one of 0\ncomment two\n\nFunction of 0.\n\nShared docstring.\n\n")
+    assert body.count("Shared docstring.") == 1 and "trailing" not in body and "Tests are" not in body
+    assert body.index("Module 1.") > body.index("Module 98.")  # sorted paths: mod*.py before pkg/mod*.py
+    text = text_mod.load_corpus(stdlib, licenses, cache_dir=tmp_path / "cache")
+    assert text == "\n\n".join(parts.values())
+    (cached,) = (tmp_path / "cache" / "text").glob("corpus-*.txt")
+    assert cached.read_text(encoding="utf-8") == text
+    assert text_mod.load_corpus(stdlib, licenses, cache_dir=tmp_path / "cache") == text  # from the cache
+    assert text_mod.load_corpus(stdlib, licenses, cache_dir=False) == text  # rebuilt: the same
+
+
+def test_corpus_names_the_missing_part(tmp_path: Path) -> None:
+    stdlib = _fake_stdlib(tmp_path / "lib")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"corpus part 'common_licenses'.*base-files"):
+        text_mod.corpus_parts(stdlib, tmp_path / "no-licenses")
+    with pytest.raises(FileNotFoundError, match=r"corpus part 'common_licenses'"):
+        text_mod.corpus_parts(stdlib, empty)
+    licenses = tmp_path / "licenses"
+    licenses.mkdir()
+    (licenses / "MIT").write_text("permission is hereby granted\n")
+    with pytest.raises(FileNotFoundError, match=r"corpus part 'stdlib': no Python standard library at"):
+        text_mod.load_corpus(tmp_path / "no-python", licenses, cache_dir=False)
+    with pytest.raises(FileNotFoundError, match=r"corpus part 'stdlib'.*2 module files"):
+        text_mod.corpus_parts(_fake_stdlib(tmp_path / "small", n=2), licenses)
+    with pytest.raises(ValueError, match="takes no path"):
+        load_text("corpus", path=tmp_path / "x.txt")
+
+
+@pytest.mark.skipif(not Path(text_mod.COMMON_LICENSES_DIR).is_dir(), reason="not a Debian system")
+def test_corpus_of_this_machine_is_large_and_splits_into_held_out_blocks(tmp_path: Path) -> None:
+    """The real corpus: a few million characters, the same twice, train | val | test contiguous and disjoint."""
+    text = text_mod.load_corpus(cache_dir=tmp_path)
+    assert "corpus" in TEXT_SOURCES and 2_500_000 < len(text) < 5_000_000
+    assert 90 < len(set(text)) < 300
+    parts = text_mod.corpus_parts()
+    assert text == "\n\n".join(parts.values()) == text_mod.load_corpus(cache_dir=tmp_path)
+    assert len(parts["stdlib"]) > 1_500_000 and len(parts["common_licenses"]) > 100_000
+    train, val, test = split_text(text, 0.1, 0.05)
+    assert train + val + test == text and len(val) == round(0.1 * len(text))
+    assert text.startswith(parts["common_licenses"]) and text.endswith(test)
+    assert len(test) + len(val) < len(parts["stdlib"])  # held out: the end of the stdlib part only
+    assert val[1000:1200] not in train and test[1000:1200] not in train
