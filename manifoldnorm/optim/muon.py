@@ -252,7 +252,8 @@ class Muon(_NewtonSchulzOptimizer):
     ``nesterov=True``, ``ns_coefficients=(3.4445, -4.775, 2.0315)``, ``eps=1e-7``, ``ns_steps=5``,
     ``adjust_lr_fn=None``, and Newton–Schulz in bfloat16. On float32 2-D parameters every step equals
     ``torch.optim.Muon``'s bit for bit (tested with the defaults, with and without weight decay and Nesterov, and
-    with both lr adjustments); what each accepts and their side effects differ as listed under Notes.
+    with both lr adjustments), on bfloat16 ones too with Nesterov; what each accepts and their side effects differ
+    as listed under Notes.
 
     Parameters
     ----------

@@ -210,6 +210,16 @@ def test_muon_matches_torch_without_nesterov_and_with_defaults() -> None:
         assert torch.equal(_run(Muon, w0, grads, ns_dtype="bfloat16", **kw), ref)
 
 
+@pytest.mark.parametrize("shape", [(8, 5), (5, 8), (64, 16)])
+def test_muon_matches_torch_muon_on_bfloat16_weights(shape) -> None:
+    # bfloat16 weights take torch's rounding too: a tall O is added as the transposed view torch adds (a contiguous
+    # copy is added with other bfloat16 roundings). Nesterov only: without it torch 2.13 normalizes its momentum
+    # buffer in place (test_step_never_mutates_grad).
+    w0 = torch.randn(*shape, generator=_gen(0)).bfloat16()
+    grads = [torch.randn(*shape, generator=_gen(1 + t)).bfloat16() for t in range(4)]
+    assert torch.equal(_run(Muon, w0, grads, lr=0.05), _run(torch.optim.Muon, w0, grads, lr=0.05))
+
+
 def test_muon_defaults_are_torch_muons() -> None:
     # every keyword torch.optim.Muon takes has the same default here, and Newton–Schulz runs in bfloat16 as torch's
     ours, theirs = inspect.signature(Muon).parameters, inspect.signature(torch.optim.Muon).parameters
