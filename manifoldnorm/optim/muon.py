@@ -74,16 +74,25 @@ def _normuon_finish(
     # one copy to at least float32 in row-major layout: the row reductions below then see the same layout (and give
     # the same bits) whether O was computed here (a tall O is a transposed view) or all-gathered (contiguous)
     O = _row_major(O, torch.promote_types(O.dtype, torch.float32))
-    second_moment.lerp_(O.square().mean(dim=-1).to(second_moment.dtype), 1 - beta2)
+    mean_sq = O.square().mean(dim=-1)
+    second_moment.lerp_(mean_sq if mean_sq.dtype == second_moment.dtype else mean_sq.to(second_moment.dtype),
+                        1 - beta2)
     if mode == "original":
-        target = torch.linalg.vector_norm(O) * math.sqrt(max(1.0, m / n))
-    O_hat = O.div_((second_moment.to(O.dtype).sqrt() + eps).unsqueeze(-1))  # O itself is not needed any more
+        target = torch.linalg.vector_norm(O)
+        if m > n:  # the factor is 1 otherwise (a multiplication by 1 changes no bit; skipped: small-matrix overhead)
+            target = target * math.sqrt(m / n)
+    v = second_moment if second_moment.dtype == O.dtype else second_moment.to(O.dtype)
+    O_hat = O.div_(v.sqrt().add_(eps).unsqueeze(-1))  # O itself is not needed any more
     norm_hat = torch.linalg.vector_norm(O_hat)
     if mode != "original":
         target = torch.full_like(norm_hat, 0.2 * math.sqrt(m * n))
-    positive = norm_hat > 0
-    scale = torch.where(positive, target / torch.where(positive, norm_hat, torch.ones_like(norm_hat)), 0.0)
-    return O_hat.mul_(scale).reshape(shape).to(dtype)
+    if O_hat.device.type == "cpu":  # reading the norm costs no device synchronisation here
+        O_hat.mul_(target / norm_hat if norm_hat > 0 else 0.0)
+    else:
+        O_hat.mul_(torch.where(norm_hat > 0, target / norm_hat, 0.0))  # 0/0 is computed but never selected
+    if O_hat.shape != shape:
+        O_hat = O_hat.reshape(shape)
+    return O_hat if O_hat.dtype == dtype else O_hat.to(dtype)
 
 
 def muon_update(
