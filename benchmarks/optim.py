@@ -6,6 +6,7 @@
     python -m benchmarks optim --size small         # the same study with lm_char's 2 x 96 model (a check)
     python -m benchmarks optim --from-json outputs/bench_optim.json    # summarize saved runs again
     python -m benchmarks optim --quick              # seed 0, one lr, seconds-long runs: a smoke test, not a result
+    python -m benchmarks optim --step-only          # Newton–Schulz step cost only: ours vs torch.optim.Muon (~1 min)
 
 The rows are :data:`VARIANTS`: ``adamw`` (the reference), every optimizer that a ``conf/optimizer/<name>.yaml``
 puts on the hidden matrices (Muon, NorMuon twice: ``adjust_lr_fn=original`` as in the authors' code and
@@ -47,6 +48,15 @@ JSON: ``{"suite", "torch", "experiment", "size", "seeds", "jobs", "threads_per_r
 "final_train_loss", "final_train_loss_std", "final_val_loss", "final_val_loss_std", "test_loss", "test_loss_std",
 "total_steps", "to_threshold", "step_ms", "step_ratio", "step_share", "fwd_bwd_ms", "state_bytes_per_param",
 "matrix_state_bytes_per_param", "params", "matrix_params"}, ...]}``.
+
+``--step-only`` times only the Newton–Schulz optimizers' ``step()`` (:func:`newton_schulz_step_cost`):
+``torch.optim.Muon``, our Muon and our NorMuon (both ``adjust_lr_fn`` modes), with Newton–Schulz in bfloat16 and in
+float32, on the same matrices (12 x 256x256 + 4 x 256x1024, and the lm_char GPT's hidden matrices), round-robin in
+one process with one thread (median process-CPU ms), and the ratios of that same run: ours / torch (bfloat16;
+torch has no other precision) and NorMuon / Muon (same precision). JSON (``outputs/bench_optim_step.json``):
+``{"suite", "torch", "timer", "rounds", "rows": [{"matrices", "shapes", "ns_dtype", "optimizer", "step_ms",
+"vs_torch", "vs_muon"}, ...]}``.
+
 """
 
 from __future__ import annotations
@@ -536,6 +546,86 @@ def step_cost(names: Sequence[str], quick: bool, size: str, repeats: int | None 
     return cost
 
 
+# ------------------------------------------------------------------------- Newton–Schulz step cost (--step-only)
+SYNTHETIC_SHAPES = ((256, 256),) * 12 + ((256, 1024),) * 4
+NS_PRECISIONS = ("bfloat16", "float32")
+TORCH_MUON = "torch.optim.Muon"
+NS_OPTIMIZERS = (TORCH_MUON, "Muon", "NorMuon (original)", "NorMuon (match_rms_adamw)")
+
+
+def lm_char_hidden_shapes(quick: bool) -> list[tuple[int, ...]]:
+    """Shapes of the lm_char GPT's hidden matrices (those ``conf/optimizer/muon.yaml`` sends to Muon)."""
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from manifoldnorm.optim import hidden_matrices
+
+    cfg = _compose(["optimizer=muon", *SIZES["small"], *(QUICK_OVERRIDES if quick else ())])  # lm_char's 2 x 96
+    with open_dict(cfg):  # the vocabulary sizes only the embedding and the head, which are not hidden matrices
+        cfg.data_info = {"vocab_size": 103, "block_size": cfg.data.block_size}
+    model = instantiate(cfg.model)
+    hidden = hidden_matrices(model)
+    return [tuple(p.shape) for p in model.parameters() if id(p) in hidden]
+
+
+def _ns_optimizer(name: str, ns_dtype: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """torch's Muon (its only precision is bfloat16) or ours, all with lr 0.02 and torch's weight decay 0.1."""
+    from manifoldnorm.optim import Muon, NorMuon
+
+    kw = {"lr": 0.02, "weight_decay": 0.1}
+    if name == TORCH_MUON:
+        return torch.optim.Muon(params, **kw)
+    if name == "Muon":
+        return Muon(params, ns_dtype=ns_dtype, **kw)
+    mode = name.removeprefix("NorMuon (").removesuffix(")")
+    return NorMuon(params, ns_dtype=ns_dtype, adjust_lr_fn=mode, **kw)
+
+
+def newton_schulz_step_cost(quick: bool, rounds: int | None = None) -> list[dict]:
+    """Median process-CPU ms of ``step()`` per (matrix set, Newton–Schulz precision, optimizer), one thread.
+
+    Every optimizer steps its own copy of the same float32 matrices with the same gradients (one untimed step
+    creates the state); all entries of a matrix set are timed round-robin in one loop (rotated start), so the
+    ratios compare steps measured side by side: ``vs_torch`` = ms / torch.optim.Muon's ms (bfloat16 rows; the
+    float32 rows are compared with torch's bfloat16 step, the price of full precision), ``vs_muon`` = ms / our
+    Muon's ms at the same precision.
+    """
+    rounds = rounds or (3 if quick else 25)
+    sets = {"12 x 256x256 + 4 x 256x1024": list(SYNTHETIC_SHAPES),
+            "lm_char GPT hidden": lm_char_hidden_shapes(quick)}
+    rows = []
+    for label, shapes in sets.items():
+        gen = torch.Generator().manual_seed(0)
+        values = [torch.randn(s, generator=gen) for s in shapes]
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        steps = {}
+        for ns_dtype in NS_PRECISIONS:
+            for name in NS_OPTIMIZERS:
+                if name == TORCH_MUON and ns_dtype != "bfloat16":
+                    continue
+                params = [torch.nn.Parameter(v.clone()) for v in values]
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g.clone()
+                opt = _ns_optimizer(name, ns_dtype, params)
+                opt.step()  # creates the state
+                steps[(ns_dtype, name)] = timed(opt.step)
+        times = round_robin(steps, rounds, warmup=1, rotate=True)
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        torch_ms = ms[("bfloat16", TORCH_MUON)]
+        for (ns_dtype, name), value in ms.items():
+            rows.append({"matrices": label, "shapes": [list(s) for s in shapes], "ns_dtype": ns_dtype,
+                         "optimizer": name, "step_ms": value, "vs_torch": value / torch_ms,
+                         "vs_muon": value / ms[(ns_dtype, "Muon")]})
+    return rows
+
+
+def step_markdown(rows: Sequence[dict]) -> str:
+    return md_table(["matrices", "Newton–Schulz", "optimizer", "step() ms", f"vs {TORCH_MUON} (bf16)",
+                     "vs our Muon (same precision)"],
+                    [[r["matrices"], r["ns_dtype"], r["optimizer"], f"{r['step_ms']:.2f}", f"{r['vs_torch']:.3f}x",
+                      f"{r['vs_muon']:.3f}x"] for r in rows])
+
+
 # --------------------------------------------------------------------------------------------------- plot
 def plot_optim(runs: Sequence[dict], choices: dict[str, dict], path: Path, tokens_per_step: int) -> Path:
     """Mean train (dashed) and validation (solid) loss of the chosen setting per variant vs training tokens."""
@@ -580,13 +670,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="study rows (adamw is the reference)")
     parser.add_argument("--size", choices=list(SIZES), default="base",
                         help="base: lm_corpus's 4 x 128 GPT; small: lm_char's 2 x 96 (a check)")
+    parser.add_argument("--step-only", action="store_true",
+                        help="only time step() of torch.optim.Muon, Muon and NorMuon (bf16 and float32 Newton-Schulz)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--max-extend", type=int, default=MAX_EXTEND,
                         help="lr ladder points added per side at most before 'not bracketed'")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
-    parser.add_argument("--repeats", type=int, default=None, help="timed optimizer steps (default 30, --quick 3)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed optimizer steps (default 30, --step-only 25, --quick 3)")
     parser.add_argument("--run-seconds", type=float, default=None,
                         help="seconds per run for the --dry-run estimate (default: measured, see RUN_SECONDS)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
@@ -660,9 +753,17 @@ def corpus_info(quick: bool, extra: Sequence[str]) -> dict | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    meta = env_info("optim")
+    if args.step_only:
+        out = args.out or default_out("optim_step")
+        with torch_threads(1):
+            rows = newton_schulz_step_cost(args.quick, args.repeats)
+        print(step_markdown(rows))
+        meta.update(mode="step_only", quick=args.quick, timer="time.process_time, 1 thread, median, round-robin",
+                    rounds=args.repeats or (3 if args.quick else 25))
+        return write_report(out, meta, rows)
     out = args.out or default_out("optim")
     runs_dir = out.parent / f"{out.stem}_runs"
-    meta = env_info("optim")
     if args.from_json:
         return write_report(out, meta, _resummarize(args.from_json, meta))
     if args.dry_run:

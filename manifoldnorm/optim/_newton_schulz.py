@@ -8,10 +8,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["NS_COEFFICIENTS", "ADJUST_LR_MODES", "newton_schulz", "adjust_lr", "as_matrix", "resolve_dtype"]
+__all__ = ["NS_COEFFICIENTS", "ADJUST_LR_MODES", "NS_DTYPE", "newton_schulz", "adjust_lr", "as_matrix", "resolve_dtype"]
 
 #: Quintic coefficients ``(a, b, c)`` of Jordan et al.'s Muon (maximal slope at zero, not convergent to 1).
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+#: Default precision of the Newton–Schulz iteration in the optimizers: bfloat16, as ``torch.optim.Muon``, Jordan et
+#: al.'s and the NorMuon authors' code (on CPUs with bfloat16 matrix units about twice as fast as float32).
+NS_DTYPE: str = "bfloat16"
 
 #: Valid learning-rate shape adjustments; ``None`` means ``"original"``.
 ADJUST_LR_MODES: tuple[str, ...] = ("original", "match_rms_adamw")
@@ -67,6 +71,12 @@ def newton_schulz(
     norm below :math:`\varepsilon`. The references always iterate in ``bfloat16``; here the caller picks the
     precision.
     """
+    check_newton_schulz_args(G, steps, coefficients)
+    return _newton_schulz(G, steps, coefficients, eps, owned=False)
+
+
+def check_newton_schulz_args(G: Tensor, steps: int, coefficients: Sequence[float]) -> None:
+    """The argument checks of :func:`newton_schulz` (TypeError / ValueError naming the argument)."""
     if not isinstance(G, Tensor):
         raise TypeError(f"newton_schulz expects a Tensor, got {type(G).__name__}")
     if G.dim() < 2:
@@ -77,17 +87,23 @@ def newton_schulz(
         raise ValueError(f"coefficients must be three numbers (a, b, c), got {tuple(coefficients)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+
+
+def _newton_schulz(G: Tensor, steps: int, coefficients: Sequence[float], eps: float, owned: bool) -> Tensor:
+    """:func:`newton_schulz` without the argument checks; ``owned``: ``G`` is a temporary of the caller's, so the
+    normalization may divide it in place (as ``torch.optim.Muon`` does with its bfloat16 copy)."""
     a, b, c = (float(x) for x in coefficients)
     tall = G.size(-2) > G.size(-1)
     X = G.mT if tall else G
     batch = X.shape[:-2]
     if X.dim() > 3:
         X = X.reshape(-1, *X.shape[-2:])
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-    X = X / norm.clamp(min=eps)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp_(min=eps)
+    X = X.div_(norm) if owned else X / norm
     for _ in range(steps):
         X = _quintic_step(X, a, b, c)
-    X = X.reshape(*batch, *X.shape[-2:])
+    if len(batch) > 1:  # flattened above
+        X = X.reshape(*batch, *X.shape[-2:])
     return X.mT if tall else X
 
 

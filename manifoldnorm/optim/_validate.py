@@ -151,6 +151,15 @@ def _dtype(value: Any, name: str, owner: str) -> Any:
         raise type(err)(f"{_label(name, owner)}: {err}") from None
 
 
+def _momentum_variant(value: Any, name: str, owner: str) -> Any:
+    from manifoldnorm.optim.adamp import check_momentum_variant  # adamp imports this module
+
+    try:
+        return check_momentum_variant(value)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{_label(name, owner)}: {err}") from None
+
+
 def _real(low: float | None = None, high: float | None = None, low_open: bool = False,
           high_open: bool = False) -> Callable[[Any, str, str], Any]:
     return lambda v, n, o: check_real(v, n, o, low, high, low_open, high_open)
@@ -187,6 +196,7 @@ OPTIMIZER_OPTIONS: Mapping[str, Callable[[Any, str, str], Any]] = {
     "ns_coefficients": _coefficients,
     "adjust_lr_fn": _adjust,
     "ns_dtype": _dtype,
+    "momentum_variant": _momentum_variant,
     "amsgrad": _flag(),
     "nesterov": _flag(),
     "maximize": _flag(),
@@ -201,7 +211,8 @@ OPTIMIZER_OPTIONS: Mapping[str, Callable[[Any, str, str], Any]] = {
 
 ``lr``, ``weight_decay``, ``delta`` >= 0; ``eps``, ``ns_eps``, ``scale`` > 0; ``momentum``, ``beta2`` and each of
 ``betas`` in [0, 1); ``dampening``, ``wd_ratio`` in [0, 1]; ``ns_steps``, ``iters``, ``update_proj_gap`` ints
->= 1; ``stabilize`` an int >= 1 or None; flags real booleans (``foreach``/``fused`` may be None)."""
+>= 1; ``stabilize`` an int >= 1 or None; ``momentum_variant`` ``"paper"`` or ``"code"`` (SGDP); flags real booleans
+(``foreach``/``fused`` may be None)."""
 
 
 def check_options(options: Mapping[str, Any], where: str = "", owner: str = "") -> None:

@@ -21,7 +21,22 @@ from manifoldnorm.optim._base import StepOptimizer
 from manifoldnorm.optim._validate import check_options
 from manifoldnorm.optim.registry import register_optimizer
 
-__all__ = ["AdamP", "SGDP", "projection", "adamp_update", "sgdp_update"]
+__all__ = ["AdamP", "SGDP", "projection", "adamp_update", "sgdp_update", "SGDP_MOMENTUM_VARIANTS"]
+
+#: SGDP momentum variants: ``"paper"`` (Algorithm 1: the buffer keeps the unprojected momentum) and ``"code"``
+#: (clovaai/AdamP ``sgdp.py``: without Nesterov the buffer itself is projected in place).
+SGDP_MOMENTUM_VARIANTS: tuple[str, ...] = ("paper", "code")
+
+
+def check_momentum_variant(variant: str) -> str:
+    """Validate an SGDP momentum variant name (one of :data:`SGDP_MOMENTUM_VARIANTS`)."""
+    if not isinstance(variant, str):
+        raise TypeError(f"momentum_variant must be one of {', '.join(map(repr, SGDP_MOMENTUM_VARIANTS))}, got "
+                        f"{variant!r} ({type(variant).__name__})")
+    if variant not in SGDP_MOMENTUM_VARIANTS:
+        raise ValueError(f"unknown momentum_variant {variant!r}; valid: "
+                         f"{', '.join(map(repr, SGDP_MOMENTUM_VARIANTS))}")
+    return variant
 
 
 def _channel_view(x: Tensor) -> Tensor:
@@ -165,27 +180,37 @@ def sgdp_update(
     delta: float = 0.1,
     wd_ratio: float = 0.1,
     eps: float = 1e-8,
+    momentum_variant: str = "paper",
 ) -> tuple[Tensor, float]:
     r"""SGDP's direction for one weight (Heo et al., ICLR 2021, Algorithm 1).
 
     .. math::
 
-        b_t = \mu b_{t-1} + (1-\tau) g_t, \qquad
+        b_t = \mu \tilde b_{t-1} + (1-\tau) g_t, \qquad
         v_t = \begin{cases} g_t + \mu b_t & \text{nesterov} \\ b_t & \text{otherwise} \end{cases}, \qquad
         q_t = \Pi(v_t)
 
-    (:math:`b_0 = 0`; without momentum :math:`v_t = g_t`). The optimizer steps
-    :math:`w \leftarrow w\,(1 - \eta\lambda r / (1-\mu)) - \eta q_t`.
+    (:math:`b_0 = 0`; without momentum :math:`v_t = g_t`, or :math:`(1-\tau) g_t` with ``"code"``). The stored
+    buffer :math:`\tilde b_t` depends on ``momentum_variant``:
+
+    * ``"paper"`` (Algorithm 1): :math:`\tilde b_t = b_t`, the unprojected momentum;
+    * ``"code"`` (the authors' ``sgdp.py``, clovaai/AdamP): without Nesterov, :math:`\tilde b_t = q_t = \Pi(b_t)`
+      (the code projects the buffer in place, so the momentum accumulates projected steps); with Nesterov
+      :math:`\tilde b_t = b_t` as in the paper (the code projects a new tensor there). With ``momentum == 0`` the
+      code's buffer is :math:`(1-\tau) g_t`, so the dampening scales the step; ``"paper"`` ignores it there (as
+      ``torch.optim.SGD``).
+
+    The optimizer steps :math:`w \leftarrow w\,(1 - \eta\lambda r / (1-\mu)) - \eta q_t`.
 
     Parameters
     ----------
     grad : Tensor
         :math:`g_t`; read only.
     momentum_buffer : Tensor or None
-        :math:`b_{t-1}`, overwritten in place with :math:`b_t`; ``None`` when ``momentum == 0``.
+        :math:`\tilde b_{t-1}`, overwritten in place with :math:`\tilde b_t`; ``None`` when ``momentum == 0``.
     param : Tensor
         The weight (read only), for the projection.
-    momentum, dampening, nesterov, delta, wd_ratio, eps
+    momentum, dampening, nesterov, delta, wd_ratio, eps, momentum_variant
         As in :class:`SGDP`.
 
     Returns
@@ -194,20 +219,19 @@ def sgdp_update(
         :math:`q_t`, shape and dtype of ``grad``.
     wd_factor : float
         ``wd_ratio`` if projected, else 1.0.
-
-    Notes
-    -----
-    Deviations: the momentum buffer holds the unprojected :math:`b_t` as in Algorithm 1; the authors' code
-    (without Nesterov) projects the buffer itself in place, so its momentum accumulates projected steps.
     """
+    code = check_momentum_variant(momentum_variant) == "code"
     if momentum_buffer is not None:
         momentum_buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
         v = grad.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
     else:
-        v = grad
-    if param.dim() > 1:
-        return projection(param, grad, v, delta, wd_ratio, eps)
-    return v.clone(), 1.0
+        v = grad.mul(1 - dampening) if code and dampening != 0 else grad
+    if param.dim() < 2:
+        return v.clone(), 1.0
+    q, factor = projection(param, grad, v, delta, wd_ratio, eps)
+    if code and momentum_buffer is not None and not nesterov:
+        momentum_buffer.copy_(q)  # the authors' in-place projection of the buffer (a no-op where nothing projects)
+    return q, factor
 
 
 class _ProjectedOptimizer(StepOptimizer):
@@ -300,11 +324,17 @@ class SGDP(_ProjectedOptimizer):
     eps : float, default 1e-8
     delta : float, default 0.1
     wd_ratio : float, default 0.1
+    momentum_variant : {"paper", "code"}, default "paper"
+        What the momentum buffer holds (see :func:`sgdp_update`): ``"paper"`` the unprojected momentum of
+        Algorithm 1; ``"code"`` the projected one, as the authors' ``sgdp.py`` (without Nesterov), which reproduces
+        their published runs (momentum 0.9, no Nesterov) step for step.
 
     Notes
     -----
-    Defaults are the authors' code's. Deviations: see :func:`sgdp_update` (unprojected momentum buffer); Nesterov
-    requires a momentum and zero dampening (as ``torch.optim.SGD``). With ``weight_decay=0``, ``dampening=0`` and
+    Defaults are the authors' code's, except ``momentum_variant``: the default follows the paper's algorithm, the
+    written specification of the method (and the form that reduces to ``torch.optim.SGD`` on weights that are
+    never projected either way); ``"code"`` is one option away. Deviations: Nesterov requires a momentum and zero
+    dampening (as ``torch.optim.SGD``). With ``weight_decay=0``, ``dampening=0`` and
     no projection this is ``torch.optim.SGD``. The buffer starts at zero, so with dampening the first step is
     :math:`(1-\tau) g_1` (``torch.optim.SGD`` starts its buffer at :math:`g_1`).
     """
@@ -320,14 +350,22 @@ class SGDP(_ProjectedOptimizer):
         eps: float = 1e-8,
         delta: float = 0.1,
         wd_ratio: float = 0.1,
+        momentum_variant: str = "paper",
     ) -> None:
         check_options(dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                           nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio), owner="SGDP")
+                           nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
+                           momentum_variant=momentum_variant), owner="SGDP")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio)
+                        nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
+                        momentum_variant=momentum_variant)
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # state dicts saved before the option existed: the paper's variant
+            group.setdefault("momentum_variant", "paper")
 
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
         lr, wd, mu = float(group["lr"]), group["weight_decay"], group["momentum"]
@@ -339,7 +377,8 @@ class SGDP(_ProjectedOptimizer):
             buf = state["momentum_buffer"]
         q, ratio = sgdp_update(p.grad, buf, p, momentum=mu, dampening=group["dampening"],
                                nesterov=group["nesterov"], delta=group["delta"],
-                               wd_ratio=group["wd_ratio"], eps=group["eps"])
+                               wd_ratio=group["wd_ratio"], eps=group["eps"],
+                               momentum_variant=group["momentum_variant"])
         if wd != 0:
             p.mul_(1 - lr * wd * ratio / (1 - mu))
         p.add_(q, alpha=-lr)

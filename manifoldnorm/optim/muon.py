@@ -18,9 +18,12 @@ from torch import Tensor
 
 from manifoldnorm.optim._newton_schulz import (
     NS_COEFFICIENTS,
+    NS_DTYPE,
+    _newton_schulz,
     adjust_lr,
     as_matrix,
     check_adjust_mode,
+    check_newton_schulz_args,
     newton_schulz,
     resolve_dtype,
 )
@@ -44,29 +47,52 @@ def _momentum_direction(grad: Tensor, momentum_buffer: Tensor, beta: float, nest
 
 def _orthogonalize(
     u: Tensor, ns_steps: int, ns_coefficients: Sequence[float], ns_eps: float, ns_dtype: torch.dtype | None,
+    owned: bool = False,
 ) -> Tensor:
-    """Newton–Schulz of the matrix ``u`` in ``ns_dtype`` (default: its own), contiguous (a fixed memory layout
-    keeps the reductions that follow bit-reproducible wherever the result was computed)."""
-    return newton_schulz(u.to(ns_dtype or u.dtype), ns_steps, ns_coefficients, ns_eps).contiguous()
+    """Newton–Schulz of the matrix ``u`` in ``ns_dtype`` (``None``: its own dtype); ``owned``: ``u`` is a temporary
+    that may be normalized in place. The result of a tall matrix is a transposed (non-contiguous) view, as in
+    ``torch.optim.Muon``; consumers that reduce over it fix the layout first (:func:`_normuon_finish`)."""
+    X = u if ns_dtype is None or u.dtype == ns_dtype else u.to(ns_dtype)
+    return _newton_schulz(X, ns_steps, ns_coefficients, ns_eps, owned=owned or X is not u)
+
+
+def _row_major(O: Tensor, dtype: torch.dtype) -> Tensor:
+    """``O`` in ``dtype`` and contiguous, with at most one copy (``Tensor.to`` keeps the strides when the dtype is
+    unchanged, whatever ``memory_format`` says)."""
+    return O.contiguous() if O.dtype == dtype else O.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _normuon_finish(
     O: Tensor, second_moment: Tensor, beta2: float, eps: float, mode: str, shape: torch.Size, dtype: torch.dtype,
 ) -> Tensor:
-    """NorMuon after Newton–Schulz: second-moment EMA (in place), row normalization, norm restore and scaling."""
+    """NorMuon after Newton–Schulz: second-moment EMA (in place), row normalization, norm restore and scaling.
+
+    ``O`` is a temporary of the caller's (the Newton–Schulz output or an all-gathered result) and is consumed: when
+    it is already contiguous in at least float32 the normalization runs in place on it (fewer large allocations).
+    """
     m, n = O.shape
-    work = torch.promote_types(O.dtype, torch.float32)
-    O = O.to(work)
-    second_moment.lerp_(O.square().mean(dim=-1).to(second_moment.dtype), 1 - beta2)
-    O_hat = O / (second_moment.to(work).sqrt() + eps).unsqueeze(-1)
-    norm_hat = torch.linalg.vector_norm(O_hat)
+    # one copy to at least float32 in row-major layout: the row reductions below then see the same layout (and give
+    # the same bits) whether O was computed here (a tall O is a transposed view) or all-gathered (contiguous)
+    O = _row_major(O, torch.promote_types(O.dtype, torch.float32))
+    mean_sq = O.square().mean(dim=-1)
+    second_moment.lerp_(mean_sq if mean_sq.dtype == second_moment.dtype else mean_sq.to(second_moment.dtype),
+                        1 - beta2)
     if mode == "original":
-        target = torch.linalg.vector_norm(O) * math.sqrt(max(1.0, m / n))
-    else:
+        target = torch.linalg.vector_norm(O)
+        if m > n:  # the factor is 1 otherwise (a multiplication by 1 changes no bit; skipped: small-matrix overhead)
+            target = target * math.sqrt(m / n)
+    v = second_moment if second_moment.dtype == O.dtype else second_moment.to(O.dtype)
+    O_hat = O.div_(v.sqrt().add_(eps).unsqueeze(-1))  # O itself is not needed any more
+    norm_hat = torch.linalg.vector_norm(O_hat)
+    if mode != "original":
         target = torch.full_like(norm_hat, 0.2 * math.sqrt(m * n))
-    positive = norm_hat > 0
-    scale = torch.where(positive, target / torch.where(positive, norm_hat, torch.ones_like(norm_hat)), 0.0)
-    return (O_hat * scale).reshape(shape).to(dtype)
+    if O_hat.device.type == "cpu":  # reading the norm costs no device synchronisation here
+        O_hat.mul_(target / norm_hat if norm_hat > 0 else 0.0)
+    else:
+        O_hat.mul_(torch.where(norm_hat > 0, target / norm_hat, 0.0))  # 0/0 is computed but never selected
+    if O_hat.shape != shape:
+        O_hat = O_hat.reshape(shape)
+    return O_hat if O_hat.dtype == dtype else O_hat.to(dtype)
 
 
 def muon_update(
@@ -78,7 +104,7 @@ def muon_update(
     ns_steps: int = 5,
     ns_coefficients: Sequence[float] = NS_COEFFICIENTS,
     eps: float = 1e-7,
-    ns_dtype: torch.dtype | None = None,
+    ns_dtype: torch.dtype | str | None = NS_DTYPE,
 ) -> Tensor:
     r"""Muon's orthogonalized direction for one weight (Jordan et al., 2024; ``torch.optim.Muon``).
 
@@ -102,9 +128,9 @@ def muon_update(
         Use the Nesterov blend :math:`U_t` above instead of :math:`M_t`.
     ns_steps, ns_coefficients, eps
         Passed to :func:`newton_schulz`.
-    ns_dtype : torch.dtype, optional
-        Precision of the Newton–Schulz iteration (default: that of ``grad``; ``torch.bfloat16`` reproduces
-        ``torch.optim.Muon`` bit for bit).
+    ns_dtype : torch.dtype, its name, or None; default ``"bfloat16"``
+        Precision of the Newton–Schulz iteration. bfloat16 (as ``torch.optim.Muon`` and the references) reproduces
+        ``torch.optim.Muon`` bit for bit; ``None`` iterates in the dtype of ``grad`` (full precision).
 
     Returns
     -------
@@ -117,9 +143,10 @@ def muon_update(
     written in the Muon blog post and in ``torch.optim.Muon``'s docstring (equal after Newton–Schulz up to
     :math:`\varepsilon`). Conv weights are flattened to ``(out, in·kh·kw)`` (``torch.optim.Muon`` rejects them).
     """
+    check_newton_schulz_args(as_matrix(grad), ns_steps, ns_coefficients)
     O = _orthogonalize(_momentum_direction(grad, momentum_buffer, beta, nesterov), ns_steps, ns_coefficients, eps,
-                       ns_dtype)
-    return O.reshape(grad.shape).to(grad.dtype)
+                       resolve_dtype(ns_dtype), owned=nesterov)
+    return _row_major(O, grad.dtype).reshape(grad.shape)
 
 
 def normuon_update(
@@ -134,7 +161,7 @@ def normuon_update(
     ns_coefficients: Sequence[float] = NS_COEFFICIENTS,
     eps: float = 1e-8,
     ns_eps: float = 1e-7,
-    ns_dtype: torch.dtype | None = None,
+    ns_dtype: torch.dtype | str | None = NS_DTYPE,
     adjust_lr_fn: str | None = "original",
 ) -> Tensor:
     r"""NorMuon's direction for one weight: Muon's :math:`O_t`, then neuron-wise (row) normalization.
@@ -190,8 +217,9 @@ def normuon_update(
     if grad.dim() >= 2 and second_moment.shape != grad.shape[:1]:
         raise ValueError(f"second_moment must have shape ({grad.shape[0]},) for a gradient of shape "
                          f"{tuple(grad.shape)}, got {tuple(second_moment.shape)}")
+    check_newton_schulz_args(as_matrix(grad), ns_steps, ns_coefficients)
     O = _orthogonalize(_momentum_direction(grad, momentum_buffer, beta, nesterov), ns_steps, ns_coefficients,
-                       ns_eps, ns_dtype)
+                       ns_eps, resolve_dtype(ns_dtype), owned=nesterov)
     return _normuon_finish(O, second_moment, beta2, eps, mode, grad.shape, grad.dtype)
 
 
@@ -210,9 +238,10 @@ class _NewtonSchulzOptimizer(ShardedMatrixOptimizer):
         state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
 
     def _transform(self, p: Tensor, group: dict[str, Any]) -> Tensor:
-        u = _blend(p.grad, self.state[p]["momentum_buffer"], group["momentum"], group["nesterov"])
+        nesterov = group["nesterov"]
+        u = _blend(p.grad, self.state[p]["momentum_buffer"], group["momentum"], nesterov)
         return _orthogonalize(u, group["ns_steps"], group["ns_coefficients"], group[self._ns_eps_key],
-                              group["ns_dtype"])
+                              group["ns_dtype"], owned=nesterov)
 
     def _transform_spec(self, p: Tensor, group: dict[str, Any]) -> tuple[tuple[int, int], torch.dtype]:
         return (p.shape[0], math.prod(p.shape[1:])), group["ns_dtype"] or p.grad.dtype
@@ -228,8 +257,12 @@ class Muon(_NewtonSchulzOptimizer):
 
         W_t = W_{t-1}(1 - \eta\lambda) - \mathrm{adjust\_lr}(\eta, m, n)\, O_t
 
-    Same defaults and semantics as ``torch.optim.Muon``; with ``ns_dtype=torch.bfloat16`` it reproduces it
-    exactly on 2-D parameters.
+    The defaults are ``torch.optim.Muon``'s (torch 2.13): ``lr=1e-3``, ``weight_decay=0.1``, ``momentum=0.95``,
+    ``nesterov=True``, ``ns_coefficients=(3.4445, -4.775, 2.0315)``, ``eps=1e-7``, ``ns_steps=5``,
+    ``adjust_lr_fn=None``, and Newton–Schulz in bfloat16. On float32 2-D parameters every step equals
+    ``torch.optim.Muon``'s bit for bit (tested with the defaults, with and without weight decay and Nesterov, and
+    with both lr adjustments), on bfloat16 ones too with Nesterov; what each accepts and their side effects differ
+    as listed under Notes.
 
     Parameters
     ----------
@@ -251,8 +284,11 @@ class Muon(_NewtonSchulzOptimizer):
         Newton–Schulz steps.
     adjust_lr_fn : {None, "original", "match_rms_adamw"}
         Shape adjustment of the learning rate, see :func:`adjust_lr` (``None`` = ``"original"``).
-    ns_dtype : torch.dtype or str, optional
-        Precision of Newton–Schulz (default: the parameter's dtype). ``torch.optim.Muon`` always uses bfloat16.
+    ns_dtype : torch.dtype, str or None, default "bfloat16"
+        Precision of Newton–Schulz: bfloat16 as ``torch.optim.Muon`` (which has no other choice) and the reference
+        code; ``None`` iterates in the parameter's dtype, ``"float32"``/``"float64"`` in that precision. Cost of
+        float32 on a CPU with bfloat16 matrix units (``python -m benchmarks optim --step-only``): about 1.9x the
+        bfloat16 step on 256x256..256x1024 matrices, about 0.9x on the 96-wide lm_char matrices.
     distributed : bool, default True
         Under an initialised ``torch.distributed`` group of more than one rank (DDP), run each matrix's
         Newton–Schulz on one rank and all-gather the results: bit-identical to the single-process step, every rank
@@ -264,9 +300,11 @@ class Muon(_NewtonSchulzOptimizer):
     Notes
     -----
     Deviations from ``torch.optim.Muon``: conv (ndim > 2) weights are accepted and flattened; ``p.grad`` is never
-    written (also not with ``nesterov=False`` and bfloat16, where torch 2.13 normalizes its momentum buffer in
-    place); Newton–Schulz precision is selectable (default full precision instead of bfloat16); under DDP the
-    Newton–Schulz work is split over the ranks.
+    written, and the momentum buffer is never normalized in place (torch 2.13 does that with ``nesterov=False`` on
+    bfloat16 parameters, so bfloat16 runs without Nesterov differ from torch's there); Newton–Schulz precision is
+    selectable (default bfloat16 as torch); the checks differ (``momentum`` in [0, 1) and any ``ns_steps >= 1``
+    here; torch takes any ``momentum >= 0`` and refuses ``ns_steps >= 100``); under DDP the Newton–Schulz work is
+    split over the ranks.
     """
 
     def __init__(
@@ -280,7 +318,7 @@ class Muon(_NewtonSchulzOptimizer):
         eps: float = 1e-7,
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
-        ns_dtype: torch.dtype | str | None = None,
+        ns_dtype: torch.dtype | str | None = NS_DTYPE,
         distributed: bool = True,
         process_group: Any = None,
     ) -> None:
@@ -295,8 +333,12 @@ class Muon(_NewtonSchulzOptimizer):
 
     def _finish(self, p: Tensor, group: dict[str, Any], O: Tensor) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
-        p.mul_(1 - lr * wd)
-        p.add_(O.reshape(p.grad.shape).to(p.grad.dtype), alpha=-adjust_lr(lr, p.shape, group["adjust_lr_fn"]))
+        if wd != 0:  # a multiplication by 1 would change no bit
+            p.mul_(1 - lr * wd)
+        if O.dtype != p.dtype and torch.promote_types(O.dtype, p.dtype) != p.dtype:
+            O = O.to(p.dtype)  # e.g. float32 O on a bfloat16 weight: rounded before the update, as always
+        # a bfloat16 O is added to a wider weight as it is (exact widening inside add_, as torch.optim.Muon)
+        p.add_(O if O.dim() == p.dim() else O.reshape(p.shape), alpha=-adjust_lr(lr, p.shape, group["adjust_lr_fn"]))
 
 
 class NorMuon(_NewtonSchulzOptimizer):
@@ -326,7 +368,8 @@ class NorMuon(_NewtonSchulzOptimizer):
     nesterov : bool, default True
         Orthogonalize the Nesterov blend (authors' code) instead of the momentum (paper's Algorithm 1).
     ns_coefficients, ns_steps, ns_eps, ns_dtype
-        Newton–Schulz settings as in :class:`Muon` (``ns_eps`` is Muon's ``eps``).
+        Newton–Schulz settings as in :class:`Muon` (``ns_eps`` is Muon's ``eps``); Newton–Schulz runs in bfloat16 by
+        default, as the authors' code (``ns_dtype=None``: in the parameter's dtype).
     eps : float, default 1e-8
         :math:`\epsilon` added to :math:`\sqrt{v}`.
     adjust_lr_fn : {"original", "match_rms_adamw"} or None, default "original"
@@ -362,7 +405,7 @@ class NorMuon(_NewtonSchulzOptimizer):
         ns_eps: float = 1e-7,
         ns_steps: int = 5,
         adjust_lr_fn: str | None = "original",
-        ns_dtype: torch.dtype | str | None = None,
+        ns_dtype: torch.dtype | str | None = NS_DTYPE,
         distributed: bool = True,
         process_group: Any = None,
     ) -> None:
@@ -383,7 +426,8 @@ class NorMuon(_NewtonSchulzOptimizer):
         lr, wd = float(group["lr"]), group["weight_decay"]
         U = _normuon_finish(O, self.state[p]["second_moment"], group["beta2"], group["eps"],
                             check_adjust_mode(group["adjust_lr_fn"]), p.grad.shape, p.grad.dtype)
-        p.mul_(1 - lr * wd)
+        if wd != 0:  # a multiplication by 1 would change no bit
+            p.mul_(1 - lr * wd)
         p.add_(U, alpha=-lr)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

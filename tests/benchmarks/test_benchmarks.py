@@ -292,6 +292,32 @@ def test_optim_compares_adamw_and_every_matrix_optimizer() -> None:
     assert rows["normuon_match_rms"].extra == ("optimizer.matrix.adjust_lr_fn=match_rms_adamw",)
 
 
+def test_optim_step_only_reports_side_by_side_ratios(tmp_path: Path) -> None:
+    """``--step-only --quick``: every (matrix set, precision, optimizer) row once, ratios are the quotients of the
+    same run's medians (ours / torch.optim.Muon's bf16 step, NorMuon / our Muon at the same precision)."""
+    from benchmarks.optim import NS_OPTIMIZERS, NS_PRECISIONS, SYNTHETIC_SHAPES, TORCH_MUON
+
+    out = tmp_path / "step.json"
+    proc = bench("optim", "--step-only", "--quick", "--out", str(out))
+    data = report(out, "optim")
+    assert data["mode"] == "step_only" and data["rounds"] == 3
+    sets = list(dict.fromkeys(r["matrices"] for r in data["rows"]))
+    assert len(sets) == 2 and len(data["rows"]) == 2 * (2 * len(NS_OPTIMIZERS) - 1)
+    synthetic = next(r for r in data["rows"] if r["matrices"] == sets[0])
+    assert [tuple(s) for s in synthetic["shapes"]] == list(SYNTHETIC_SHAPES)
+    for label in sets:
+        rows = {(r["ns_dtype"], r["optimizer"]): r for r in data["rows"] if r["matrices"] == label}
+        assert set(rows) == {(d, n) for d in NS_PRECISIONS for n in NS_OPTIMIZERS
+                             if n != TORCH_MUON or d == "bfloat16"}
+        torch_ms = rows[("bfloat16", TORCH_MUON)]["step_ms"]
+        for (dtype, _), r in rows.items():
+            assert positive(r["step_ms"])
+            assert math.isclose(r["vs_torch"], r["step_ms"] / torch_ms, rel_tol=1e-12)
+            assert math.isclose(r["vs_muon"], r["step_ms"] / rows[(dtype, "Muon")]["step_ms"], rel_tol=1e-12)
+    assert "vs torch.optim.Muon (bf16)" in proc.stdout and "NorMuon (match_rms_adamw)" in proc.stdout
+
+
+
 def test_optim_lr_ladder_and_bracketing_rule() -> None:
     from benchmarks.optim import bracket, ladder_index, ladder_value
 

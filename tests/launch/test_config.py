@@ -190,7 +190,7 @@ def test_every_optimizer_and_scheduler_option(cfg_of) -> None:
             assert type(matrix).__name__.lower() == node.matrix.name and len(matrix.param_groups[0]["params"]) == 1
             assert rest == "adamw"
         else:
-            assert matrix is None and rest == ("adamp" if name == "adamp" else "adamw"), name
+            assert matrix is None and rest == node.rest.name, name
     rules = "optimizer.rules=[{match: '\\.bias$', into: rest, weight_decay: 0.0}]"
     opt = instantiate(cfg_of("optimizer=adamw", rules).optimizer)(lin)
     assert [g["weight_decay"] for g in opt.param_groups] == [1.0e-4, 0.0]
@@ -253,7 +253,9 @@ def test_every_optimizer_config_steps_the_euclidean_models(cfg_of, model: str) -
         tiny = ["model.widths=[8,16]", "model.blocks_per_stage=1"]
         x = torch.randn(4, 1, 8, 8, generator=g)
     for name in sorted(options("optimizer")):
-        cfg = cfg_of(f"+experiment={experiment}", f"optimizer={name}", *tiny, info=False)
+        # lm_char sets Adam's betas on `rest`; an SGD-type rest (sgdp) needs them dropped (documented in sgdp.yaml)
+        drop = ["~optimizer.rest.betas"] if experiment == "lm_char" and name == "sgdp" else []
+        cfg = cfg_of(f"+experiment={experiment}", f"optimizer={name}", *tiny, *drop, info=False)
         with open_dict(cfg):
             cfg.data_info = info
         module = run.build_module(cfg)

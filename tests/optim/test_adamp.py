@@ -172,6 +172,109 @@ def test_sgdp_update_formula(loss_fn, momentum, dampening, nesterov) -> None:
         W = W - 0.05 * q
 
 
+# ----------------------------------------------------------------------------- SGDP: the authors' code, written out
+def _authors_sgdp(w0, loss_fn, steps, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                  delta=DELTA, wd_ratio=0.1, eps=EPS):
+    """clovaai/AdamP ``sgdp.py``, ``SGDP.step`` for one weight, written out in float64 (gradient at the current w).
+
+    buf = momentum buf + (1 - dampening) g (buf starts at 0 and exists even with momentum 0); d_p = g + momentum buf
+    with Nesterov, else d_p IS buf; for ndim > 1 the projection tries the channel view (rows of w.view(out, -1)),
+    then the layer view (w.view(1, -1)): if max |cosine_similarity(g, w)| < delta / sqrt(row length), then
+    p_n = w / (|w_row| + eps) and ``d_p -= p_n * sum(p_n * d_p)`` IN PLACE (so without Nesterov the buffer is
+    projected), and wd = wd_ratio; then w *= 1 - lr weight_decay wd / (1 - momentum); w -= lr d_p.
+    """
+    w = w0.clone()
+    buf = torch.zeros_like(w)
+    for t in range(steps):
+        g = _grad(loss_fn, w, seed=10 + t)
+        buf.mul_(momentum).add_(g, alpha=1 - dampening)
+        d_p = g + momentum * buf if nesterov else buf
+        wd = 1.0
+        if w.dim() > 1:
+            expand = [-1] + [1] * (w.dim() - 1)
+            for view in (lambda x: x.reshape(x.shape[0], -1), lambda x: x.reshape(1, -1)):
+                cosine = torch.nn.functional.cosine_similarity(view(g), view(w), dim=1, eps=eps).abs()
+                if cosine.max() < delta / math.sqrt(view(w).shape[1]):
+                    p_n = w / view(w).norm(dim=1).view(expand).add(eps)
+                    d_p -= p_n * view(p_n * d_p).sum(dim=1).view(expand)
+                    wd = wd_ratio
+                    break
+        if weight_decay != 0:
+            w = w * (1 - lr * weight_decay * wd / (1 - momentum))
+        w = w - lr * d_p
+    return w
+
+
+def _run_sgdp(w0, loss_fn, steps, **kw):
+    p = torch.nn.Parameter(w0.clone())
+    opt = SGDP([p], **kw)
+    for t in range(steps):
+        p.grad = _grad(loss_fn, p.detach(), seed=10 + t)
+        opt.step()
+    return p.detach()
+
+
+SGDP_SETTINGS = [dict(momentum=0.9), dict(momentum=0.9, dampening=0.2, weight_decay=0.1),
+                 dict(momentum=0.9, nesterov=True, weight_decay=0.1), dict(momentum=0.0, dampening=0.3)]
+
+
+@pytest.mark.parametrize("kw", SGDP_SETTINGS, ids=["mom", "mom-damp-wd", "nesterov-wd", "no-mom-damp"])
+@pytest.mark.parametrize(("shape", "loss_fn"), [((3, 2, 3, 3), _standardized_loss),  # conv-like, channel view
+                                                ((4, 6), _standardized_loss),  # linear-like, channel view
+                                                ((4, 6), _normalized_weight_loss)],  # layer view
+                         ids=["conv-channel", "linear-channel", "linear-layer"])
+def test_sgdp_code_variant_equals_the_authors_code(shape, loss_fn, kw) -> None:
+    w0 = torch.randn(*shape, generator=_gen(0), dtype=F64)
+    steps, lr = 6, 0.2
+    ref = _authors_sgdp(w0, loss_fn, steps, lr=lr, **kw)
+    code = _run_sgdp(w0, loss_fn, steps, lr=lr, momentum_variant="code", **kw)
+    paper = _run_sgdp(w0, loss_fn, steps, lr=lr, **kw)
+    torch.testing.assert_close(code, ref, rtol=0, atol=1e-13)
+    moved = float((ref - w0).norm())
+    if kw.get("nesterov"):  # the code projects a new tensor, not the buffer: both variants are the paper's
+        torch.testing.assert_close(paper, code, rtol=0, atol=1e-13)
+    else:  # momentum of projected steps (or, without momentum, the code's (1 - dampening) g) differs
+        assert float((paper - code).norm()) > 1e-3 * moved
+
+
+def test_sgdp_code_variant_stores_the_projected_buffer() -> None:
+    # A buffer with a radial part (momentum gathered at earlier weights); the gradient of a scale-invariant loss is
+    # tangent, so only the buffer's radial part tells the variants apart.
+    W = torch.randn(4, 6, generator=_gen(0), dtype=F64)
+    g = _grad(_standardized_loss, W)
+    buf0 = torch.randn(4, 6, generator=_gen(1), dtype=F64)
+    buf_paper, buf_code = buf0.clone(), buf0.clone()
+    q_paper, _ = sgdp_update(g, buf_paper, W, momentum=0.9)
+    q_code, f = sgdp_update(g, buf_code, W, momentum=0.9, momentum_variant="code")
+    assert f == 0.1 and torch.equal(q_paper, q_code)  # this step's direction agrees, the stored buffers do not
+    torch.testing.assert_close(buf_paper, 0.9 * buf0 + g, rtol=0, atol=1e-15)
+    assert torch.equal(buf_code, q_code)
+    assert ((buf_code * W).sum(1).abs() <= 1e-7 * buf_code.norm(dim=1) * W.norm(dim=1)).all()  # tangent rows
+    u = W / (W.norm(dim=1, keepdim=True) + EPS)
+    radial = u * (u * buf_paper).sum(1, keepdim=True)  # what the code variant drops: the buffer's radial part
+    torch.testing.assert_close(buf_paper - buf_code, radial, rtol=0, atol=1e-12)
+    assert float(radial.norm()) > 0.5
+
+
+def test_sgdp_momentum_variant_option_errors_and_checkpoint() -> None:
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="momentum_variant.*valid: 'paper', 'code'"):
+        SGDP([w], lr=0.1, momentum_variant="authors")
+    with pytest.raises(TypeError, match="momentum_variant"):
+        SGDP([w], lr=0.1, momentum_variant=True)
+    with pytest.raises(ValueError, match="momentum_variant"):
+        sgdp_update(torch.ones(3, 4), None, torch.ones(3, 4), momentum_variant="Code")
+    opt = build_optimizer("sgdp", [w], lr=0.1, momentum=0.9, momentum_variant="code")
+    assert opt.param_groups[0]["momentum_variant"] == "code"
+    with pytest.raises(ValueError, match="momentum_variant"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, 2))], "momentum_variant": "x"})
+    saved = copy.deepcopy(opt.state_dict())
+    del saved["param_groups"][0]["momentum_variant"]  # a checkpoint from before the option: the paper's variant
+    opt2 = SGDP([torch.nn.Parameter(torch.randn(3, 4))], lr=0.1, momentum_variant="code")
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["momentum_variant"] == "paper"
+
+
 # ------------------------------------------------------------------------------------------------- optimizers
 def _run(opt_cls, w0, grads, **kw):
     p = torch.nn.Parameter(w0.clone())

@@ -216,13 +216,22 @@ def test_step_never_writes_grad(name: str, exercise: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- dtypes
-def _steps(name: str, dtype: torch.dtype, rounding: torch.dtype, nudge: float = 0.0) -> list[Tensor]:
+def _full_precision(name: str) -> dict[str, Any]:
+    """Options that make an optimizer compute in the parameter's dtype throughout: ``ns_dtype=None`` for those whose
+    Newton–Schulz runs in a fixed lower precision by default (Muon, NorMuon: bfloat16, as torch.optim.Muon)."""
+    info = get_optimizer(name)
+    if "ns_dtype" in info.keyword_names() and inspect.signature(info.cls).parameters["ns_dtype"].default is not None:
+        return {"ns_dtype": None}
+    return {}
+
+
+def _steps(name: str, dtype: torch.dtype, rounding: torch.dtype, nudge: float = 0.0, **options: Any) -> list[Tensor]:
     """Three steps on parameters of ``dtype`` whose values and gradients are exact in ``rounding``; ``nudge``
-    multiplies each gradient entry by 1 + nudge * N(0, 1)."""
+    multiplies each gradient entry by 1 + nudge * N(0, 1); ``options`` go to the optimizer."""
     params = _params(name, rounding, manifold=False)
     params = [nn.Parameter(p.detach().to(dtype)) for p in params]
     start = [p.detach().clone() for p in params]
-    opt = build_optimizer(name, params, **_kwargs(name))
+    opt = build_optimizer(name, params, **_kwargs(name), **options)
     for t in range(3):
         _set_grads(params, t)
         for i, p in enumerate(params):  # the gradients of the reference run, exact in `dtype` too
@@ -251,12 +260,15 @@ def test_dtype_is_kept_and_steps_match_float32(name: str, dtype: torch.dtype) ->
     """Parameters keep their dtype and stay finite; three steps (the change of the parameters) match a float32 run
     to 1e-4 relative in float64 (measured <= 1.2e-6) and to 0.3 in float16/bfloat16 (measured <= 0.1: Newton–Schulz
     and the SVD in bfloat16). Both runs start from the same values and see the same gradients, exact in either
-    dtype. (Muon and NorMuon run Newton–Schulz in the parameter's dtype by default, Conda and SinkGD compute in at
-    least float32, NorMuon keeps its second moment in float32: all keep the parameter's dtype.)
+    dtype. (Muon and NorMuon run Newton–Schulz in bfloat16 by default, as torch.optim.Muon, so their float64 and
+    float32 runs see the same bfloat16 iterates; Conda and SinkGD compute in at least float32, NorMuon keeps its
+    second moment in float32: all keep the parameter's dtype.)
 
-    float64 is also computed in float64: gradients nudged by 1e-12 (relative, far below float32's 6e-8) change the
-    float64 steps by 1e-14..1e-9 (measured 3e-13..4e-12). A step computed in float32 or lower anywhere would round
-    the nudge away (no change) or jump by a float32 rounding step (>= 1e-8)."""
+    float64 can be computed in float64 throughout: gradients nudged by 1e-12 (relative, far below float32's 6e-8)
+    change the float64 steps by 1e-14..1e-9 (measured 3e-13..4e-12). A step computed in float32 or lower anywhere
+    would round the nudge away (no change) or jump by a float32 rounding step (>= 1e-8). Muon and NorMuon are
+    nudged with ``ns_dtype=None`` (their full-precision option, :func:`_full_precision`): with the bfloat16 default
+    the nudge is rounded away, as it must be."""
     half = dtype in (torch.float16, torch.bfloat16)
     rounding = dtype if half else torch.float32
     reference = _steps(name, torch.float32, rounding)
@@ -267,7 +279,9 @@ def test_dtype_is_kept_and_steps_match_float32(name: str, dtype: torch.dtype) ->
         err = float((s - r).norm() / r.norm())
         assert err < tol, f"{name}: the {dtype} step of parameter {i} differs from float32 by {err:.2e} (relative)"
     if dtype == torch.float64:
-        nudged = _steps(name, dtype, rounding, nudge=1e-12)
+        full = _full_precision(name)
+        steps = _steps(name, dtype, rounding, **full) if full else steps
+        nudged = _steps(name, dtype, rounding, nudge=1e-12, **full)
         for i, (s, n) in enumerate(zip(steps, nudged, strict=True)):
             change = float((n - s).norm() / s.norm())
             assert 1e-14 < change < 1e-9, f"{name}: a 1e-12 nudge of the gradients changed the float64 step of " \

@@ -64,6 +64,8 @@ def bad_values(key: str) -> list[tuple[object, type[Exception]]]:
         return [("spectral", ValueError), (3, TypeError)]
     if key == "ns_dtype":
         return [("bf16", ValueError), (3, TypeError)]
+    if key == "momentum_variant":
+        return [("authors", ValueError), (True, TypeError)]
     raise AssertionError(f"no bad values for {key!r}")
 
 
