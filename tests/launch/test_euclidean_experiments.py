@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from manifoldnorm.data import load_text
 from manifoldnorm.lit import CharLMDataModule, ClassificationModule, ImageDataModule, LanguageModelModule
@@ -60,6 +61,29 @@ def test_lm_char_composes_from_overrides(tmp_path: Path) -> None:
     # the default stays the EEG classifier, now through the `module` group
     assert base.module._target_ == "manifoldnorm.lit.ClassificationModule" and base.module.scheduler is None
     assert base.module.refit_on_test is None and base.optimized_metric == "val/bacc"
+
+
+def test_lm_corpus_is_under_one_pass_and_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The optimizer study's setting: the offline corpus, a token budget of at most one pass over its training
+    text, a model whose hidden matrices hold most parameters; a tiny run of it end to end."""
+    from manifoldnorm.data import split_text
+    from manifoldnorm.optim import hidden_matrices
+
+    exp = _cfg("+experiment=lm_corpus", out=tmp_path)
+    assert exp.task_name == "lm_corpus" and exp.data.source == "corpus" and exp.model.dropout == 0.0
+    train_text, _, _ = split_text(load_text("corpus"), exp.data.val_fraction, exp.data.test_fraction)
+    budget = exp.data.steps_per_epoch * exp.trainer.max_epochs * exp.data.batch_size * exp.data.block_size
+    assert 0.3 * len(train_text) < budget <= len(train_text)
+    with open_dict(exp):
+        exp.data_info = {"vocab_size": len(set(load_text("corpus"))), "block_size": exp.data.block_size}
+    model = instantiate(exp.model)
+    hidden = hidden_matrices(model)
+    n_hidden = sum(p.numel() for p in model.parameters() if id(p) in hidden)
+    assert n_hidden > 0.9 * sum(p.numel() for p in model.parameters())
+    cfg = _cfg("+experiment=lm_corpus", "logger=csv", *QUIET, *TINY["lm_char"], out=tmp_path / "run")
+    value = train(cfg)
+    assert value is not None and math.isfinite(value) and value < math.log(exp.data_info.vocab_size)
+    assert "test/loss" in capsys.readouterr().out
 
 
 def test_cnn_digits_composes_from_overrides(tmp_path: Path) -> None:

@@ -99,12 +99,12 @@ def test_invalid_value_reports_our_error(cache: Path, tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and "InstantiationException" not in proc.stderr
 
 
-EEG_EXPERIMENTS = ("spd_eeg", "tsm_eeg")  # lm_char and cnn_digits: tests/launch/test_euclidean_experiments.py
+EEG_EXPERIMENTS = ("spd_eeg", "tsm_eeg")  # lm_char, lm_corpus, cnn_digits: tests/launch/test_euclidean_experiments.py
 
 
 def test_every_experiment_is_tested() -> None:
     assert {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")} == {*EEG_EXPERIMENTS, "lm_char",
-                                                                               "cnn_digits"}
+                                                                               "lm_corpus", "cnn_digits"}
 
 
 @pytest.mark.parametrize("experiment", EEG_EXPERIMENTS)
