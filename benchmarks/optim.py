@@ -62,7 +62,6 @@ torch has no other precision) and NorMuon / Muon (same precision). JSON (``outpu
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -304,21 +303,9 @@ def run_dir(out: Path, key: Key) -> Path:
 
 def read_run(path: Path) -> dict:
     """Curves ``{metric: [(step, value), ...]}`` of the validation and epoch train losses, last values."""
-    files = sorted(path.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1]))
-    if not files:
-        raise FileNotFoundError(f"no csv/version_*/metrics.csv under {path}")
-    curves: dict[str, list[tuple[int, float]]] = {}
-    last: dict[str, float] = {}
-    with files[-1].open() as fh:
-        for row in csv.DictReader(fh):
-            for key, value in row.items():
-                if key in ("step", "epoch") or value in ("", None):
-                    continue
-                v = float(value)
-                last[key] = v
-                if key in (VAL_KEY, TRAIN_KEY):
-                    curves.setdefault(key, []).append((int(float(row["step"])), v))
-    return {"curves": curves, "last": last}
+    from manifoldnorm.lit.report import read_metrics
+
+    return read_metrics(path, curve_keys=(VAL_KEY, TRAIN_KEY))
 
 
 def run_one(key: Key, out: Path, overrides: Sequence[str], threads: int) -> dict:

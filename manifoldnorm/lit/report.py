@@ -30,10 +30,11 @@ SEED_KEYS: tuple[str, ...] = ("seed", "+seed", "++seed")
 _MIN_HINTS = ("loss", "bpc", "ppl", "perplexity", "err", "nll")
 
 
-def read_metrics(run_dir: Path) -> dict:
+def read_metrics(run_dir: Path, curve_keys: tuple[str, ...] | None = None) -> dict:
     """Validation curves ``{metric: [(step, value), ...]}`` and last-logged values of a run's CSV log.
 
-    Reads the newest ``csv/version_*/metrics.csv`` under ``run_dir``; ``curves`` holds the ``val/*`` metrics,
+    Reads the newest ``csv/version_*/metrics.csv`` under ``run_dir``; ``curves`` holds the ``val/*`` metrics
+    (or exactly the columns ``curve_keys`` when given),
     ``last`` the last non-empty value of every column except ``epoch``/``step``. Raises ``FileNotFoundError``
     when there is no such file.
     """
@@ -49,7 +50,7 @@ def read_metrics(run_dir: Path) -> dict:
                     continue
                 v = float(value)
                 last[key] = v
-                if key.startswith("val/"):
+                if (key in curve_keys) if curve_keys is not None else key.startswith("val/"):
                     curves.setdefault(key, []).append((int(float(row["step"])), v))
     return {"curves": curves, "last": last}
 
