@@ -71,6 +71,7 @@ from .spectral import (
     sym_powm,
     sym_powm_ref,
     sym_reeig,
+    sym_reeig_logm,
     sym_reeig_ref,
     sym_sqrtm,
     sym_sqrtm_invsqrtm,
@@ -91,7 +92,7 @@ __all__ = [
     "geodesic_lcm", "geodesic_lem",
     "mean_lcm", "mean_lem",
     "SymEig", "sym", "sym_eig", "sym_expm", "sym_expm_ref", "sym_funcm", "sym_funcm_ref", "sym_invm", "sym_invsqrtm",
-    "sym_invsqrtm_ref", "sym_logm", "sym_logm_ref", "sym_powm", "sym_powm_ref", "sym_reeig", "sym_reeig_ref",
-    "sym_sqrtm", "sym_sqrtm_invsqrtm", "sym_sqrtm_ref",
+    "sym_invsqrtm_ref", "sym_logm", "sym_logm_ref", "sym_powm", "sym_powm_ref", "sym_reeig", "sym_reeig_logm",
+    "sym_reeig_ref", "sym_sqrtm", "sym_sqrtm_invsqrtm", "sym_sqrtm_ref",
     "check_finite", "check_spd", "check_square", "check_symmetric", "strict_inputs",
 ]

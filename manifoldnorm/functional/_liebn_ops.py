@@ -40,12 +40,12 @@ import torch
 from torch import Tensor
 
 from ._autograd import anchor_inputs, once_differentiable
-from ._batch import EQUAL_ULPS, equal_to_precision
+from ._batch import EQUAL_ULPS, Segments, equal_to_precision
 from ._spectral_checks import _all_finite, _check_domain, _reconstruct, _reconstruct_exp
 from .spd_pullback import cholesky_grad
 from .spectral import _EXP, _INVSQRT, _LOG, _POW, _SQRT, _check_input, _loewner, _no_autocast, sym
 
-__all__ = ["StepConfig", "StepStats", "lem_step", "lcm_step", "aim_step", "spdmbn_step"]
+__all__ = ["StepConfig", "StepStats", "lem_step", "lcm_step", "aim_step", "aim_segment_step", "spdmbn_step"]
 
 
 @dataclass
@@ -64,7 +64,12 @@ class StepStats:
 class StepConfig:
     r"""Constants of a fused step: momentum ``eta`` with the training statistics ``T`` (codomain, read only when
     ``eta < 1``) and ``t``, the running variance ``r`` (degenerate batches), ``eps``, the metric weights and
-    ``detach_var`` (no variance gradient). The kernel leaves its :class:`StepStats` in ``stats``."""
+    ``detach_var`` (no variance gradient). The kernel leaves its :class:`StepStats` in ``stats``.
+
+    Per-domain statistics (AIM/SPDMBN kernel only): ``seg`` groups the samples into segments (domains,
+    :class:`~manifoldnorm.functional._batch.Segments`, local batch); ``T``, ``t`` and ``r`` are then per segment
+    ``(S, C, ...)``, the variance is a segment mean, ``degenerate`` ``(S, C)`` (given by the caller) marks the
+    segments scaled with their running variance, and every sample is scaled with its own segment's factor."""
 
     eta: float
     T: Tensor
@@ -75,6 +80,8 @@ class StepConfig:
     beta: float = 0.0
     detach_var: bool = False
     stats: StepStats | None = None
+    seg: Segments | None = None
+    degenerate: Tensor | None = None
 
 
 _ADVICE = ("For second derivatives use LieBatchNorm.forward_ref (the plain-autograd reference, "
@@ -121,6 +128,7 @@ def _factor(ctx, cfg: StepConfig, M: Tensor, centre: Tensor, v: Tensor, degenera
     cfg.stats = StepStats(M, centre, v, v_eta, degenerate)
     ctx.c, ctx.var, ctx.degenerate, ctx.eps, ctx.eta = c, var, degenerate, cfg.eps, eta
     ctx.detach_var, ctx.alpha, ctx.beta = cfg.detach_var, cfg.alpha, cfg.beta
+    ctx.seg = cfg.seg
     return c
 
 
@@ -299,9 +307,15 @@ class _WhitenPowerBias(torch.autograd.Function):
         d2 = cfg.alpha * log_lam.square().sum(-1)
         if cfg.beta != 0.0:
             d2 = d2 + cfg.beta * log_lam.sum(-1).square()
-        degenerate = _degenerate(X.amax(dim=0), X.amin(dim=0).neg_(), X.shape[0])
-        c = _factor(ctx, cfg, M, centre, d2.mean(dim=0), degenerate, shift)
-        p = c.expand(Zc.shape[:-2])
+        seg = cfg.seg
+        if seg is None:
+            degenerate = _degenerate(X.amax(dim=0), X.amin(dim=0).neg_(), X.shape[0])
+            c = _factor(ctx, cfg, M, centre, d2.mean(dim=0), degenerate, shift)
+            p = c.expand(Zc.shape[:-2])
+        else:  # per segment: factors (S, C), gathered to the samples
+            assert cfg.degenerate is not None
+            c = _factor(ctx, cfg, M, centre, seg.mean(d2), cfg.degenerate, shift)
+            p = seg.gather(c)
         lam_c = torch.pow(lam, p.unsqueeze(-1))
         if bias == "cholesky":
             F = torch.linalg.cholesky(W)
@@ -325,7 +339,9 @@ class _WhitenPowerBias(torch.autograd.Function):
             GV = sym(gY) @ V
             Gt = (V.transpose(-1, -2) @ GV).mul_(2.0)  # U^T (gZs + gZs^T) U with gZs = F^T sym(gY) F
             # exponent gradient of Zc^c (as sym_powm): sum_k (U^T sym(gZs) U)_kk lam_k^c log lam_k
-            gc = (0.5 * (torch.diagonal(Gt, dim1=-2, dim2=-1) * lam_c * log_lam).sum(-1)).sum(dim=0)
+            gci = 0.5 * (torch.diagonal(Gt, dim1=-2, dim2=-1) * lam_c * log_lam).sum(-1)  # per sample (N, C)
+            seg = ctx.seg
+            gc = gci.sum(dim=0) if seg is None else seg.sum(gci)  # per factor: (C,) or (S, C)
             gX = gW = None
             if ctx.needs_input_grad[1]:  # grad of F: 2 sym(gY) F Zc^c = 2 (GV diag(lam^c)) U^T
                 half = ((GV * lam_c.unsqueeze(-2)) @ U.transpose(-1, -2)).sum(dim=0)
@@ -341,11 +357,17 @@ class _WhitenPowerBias(torch.autograd.Function):
                     dlog = 2.0 * ctx.alpha * log_lam
                     if ctx.beta != 0.0:
                         dlog = dlog + 2.0 * ctx.beta * log_lam.sum(-1, keepdim=True)
-                    inner.diagonal(dim1=-2, dim2=-1).add_(dlog * (gv / lam.shape[0]).unsqueeze(-1) / lam)
+                    # d v / d d2_i = 1 / (samples of the batch, or of the sample's segment)
+                    gvi = gv / lam.shape[0] if seg is None else seg.gather(gv / seg.counts.to(gv.dtype).unsqueeze(-1))
+                    inner.diagonal(dim1=-2, dim2=-1).add_(dlog * gvi.unsqueeze(-1) / lam)
                 P = K.transpose(-1, -2) @ U  # d X = K^T (U inner U^T) K
                 gX = P @ inner @ P.transpose(-1, -2)
                 _check_grad(gX, gY, lam, "sym_powm")
-            gs = gc / torch.sqrt(ctx.var + ctx.eps) if ctx.needs_input_grad[2] else None
+            gs = None
+            if ctx.needs_input_grad[2]:
+                gs = gc / torch.sqrt(ctx.var + ctx.eps)
+                if seg is not None:
+                    gs = gs.sum(dim=0)
         return gX, gW, gs, None, None, None, None, None
 
 
@@ -358,6 +380,19 @@ def aim_step(X: Tensor, W: Tensor, shift: Tensor, M: Tensor, centre: Tensor, cfg
         L = torch.linalg.cholesky(centre)
         eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
         Li = torch.linalg.solve_triangular(L, eye, upper=False)
+    return _WhitenPowerBias.apply(X, W, shift, Li, M, centre, cfg, "cholesky")
+
+
+def aim_segment_step(X: Tensor, W: Tensor, shift: Tensor, M: Tensor, centre: Tensor, cfg: StepConfig) -> Tensor:
+    r"""LieBN-AIM (θ = 1) training step with per-domain statistics: :func:`aim_step` where each sample is
+    whitened by the Cholesky factor of its own segment's centre (``centre`` ``(S, C, n, n)``: one Cholesky per
+    segment, gathered to the samples) and scaled with its segment's factor (``cfg.seg``, ``cfg.degenerate``)."""
+    _check_input(X, "sym_eig")
+    assert cfg.seg is not None and cfg.degenerate is not None
+    with torch.no_grad():
+        L = torch.linalg.cholesky(centre)
+        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+        Li = cfg.seg.gather(torch.linalg.solve_triangular(L, eye, upper=False))
     return _WhitenPowerBias.apply(X, W, shift, Li, M, centre, cfg, "cholesky")
 
 

@@ -85,6 +85,7 @@ __all__ = [
     "sym_invm",
     "sym_powm",
     "sym_reeig",
+    "sym_reeig_logm",
     "sym_eig",
     "SymEig",
     "sym_logm_ref",
@@ -477,6 +478,29 @@ def _reeig_spec(threshold: float) -> _Spec:
     )
 
 
+def _reeig_log_spec(threshold: float) -> _Spec:
+    r""":math:`f(\lambda) = \log\max(\lambda, \epsilon)`: ReEig followed by the matrix logarithm."""
+
+    def f(lam: Tensor, p: Tensor) -> Tensor:
+        return torch.log(torch.clamp(lam, min=threshold))
+
+    def df(lam: Tensor, p: Tensor) -> Tensor:
+        above = lam > threshold
+        return torch.where(above, 1.0 / torch.where(above, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+
+    def dd(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
+        # both above: the log's cancellation-free quotient; both at the floor: 0 (f is constant there); one on
+        # each side: a plain quotient (the pair straddles the threshold, so a != b)
+        ua, ub = a > threshold, b > threshold
+        one = torch.ones_like(a)
+        both = _dd_log(torch.where(ua & ub, a, one), torch.where(ua & ub, b, one), p)
+        diff = a - b
+        mixed = (f(a, p) - f(b, p)) / torch.where(ua ^ ub, diff, one)
+        return torch.where(ua & ub, both, torch.where(ua ^ ub, mixed, torch.zeros_like(a)))
+
+    return _Spec(f, df, dd=dd, relative_gap=True, name="sym_reeig_logm")
+
+
 def sym_funcm(X: Tensor, f: ScalarFn, df: ScalarFn) -> Tensor:
     r"""Apply an eigenvalue function to symmetric matrices, :math:`U f(\Lambda) U^\top`.
 
@@ -567,6 +591,30 @@ def sym_reeig(X: Tensor, threshold: float = 1e-4) -> Tensor:
     if not math.isfinite(threshold) or threshold <= 0:
         raise ValueError(f"sym_reeig: threshold must be a positive finite number, got {threshold}")
     return _apply(X, (_reeig_spec(float(threshold)),))[0]
+
+
+def sym_reeig_logm(X: Tensor, threshold: float = 1e-4) -> Tensor:
+    r""":math:`\log(\mathrm{ReEig}(X)) = U \log\max(\Lambda, \epsilon I) U^\top`: ReEig and LogEig of SPDNet
+    (Huang & Van Gool, AAAI 2017, Eqs. 6 and 8) from one eigendecomposition.
+
+    ReEig keeps the eigenvectors, so the logarithm of its output is the spectral function
+    :math:`\log\max(\lambda, \epsilon)` of the input. The backward is the Daleckii–Krein formula of that
+    function, which equals the chain rule through :func:`sym_reeig` then :func:`sym_logm` (the product of their
+    Loewner matrices is the composed function's divided difference); the derivative is 0 below the threshold,
+    :math:`1/\lambda` above, as :func:`sym_reeig`'s indicator :math:`\mathbb{1}[\lambda > \epsilon]` times the
+    logarithm's :math:`1/\lambda`. ``threshold`` as in :func:`sym_reeig`.
+
+    At the kink, for two eigenvalues on either side of the threshold and closer than the tie tolerance, this
+    function uses the exact divided difference of :math:`\log\max(\cdot, \epsilon)` where the two layers in
+    turn use the derivative at the pair's midpoint for ReEig; the gradients then differ by the relative position of
+    the threshold in the pair (both are valid generalized derivatives of the non-smooth map).
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"sym_reeig_logm: threshold must be a positive number, got {type(threshold).__name__}")
+    threshold = float(threshold)
+    if not math.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"sym_reeig_logm: threshold must be a positive finite number, got {threshold}")
+    return _apply(X, (_reeig_log_spec(threshold),))[0]
 
 
 # ---- plain-autograd references (eigh's own backward; NaN at repeated eigenvalues) -----------------------------

@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from manifoldnorm import functional as mf
 from manifoldnorm.nn import BiMap, LogEig, ReEig, create_norm_layer
 from manifoldnorm.nn.registry import NormSpec
+from manifoldnorm.nn.spd_layers import vech
 
 __all__ = ["SPDStage", "SPDTrunk", "no_autocast", "check_dims"]
 
@@ -72,10 +74,20 @@ class SPDTrunk(nn.Module):
         d = sizes[-1]
         self.classifier = nn.Linear(d * (d + 1) // 2, num_classes)
 
+    #: the last stage's ReEig and LogEig from one eigendecomposition
+    #: (:func:`manifoldnorm.functional.sym_reeig_logm`) when the stage ends with ReEig: the same values and
+    #: gradients; the forward hooks of that ``reeig`` and of ``logeig`` are then not called. ``False``: the
+    #: modules one by one.
+    fuse_reeig_logeig: bool = True
+
     def _spd_features(self, h: Tensor, domain: Tensor | None = None) -> Tensor:
-        for stage in self.stages:
+        *head, last = self.stages
+        for stage in head:
             h = stage(h, domain=domain)
-        return self.logeig(h)
+        if self.fuse_reeig_logeig and last.norm_first:
+            h = last.norm(last.bimap(h), domain=domain)
+            return vech(mf.sym_reeig_logm(h, last.reeig.threshold))
+        return self.logeig(last(h, domain=domain))
 
     def classify(self, f: Tensor) -> Tensor:
         """Logits from tangent features, in the classifier's dtype."""

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from manifoldnorm import functional as mf
 from manifoldnorm.functional._batch import Segments
+from manifoldnorm.functional._liebn_ops import StepConfig, aim_segment_step
 
 from ._batch_stats import StatReducer, active_reducer, degenerate_segments
 from ._common import (
@@ -182,6 +183,8 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
         """
         g = self.group
         R, r, T, t = self._segment_stats(seg, Z.dtype)
+        if self._fused and red is None and self.detach_mean and self.metric == "aim" and self.theta == 1.0:
+            return self._train_segments_fused(Z, seg, R, r, T, t)
         if self.detach_mean:
             with torch.no_grad():
                 M = self._segment_mean(Z.detach(), seg, self.karcher_steps, 0.0)
@@ -203,6 +206,30 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
             t_new = torch.where(degenerate, t, v_eta.detach())
             self._set_segment_stats(seg, (R_new, r_new, g.undeform(centre.detach()), t_new))
         return out
+
+    def _train_segments_fused(self, X: Tensor, seg: Segments, R: Tensor, r: Tensor, T: Tensor, t: Tensor) -> Tensor:
+        """:meth:`_train_segments` for AIM at θ = 1 with a detached mean and local statistics, as one autograd node
+        (:func:`manifoldnorm.functional._liebn_ops.aim_segment_step`: the kernel of
+        :class:`~manifoldnorm.nn.LieBatchNorm`'s fused step with per-domain whitening and factors); same
+        results to round-off. ``X`` is the input (the deformation is the identity at θ = 1)."""
+        g = self.group
+        with torch.no_grad():
+            M = self._segment_mean(X.detach(), seg, self.karcher_steps, 0.0)
+            eta = self.train_momentum
+            centre = M if eta == 1.0 else g.geodesic(T, M, eta)
+            degenerate = degenerate_segments(X, seg, None)
+        cfg = StepConfig(eta, T, t, r, self.eps, self.alpha, self.beta, self.detach_var, seg=seg,
+                         degenerate=degenerate)
+        y = aim_segment_step(X, self.weight.to(X.dtype), self.shift.to(X.dtype), M, centre, cfg)
+        st = cfg.stats
+        assert st is not None
+        with torch.no_grad():
+            m = self.momentum
+            R_new = g.geodesic(R, st.mean, m)
+            r_new = torch.where(st.degenerate, r, (1.0 - m) * r + m * st.var)
+            t_new = torch.where(st.degenerate, t, st.var_eta)
+            self._set_segment_stats(seg, (R_new, r_new, st.centre, t_new))
+        return y
 
     @torch.no_grad()
     def _refit_segments(self, Z: Tensor, seg: Segments, B: Tensor) -> Tensor:

@@ -233,3 +233,40 @@ def test_exp_reconstruction_without_overflow_is_the_plain_one() -> None:
     Y = _reconstruct_exp(U, lam)
     assert torch.isinf(Y[0]).any() and not torch.isnan(Y).any()
     assert torch.equal(Y[1:], _reconstruct(U[1:], torch.exp(lam[1:])))
+
+
+def _with_spectrum(lam: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(lam.shape[0], lam.shape[1], lam.shape[1], generator=g, dtype=F64))
+    return mf.sym((Q * lam.unsqueeze(-2)) @ Q.mT)
+
+
+@pytest.mark.parametrize("threshold", [1e-4, 1e-2, 0.5])
+def test_reeig_logm_equals_reeig_then_logm(threshold: float) -> None:
+    """One eigendecomposition for log(ReEig(X)): the values and the chain-rule gradient of the two layers,
+    with eigenvalues below (also negative and zero) and above the threshold, clamped ties and near ties. (A pair
+    straddling the threshold closer than round-off is a kink where the two conventions legitimately differ.)"""
+    lam = torch.tensor([[-1.0, 1e-6, 1e-5, 0.5, 2.0],
+                        [2e-4, 2e-4 * (1 + 1e-9), 0.3, 0.3, 3.0],
+                        [0.0, 0.0, 0.0, 1.0, 1.0],
+                        [2.0, 2.0, 2.0, 2.0, 2.0],
+                        [1e-8, 2e-8, 3e-8, 4e-8, 5.0],
+                        [0.01, 0.02, 0.5, 0.6, 0.7]], dtype=F64)
+    X = _with_spectrum(lam, seed=3)
+    G = mf.sym(torch.randn(X.shape, generator=torch.Generator().manual_seed(4), dtype=F64))
+    a, b = X.clone().requires_grad_(), X.clone().requires_grad_()
+    ya, yb = mf.sym_reeig_logm(a, threshold), mf.sym_logm(mf.sym_reeig(b, threshold))
+    (ya * G).sum().backward()
+    (yb * G).sum().backward()
+    torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-11)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10 * float(b.grad.abs().max()))
+
+
+def test_reeig_logm_gradcheck_and_errors() -> None:
+    X = random_spd(3, n=4, seed=5) - 0.3 * torch.eye(4, dtype=F64)  # some eigenvalues below the threshold
+    lam = torch.linalg.eigvalsh(X)
+    assert int((lam < 0.5).sum()) >= 3 and float((lam - 0.5).abs().min()) > 0.05  # clamped ones, off the kink
+    assert torch.autograd.gradcheck(lambda x: mf.sym_reeig_logm(mf.sym(x), 0.5), (X.clone().requires_grad_(),))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sym_reeig_logm: threshold"):
+            mf.sym_reeig_logm(X, bad)

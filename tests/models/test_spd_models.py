@@ -242,3 +242,22 @@ def test_norm_layer_none_is_the_none_entry(model):
     assert any(isinstance(m, IdentityNorm) for m in a.modules())
     x = random_spd(5, n=8, seed=1) if model == "spdnet" else torch.randn(5, 4, 64)
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["liebn_aim", "dsliebn_aim", None])
+def test_spdnet_fused_reeig_logeig_matches_the_layers(norm):
+    """The last ReEig + LogEig from one eigendecomposition: the same logits and gradients as the modules."""
+    torch.manual_seed(0)
+    kw = {"norm_kwargs": {"num_domains": 3}} if norm == "dsliebn_aim" else {}
+    fused = SPDNet(8, [6, 4], 3, norm_layer=norm, reeig_threshold=0.05, **kw).double().train()
+    plain = copy.deepcopy(fused)
+    plain.fuse_reeig_logeig = False
+    X, d = random_spd(12, n=8, seed=1), torch.arange(12) % 3
+    outs = []
+    for m in (fused, plain):
+        y = m(X, domain=d)
+        y.square().sum().backward()
+        outs.append((y.detach(), [p.grad for p in m.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-12, atol=1e-12)
+    for ga, gb in zip(outs[0][1], outs[1][1], strict=True):
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
