@@ -30,8 +30,8 @@ def param_group_names(optimizer: torch.optim.Optimizer) -> list[str]:
     """A readable, unique name per parameter group of ``optimizer``, in ``param_groups`` order.
 
     A group's own ``"name"`` entry (a non-empty string) if it has one; for a
-    :class:`~manifoldnorm.optim.CompositeOptimizer` the sub-optimizer's name (``manifold``, ``rest``, ...), with
-    ``.<j>`` when it holds several groups; otherwise ``group<i>``.
+    :class:`~manifoldnorm.optim.CompositeOptimizer` the sub-optimizer's name (``manifold``, ``matrix``, ``rest``,
+    ...), with ``.<j>`` when it holds several groups; otherwise ``group<i>``.
     """
     opt = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the optimizer
     groups = opt.param_groups
