@@ -149,6 +149,8 @@ class NormMonitor(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         step = self._step(trainer)
+        if self._pending is not None and step != self._pending:  # that step made no optimizer step (e.g. skipped)
+            self._pending, self._optim = None, None
         if not self._active or self.recorder is None or step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step
