@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from manifoldnorm.lit.confusion import DomainConfusion, accuracy, balanced_accuracy
 from manifoldnorm.lit.guard import numerical_errors
 from manifoldnorm.nn import refit_domain_norms, refittable_norms
 from manifoldnorm.optim import create_optimizer
@@ -163,6 +164,12 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
     the end of each epoch (``on_{train,validation,test}_epoch_end``), equal to what per-step ``self.log`` calls
     with ``on_epoch=True`` gave, without their cost on every step.
 
+    Testing also counts the confusion matrix of each domain (:class:`~manifoldnorm.lit.confusion.DomainConfusion`),
+    kept after the test epoch as ``last_test_confusion`` (``(D, K, K)`` counts: domain, true class, predicted
+    class; the :class:`~manifoldnorm.lit.confusion.ConfusionReport` callback writes and logs it). With
+    ``num_domains`` > 1 it logs, for every domain ``d`` with test samples, ``test/acc/domain=<d>`` and
+    ``test/bacc/domain=<d>`` (accuracy, and balanced accuracy over the classes present in that domain).
+
     Parameters
     ----------
     model : nn.Module
@@ -177,6 +184,9 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
         When the scheduler steps.
     scheduler_monitor : str
         Metric handed to schedulers that need one (``ReduceLROnPlateau``).
+    num_domains : int, optional
+        Number of domains of the data (the config passes ``data_info.num_domains``); domain ids must lie in
+        ``0..num_domains-1``. ``None`` (default): the domains are not told apart in the test metrics.
     refit_on_test : bool or None
         Test-time adaptation before testing (Kobler et al., NeurIPS 2022, Sec. 3.3): re-estimate norm statistics
         on the unlabeled test data with :func:`manifoldnorm.nn.refit_domain_norms`. ``None`` (default): refit the
@@ -199,6 +209,7 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
         refit_on_test: bool | None = None,
+        num_domains: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -206,6 +217,8 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
         num_classes = check_int(num_classes, "num_classes", "ClassificationModule", low=2)
         check_module_options("ClassificationModule", optimizer, scheduler, scheduler_interval, scheduler_monitor)
         check_bool(refit_on_test, "refit_on_test", "ClassificationModule", allow_none=True)
+        if num_domains is not None:
+            num_domains = check_int(num_domains, "num_domains", "ClassificationModule", low=1)
         if refit_on_test is True and not refittable_norms(model):
             raise ValueError("refit_on_test=True but the model has no refittable norm layer "
                              "(e.g. norm=spddsmbn, liebn_aim); use refit_on_test=null to refit only when possible")
@@ -216,6 +229,9 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
         self.train_metrics = _metrics(num_classes, "train/")
         self.val_metrics = _metrics(num_classes, "val/")
         self.test_metrics = _metrics(num_classes, "test/")
+        self.test_confusion = DomainConfusion(num_classes, num_domains or 1)
+        #: the test confusion counts ``(D, K, K)`` of the last test epoch (CPU), ``None`` before any
+        self.last_test_confusion: Tensor | None = None
         self._epoch_loss = EpochMean()
 
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
@@ -228,6 +244,9 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
         if not self.__dict__.get("_nonfinite_rerun"):  # the guard's diagnostic re-run counts nothing
             metrics.update(logits.detach(), y)
             self._epoch_loss.add(stage, loss, int(y.shape[0]))
+            if stage == "test":
+                self.test_confusion.update(logits.detach().argmax(-1), y,
+                                           domain if self.hparams.num_domains is not None else None)
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -266,6 +285,7 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._start_epoch("test", self.test_metrics)
+        self.test_confusion.reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train", self.train_metrics)
@@ -275,6 +295,22 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test", self.test_metrics)
+        self._log_test_domains()
+
+    def _log_test_domains(self) -> None:
+        """Keep the test confusion counts; log the accuracy and balanced accuracy of every domain tested."""
+        counts = self.test_confusion.compute().detach()  # summed over the processes
+        self.test_confusion.reset()
+        self.last_test_confusion = counts.cpu()
+        if (self.hparams.num_domains or 1) < 2:
+            return
+        tested = [d for d in range(counts.shape[0]) if int(counts[d].sum()) > 0]
+        if not tested:
+            return
+        acc, bacc = accuracy(counts[tested]).tolist(), balanced_accuracy(counts[tested]).tolist()
+        values = {f"test/acc/domain={d}": a for d, a in zip(tested, acc, strict=True)}
+        values.update({f"test/bacc/domain={d}": b for d, b in zip(tested, bacc, strict=True)})
+        self.log_dict(values, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
 
     def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x, domain = batch[0], batch[-1]

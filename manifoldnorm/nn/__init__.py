@@ -5,6 +5,7 @@ No Lightning or Hydra imports here: every layer works in a plain PyTorch loop.
 
 from .adapt import refit_domain_norms, refit_mode, refittable_norms
 from .base import RefittableNorm
+from .diagnostics import NormRecorder
 from .domain_liebn import DomainLieBatchNorm
 from .euclidean import (
     BatchChannelNorm,
@@ -62,7 +63,7 @@ __all__ = [
     "BatchChannelNorm", "OnlineNorm", "UnifiedNorm",
     "weight_norm", "weight_std", "spectral_norm", "WeightStandardization", "WSConv2d", "WSLinear",
     "KINDS", "NormInfo", "register_norm", "get_norm_layer", "get_norm_info", "create_norm_layer", "list_norms",
-    "refit_domain_norms", "refit_mode", "refittable_norms",
+    "refit_domain_norms", "refit_mode", "refittable_norms", "NormRecorder",
 ]
 
 

@@ -7,7 +7,7 @@ test-time refitting of the statistics (:mod:`manifoldnorm.nn.adapt`), and the st
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from ._batch_stats import StatReducer
 from ._common import check_momentum
@@ -37,6 +37,17 @@ class RefittableNorm(nn.Module):
     stats_reducer: StatReducer | None = None
     momentum: float
     train_momentum: float
+    #: the space of the inputs and statistics: ``"spd"`` (SPD matrices) or ``"so3"`` (rotations)
+    input_space: str = "spd"
+
+    def distance(self, A: Tensor, B: Tensor) -> Tensor:
+        """Geodesic distance between points of the statistics space, ``(..., n, n)`` -> ``(...)``, under the metric
+        the layer measures its dispersion in (its variance is the mean squared distance to the batch mean).
+
+        Used by diagnostics (:mod:`manifoldnorm.nn.diagnostics`); a subclass without a metric raises
+        ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines no distance")
 
     def _check_train_momentum(self, value: float) -> float:
         """Validate a training momentum :math:`\\eta \\in (0, 1]`."""

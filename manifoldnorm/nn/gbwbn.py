@@ -197,6 +197,13 @@ class GBWBatchNorm(RefittableNorm):
     def _phi_inv(self, Z: Tensor, Mh: Tensor) -> Tensor:
         return self._pow(mf.congruence(Mh, Z), 1.0 / self.theta)
 
+    def distance(self, A: Tensor, B: Tensor) -> Tensor:
+        r"""Power-deformed generalized BW distance :math:`d_{\mathrm{BW}}(\phi(A), \phi(B))/|\theta|`
+        (:func:`~manifoldnorm.functional.distance_gbw` with the learned ``metric_weight``), the one the variance is
+        measured in."""
+        M = self.metric_weight.to(A.dtype)
+        return mf.distance_gbw(self._pow(A, self.theta), self._pow(B, self.theta), M) / abs(self.theta)
+
     # forward -----------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         """Normalize ``x`` (``domain`` is accepted and ignored: this layer is not domain-aware).

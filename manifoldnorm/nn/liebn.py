@@ -426,6 +426,13 @@ class LieBatchNorm(RefittableNorm):
         t_new = torch.where(st.degenerate, t, st.var_eta)
         self._set_phi_stats(d, (R_new, r_new, st.centre, t_new))
 
+    def distance(self, A: Tensor, B: Tensor) -> Tensor:
+        r"""Distance under the layer's deformed metric, :math:`d(\phi(A)^{-1} \odot \phi(B), E)`, the one its
+        variance is measured in (θ, α, β included; at θ=1, α=1, β=0 the plain ``distance_aim``, ``distance_lem``
+        or ``distance_lcm``)."""
+        g = self.group
+        return g.sqdist_identity(g.center(g.deform(B), g.deform(A))).clamp_min(0.0).sqrt()
+
     def _factor(self, var: Tensor, dtype: torch.dtype) -> Tensor:
         return self.shift.to(dtype) / torch.sqrt(var + self.eps)
 

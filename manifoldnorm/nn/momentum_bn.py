@@ -175,6 +175,10 @@ class SPDMomentumBatchNorm(RefittableNorm):
 
 
     # math ------------------------------------------------------------------------------------------------------
+    def distance(self, A: Tensor, B: Tensor) -> Tensor:
+        """Affine-invariant distance (:func:`~manifoldnorm.functional.distance_aim`), the metric of the dispersion."""
+        return mf.distance_aim(A, B)
+
     def _factor(self, var: Tensor, dtype: torch.dtype) -> Tensor:
         return self.shift.to(dtype) / torch.sqrt(var + self.eps)
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from manifoldnorm.functional.so3 import (
     check_rotation,
+    distance_so3,
     geodesic_so3,
     left_mul,
     mean_so3,
@@ -130,6 +131,8 @@ class SO3BatchNorm(RefittableNorm):
       a QR retraction).
     * Degenerate batches reuse the running variance (see Notes); the paper has no such rule.
     """
+
+    input_space = "so3"
 
     def __init__(
         self,
@@ -270,6 +273,10 @@ class SO3BatchNorm(RefittableNorm):
                 L, var = so3_log(left_mul(R.mT, X)), r
             y = self._scale_and_bias(L, var, cdt)
         return restore(y.to(odt))
+
+    def distance(self, A: Tensor, B: Tensor) -> Tensor:
+        """Geodesic angle :func:`~manifoldnorm.functional.distance_so3` (its square is what the variance averages)."""
+        return distance_so3(A, B)
 
     def _scale_and_bias(self, L: Tensor, var: Tensor, dtype: torch.dtype) -> Tensor:
         r""":math:`B \exp(s/\sqrt{v^2+\epsilon}\, L)` for centred axis-angle vectors ``L`` ``(B, *F, 3)``."""

@@ -126,6 +126,10 @@ class SPDBatchNorm(RefittableNorm):
             y = mf.congruence(W, x4)
         return from_channels(y.to(odt), x)
 
+    def distance(self, A: Tensor, B: Tensor) -> Tensor:
+        """Affine-invariant distance (:func:`~manifoldnorm.functional.distance_aim`), the geometry of the mean."""
+        return mf.distance_aim(A, B)
+
     def forward_ref(self, x: Tensor) -> Tensor:
         """Training-mode output (batch mean) by an independent plain-autograd path (tests, benchmark)."""
         x4 = to_channels(x, self.n, self.channels, type(self).__name__, validate=False)
