@@ -32,6 +32,15 @@ later, so that a slow phase of the shared machine hits all of them alike), media
   every LU-based op (solve, inverse, determinant), ``eig``; SPD inputs (condition number ≤ 25), random ones for
   SVD and QR. No layer that runs these decompositions can be faster; ``ours/floor`` is the price of everything
   around them (products, elementwise work, dispatch).
+* **+ products** and **+ dispatch**: two higher floors that say where the rest of ``ours`` goes. The same
+  recorded step also logs every ATen call (their number: "ATen ops") and the shapes of its dense products and
+  triangular solves (``bmm``, ``mm``, ``baddbmm``, ``addmm``, ``linalg_solve_triangular``: "products").
+  "+ products" replays the decompositions and then those products bare; "+ dispatch" adds one call of the
+  cheapest allocating ATen op (an ``add`` of two one-element tensors) for every other ATen call of the step,
+  i.e. the price of making that many eager calls from Python whatever they compute. Where ``(+ dispatch)/floor``
+  already exceeds :data:`FLOOR_TARGET`, the floor target cannot be met with the step's number of ATen calls in
+  eager mode; ``ours/(+ dispatch)`` is what is left (Python between the calls, autograd bookkeeping, the work of
+  the elementwise ops beyond a one-element add).
 * **old** (``--against REV_OR_PATH``): the same layer (name, size, seed, inputs, dtype, threads) built from
   another source tree, timed by a persistent worker subprocess (``benchmarks/_norms_worker.py`` run with
   ``PYTHONPATH=<tree>``; a revision is checked out with ``git worktree add --detach`` in a temporary folder and
@@ -62,7 +71,9 @@ orthogonal ``Q`` and ``log λ`` uniform in ``[log 0.2, log 5]``; ``"so3"``: ``(N
 
 JSON (``outputs/bench_norms.json``): ``{"suite", "torch", "timer", "validate", "floor_target", "old_targets",
 "against", "published_note", "overhead": [...], "rows": [{"norm", "n", "N", "dtype", "threads", "domains",
-"rounds", "ms", "ref_ms", "ours_over_ref", "floor_ms", "ours_over_floor", "floor_ok", "decompositions": {"calls",
+"rounds", "ms", "ref_ms", "ours_over_ref", "floor_ms", "ours_over_floor", "floor_ok", "floor_prod_ms",
+"ours_over_floor_prod", "floor_prod_over_floor", "floor_eager_ms", "ours_over_floor_eager", "floor_eager_over_floor",
+"products", "aten_ops", "decompositions": {"calls",
 "matrices", "by_kind", "shapes"}, "old_ms", "new_over_old", "old_target", "old_met", "old_decompositions",
 "old_note", "out_rel_err", "grad_rel_err", "published_ms", "published_source"}, ...]}`` (``old_*``: ``None``
 without ``--against``).
@@ -88,6 +99,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks._harness import (
     ROOT,
@@ -372,6 +384,71 @@ def floor_calls(calls: Sequence[dict], seed: int = SEED) -> list[Callable[[], ob
     return replay
 
 
+#: the dense products and triangular solves a step makes (ATen level): with the decompositions, the floor
+#: "+ products" replays them
+PRODUCT_OPS = {"bmm": "bmm", "mm": "mm", "baddbmm": "bmm", "addmm": "mm", "linalg_solve_triangular": "trsm"}
+
+
+class _ProductRecorder(TorchDispatchMode):
+    """Records every ATen call of a step (their number: ``ops``) and the shapes of its products and solves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.products: list[dict] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops += 1
+        name = func.overloadpacket.__name__
+        kind = PRODUCT_OPS.get(name)
+        if kind is not None:
+            if name in ("baddbmm", "addmm"):
+                a, b = args[1], args[2]
+            else:
+                a, b = args[0], args[1]
+            self.products.append({"kind": kind, "a": list(a.shape), "b": list(b.shape), "dtype": dtype_name(a.dtype),
+                                  "upper": bool((kwargs or {}).get("upper", args[2] if len(args) > 2 else False))
+                                  if kind == "trsm" else None,
+                                  "left": bool((kwargs or {}).get("left", args[3] if len(args) > 3 else True))
+                                  if kind == "trsm" else None})
+        return func(*args, **(kwargs or {}))
+
+
+def record_products(step: Callable[[], object]) -> tuple[list[dict], int]:
+    """The dense products (``bmm``/``mm``) and triangular solves of one call of ``step`` and the number of ATen
+    calls it makes in all (forward and backward)."""
+    rec = _ProductRecorder()
+    with rec:
+        step()
+    return rec.products, rec.ops
+
+
+def product_calls(products: Sequence[dict], seed: int = SEED) -> list[Callable[[], object]]:
+    """Bare replays of recorded products: ``torch.bmm``/``torch.mm`` and ``solve_triangular`` (a well-conditioned
+    triangular factor) of the same shapes and dtype, on fixed inputs."""
+    g = torch.Generator().manual_seed(seed + 3)
+    out: list[Callable[[], object]] = []
+    for p in products:
+        dtype = getattr(torch, p["dtype"])
+        A = torch.randn(p["a"], generator=g, dtype=torch.float64)
+        B = torch.randn(p["b"], generator=g, dtype=torch.float64)
+        if p["kind"] == "trsm":
+            n = A.shape[-1]
+            A = (torch.tril(A) if not p["upper"] else torch.triu(A)) * 0.1 + 2.0 * torch.eye(n, dtype=torch.float64)
+            out.append(partial(torch.linalg.solve_triangular, A.to(dtype), B.to(dtype), upper=p["upper"],
+                               left=p["left"]))
+        else:
+            out.append(partial(torch.bmm if p["kind"] == "bmm" else torch.mm, A.to(dtype), B.to(dtype)))
+    return out
+
+
+def dispatch_calls(count: int) -> list[Callable[[], object]]:
+    """``count`` of the cheapest ATen calls that still allocate a result (an ``add`` of two one-element float64
+    tensors): the cost of making that many calls from Python in eager mode, whatever they compute."""
+    a, b = torch.ones(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    return [partial(torch.add, a, b)] * max(count, 0)
+
+
 def floor_step(calls: Sequence[Callable[[], object]], clock: Clock) -> Callable[[], float]:
     """A step returning the seconds of all replayed decompositions, one after the other, without autograd."""
     def step() -> float:
@@ -600,18 +677,24 @@ def bench_norms(norms: Sequence[str], sizes: Sequence[tuple[int, int]], dtypes: 
                 ours = train_step(layer_call(layer, d), layer, X, G, tick)
                 ours()  # one untimed step before recording (lazy setup is not part of a step)
                 calls = record_decompositions(ours)
+                products, aten_ops = record_products(ours)
                 twin = reference_call(name, layer, feats, d)
                 ref = train_step(twin[0], twin[1], X, G, tick) if twin is not None else None
                 floor = floor_step(floor_calls(calls), tick)
+                floor_prod = floor_step(floor_calls(calls) + product_calls(products), tick)
+                others = aten_ops - len(products) - len(calls)
+                floor_eager = floor_step(floor_calls(calls) + product_calls(products) + dispatch_calls(others), tick)
                 for t in threads:
                     with torch_threads(t):
-                        steps = {"ours": ours, **({"ref": ref} if ref is not None else {}), "floor": floor}
+                        steps = {"ours": ours, **({"ref": ref} if ref is not None else {}), "floor": floor,
+                                 "floor_prod": floor_prod, "floor_eager": floor_eager}
                         old_reply = other.setup(name, feats, X64, G64, d, dom, dtype, t) if other else None
                         if old_reply is not None and old_reply.get("ok"):
                             steps["old"] = other.step
                         times, rounds = time_row(steps, repeats)
                         rows.append(_row(name, n, N, dtype, t, dom, rounds, times, calls, old_reply, errs,
                                          other is not None))
+                        rows[-1].update(products=len(products), aten_ops=aten_ops)
                         if si == 0 and dtype == dtypes[0] and t == threads[0]:
                             checked = build_layer(name, feats, dom, dtype, validate=True)
                             ms_f, ms_v = validation_overhead(layer, checked, X, G, d, 5 if repeats else 15, tick)
@@ -626,6 +709,8 @@ def _row(name: str, n: int, N: int, dtype: torch.dtype, threads: int, domains: i
          times: dict[str, list[float]], calls: Sequence[dict], old_reply: dict | None,
          errs: tuple[float | None, float | None], against: bool) -> dict:
     ms, ref_ms, floor_ms = (_median_ms(times.get(k)) for k in ("ours", "ref", "floor"))
+    prod_ms = _median_ms(times.get("floor_prod"))
+    eager_ms = _median_ms(times.get("floor_eager"))
     old_ms = _median_ms(times.get("old"))
     pub_ms, pub_src = published(name, n, N, dtype, threads, domains)
     floor_ratio = _ratio(ms, floor_ms)
@@ -640,6 +725,10 @@ def _row(name: str, n: int, N: int, dtype: torch.dtype, threads: int, domains: i
         "rounds": rounds, "ms": ms, "ref_ms": ref_ms, "ours_over_ref": _ratio(ms, ref_ms),
         "floor_ms": floor_ms, "ours_over_floor": floor_ratio,
         "floor_ok": None if floor_ratio is None else bool(floor_ratio <= FLOOR_TARGET),
+        "floor_prod_ms": prod_ms, "ours_over_floor_prod": _ratio(ms, prod_ms),
+        "floor_prod_over_floor": _ratio(prod_ms, floor_ms),
+        "floor_eager_ms": eager_ms, "ours_over_floor_eager": _ratio(ms, eager_ms),
+        "floor_eager_over_floor": _ratio(eager_ms, floor_ms),
         "decompositions": summarize_decompositions(calls),
         "old_ms": old_ms, "new_over_old": new_old, "old_target": target,
         "old_met": None if target is None or new_old is None else bool(new_old <= target),
@@ -665,7 +754,8 @@ def _targets_cell(r: dict) -> str:
 def markdown(rows: Sequence[dict], overhead: Sequence[dict] = (), against: str | None = None) -> str:
     """The norms table (and the ``validate=True`` overhead table) in Markdown."""
     head = ["norm", "n", "N", "dtype", "threads", "ms", "ref ms", "ours/ref", "floor ms", "ours/floor",
-            "decomp. calls / matrices"]
+            "decomp. calls / matrices", "+ products ms", "ours/(+ products)", "+ dispatch ms",
+            "(+ dispatch)/floor", "ours/(+ dispatch)", "products / ATen ops"]
     if against:
         head += [f"old ms ({against})", "new/old", "old decomp."]
     head += ["out rel err", "grad rel err", "targets (same run)",
@@ -676,7 +766,10 @@ def markdown(rows: Sequence[dict], overhead: Sequence[dict] = (), against: str |
         name = r["norm"] + (f" ({r['domains']} domains)" if r["domains"] else "")
         out = [name, r["n"], r["N"], r["dtype"], r["threads"], fmt(r["ms"], ".2f"), fmt(r["ref_ms"], ".2f"),
                fmt(r["ours_over_ref"], ".2f"), fmt(r["floor_ms"], ".2f"), fmt(r["ours_over_floor"], ".2f"),
-               f"{dec['calls']} / {dec['matrices']}"]
+               f"{dec['calls']} / {dec['matrices']}", fmt(r.get("floor_prod_ms"), ".2f"),
+               fmt(r.get("ours_over_floor_prod"), ".2f"), fmt(r.get("floor_eager_ms"), ".2f"),
+               fmt(r.get("floor_eager_over_floor"), ".2f"), fmt(r.get("ours_over_floor_eager"), ".2f"),
+               f"{r.get('products', '—')} / {r.get('aten_ops', '—')}"]
         if against:
             old = r["old_decompositions"]
             out += [fmt(r["old_ms"], ".2f"), fmt(r["new_over_old"], ".2f"),

@@ -91,7 +91,8 @@ def test_norms_quick(tmp_path: Path) -> None:
     out = tmp_path / "norms.json"
     proc = bench("norms", "--quick", "--out", str(out))
     assert ("| norm | n | N | dtype | threads | ms | ref ms | ours/ref | floor ms | ours/floor | "
-            "decomp. calls / matrices | out rel err |") in proc.stdout
+            "decomp. calls / matrices | + products ms | ours/(+ products) | + dispatch ms | (+ dispatch)/floor | "
+            "ours/(+ dispatch) | products / ATen ops | out rel err |") in proc.stdout
     assert "published ms, other day/machine (source)" in proc.stdout and "old ms" not in proc.stdout
     data = report(out, "norms")
     assert data["against"] is None and data["floor_target"] == FLOOR_TARGET
@@ -106,7 +107,12 @@ def test_norms_quick(tmp_path: Path) -> None:
         ratio_of(r, "ms", "ref_ms", "ours_over_ref")
         floor = ratio_of(r, "ms", "floor_ms", "ours_over_floor")
         assert r["floor_ok"] == (floor <= FLOOR_TARGET)
+        ratio_of(r, "ms", "floor_prod_ms", "ours_over_floor_prod")
+        ratio_of(r, "ms", "floor_eager_ms", "ours_over_floor_eager")
+        ratio_of(r, "floor_eager_ms", "floor_ms", "floor_eager_over_floor")
         dec = r["decompositions"]
+        # the higher floors replay more calls: decompositions <= + products <= + dispatch <= every ATen call
+        assert dec["calls"] + r["products"] <= r["aten_ops"]
         assert dec["calls"] == sum(dec["by_kind"].values()) == sum(dec["shapes"].values()) > 0
         assert dec["matrices"] >= dec["calls"]
         assert r["old_ms"] is r["new_over_old"] is r["old_target"] is r["old_met"] is None
