@@ -1,13 +1,16 @@
-"""Reference accuracies of Riemannian baselines on the simulated motor-imagery data or your own arrays.
+"""Reference accuracies of Riemannian baselines on the simulated motor-imagery data, your own arrays or a
+time-series archive.
 
     python launch/baseline.py [--out outputs/baseline.json] [--seed 0] [--data-seed 0]
     python launch/baseline.py --experiment spd_eeg   # the data, band and split of an experiment config
     python launch/baseline.py data=arrays data.path=/abs/file.npz [seed=0 data.protocol=...]   # Hydra overrides
+    python launch/baseline.py --experiment spd_ts    # a .ts archive (data=ts_archive), its train/test files
 
-Your arrays (``data=arrays``): the data module of the training config (``manifoldnorm.lit.EEGDataModule``,
-``representation=cov``) is built and set up, and TangentSpace + LogisticRegression and MDM are fitted on its
-``train`` trials and scored on its ``test`` trials: the same covariances and the same indices a network sees,
-including the file's own ``split`` array when it has one (``protocol=auto``).
+Your arrays (``data=arrays``) or a ``.ts`` archive (``data=ts_archive``): the data module of the training config
+(``manifoldnorm.lit.EEGDataModule``, ``representation=cov``) is built and set up, and TangentSpace +
+LogisticRegression and MDM are fitted on its ``train`` trials and scored on its ``test`` trials: the same
+covariances and the same indices a network sees, including the file's own ``split`` array when it has one
+(``protocol=auto``) and the test file of an archive.
 
 8-30 Hz band-pass, OAS covariances, pyRiemann ``TangentSpace`` (affine-invariant mean) +
 ``LogisticRegression``; balanced accuracy on the test trials of the splits of
@@ -73,9 +76,24 @@ def compose_config(experiment: str | None = None, overrides: list[str] | tuple[s
         return compose(config_name="train", overrides=[*extra, *overrides])
 
 
-def arrays_report(cfg) -> tuple[dict, object]:
-    """Baselines on a ``data=arrays`` config: its :class:`~manifoldnorm.lit.EEGDataModule` (as covariances) gives
-    the trials and the split. Returns the report and the set-up data module."""
+DATAMODULE_SOURCES = ("arrays", "ts")
+"""Sources whose baselines are computed from the training config's data module (:func:`datamodule_report`)."""
+
+
+def _data_description(dm) -> dict:
+    """The ``data`` entry of a report: the file and kind of ``arrays``, the archive and files of ``ts``."""
+    if dm.source == "ts":
+        archive = dm.ts_archive
+        return {"source": "ts", "archive": archive.name, "train_file": str(archive.files[0]),
+                "test_file": str(archive.files[1]), "n_channels": archive.n_channels,
+                "lengths": [int(archive.lengths.min()), int(archive.lengths.max())],
+                "cov_estimator": dm.cov_estimator, "trace_norm": dm.trace_norm}
+    return {"source": "arrays", "path": str(dm.path), "kind": dm.kind}
+
+
+def datamodule_report(cfg) -> tuple[dict, object]:
+    """Baselines on a ``data=arrays`` or ``data=ts_archive`` config: its :class:`~manifoldnorm.lit.EEGDataModule`
+    (as covariances) gives the trials and the split. Returns the report and the set-up data module."""
     from hydra.utils import instantiate
 
     dm = instantiate(cfg.data, representation="cov")
@@ -93,7 +111,7 @@ def arrays_report(cfg) -> tuple[dict, object]:
               f"split {dm.split.protocol})")
     report = {
         "pipeline": "EEGDataModule covariances -> TangentSpace(riemann) + LogisticRegression | MDM(riemann)",
-        "data": {"source": "arrays", "path": str(dm.path), "kind": dm.kind},
+        "data": _data_description(dm),
         "band": None if dm.band is None else list(dm.band),
         "split": {"protocol": dm.split.protocol, "seed": dm.seed,
                   **{f"n_{name}": len(idx) for name, idx in dm.split.items()}},
@@ -111,7 +129,7 @@ def experiment_settings(name: str | None, overrides: list[str] | tuple[str, ...]
     data = cfg.data
     if data.source != "simulated":
         raise SystemExit(f"experiment {name!r} with {list(overrides)} uses neither the simulated data nor data=arrays "
-                         f"(source={data.source})")
+                         f"nor data=ts_archive (source={data.source})")
     sim = OmegaConf.to_container(data.source_kwargs, resolve=True)
     return {"sim": {k: v for k, v in sim.items() if k != "seed"}, "data_seed": sim.get("seed", 0),
             "seed": int(cfg.seed), "band": tuple(data.band), "val_fraction": float(data.val_fraction)}
@@ -141,8 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     if args.experiment or args.overrides:
         cfg = compose_config(args.experiment, args.overrides)
-        if cfg.data.source == "arrays":
-            report, _ = arrays_report(cfg)
+        if cfg.data.source in DATAMODULE_SOURCES:
+            report, _ = datamodule_report(cfg)
             report.update(experiment=args.experiment, overrides=args.overrides,
                           elapsed_s=round(time.perf_counter() - start, 2))
             _write(report, args.out)

@@ -1,7 +1,10 @@
-"""Shared fixtures: seeded float64 SPD batches."""
+"""Shared fixtures: seeded float64 SPD batches; a writer of ``.ts`` time-series files."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -38,3 +41,21 @@ def concentrated_spd(N: int, n: int, sigma: float = 0.3, seed: int = 0) -> torch
 @pytest.fixture(params=[0, 1, 2])
 def seed(request: pytest.FixtureRequest) -> int:
     return int(request.param)
+
+
+def write_ts(path, trials, labels, classes, header: dict | None = None, fmt: str = "{!r}") -> Path:
+    """Write trials (each (C, T_i); NaN written as '?') and labels as a ``.ts`` classification file."""
+    lengths = {np.shape(t)[-1] for t in trials}
+    head = {"problemName": Path(path).stem.removesuffix("_TRAIN").removesuffix("_TEST"), "timeStamps": "false",
+            "missing": str(any(np.isnan(t).any() for t in trials)).lower(), "univariate": "false",
+            "dimensions": np.shape(trials[0])[0], "equalLength": str(len(lengths) == 1).lower()}
+    if len(lengths) == 1:
+        head["seriesLength"] = lengths.pop()
+    head["classLabel"] = "true " + " ".join(classes)
+    head.update(header or {})
+    lines = ["# written by the tests"] + [f"@{k} {v}" for k, v in head.items() if v is not None] + ["@data"]
+    for X, label in zip(trials, labels, strict=True):
+        channels = [",".join("?" if np.isnan(v) else fmt.format(float(v)) for v in row) for row in np.asarray(X)]
+        lines.append(":".join([*channels, str(label)]))
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)

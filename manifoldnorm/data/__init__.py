@@ -1,5 +1,5 @@
-"""Data for manifoldnorm: simulated and MOABB motor-imagery EEG, preprocessing, splits, array datasets;
-character-level text and small image classification sets.
+"""Data for manifoldnorm: simulated and MOABB motor-imagery EEG, preprocessing, splits, array datasets,
+multivariate time-series archives (``.ts`` files); character-level text and small image classification sets.
 
 No Lightning or Hydra here; MOABB/MNE are imported lazily by :func:`load_moabb` only, scikit-learn by
 :func:`load_digits_images`, Pillow by :func:`load_image_folder` and SciPy by the band-pass filter.
@@ -25,6 +25,7 @@ from .preprocess import (
     covariances,
     recenter,
     riemannian_mean,
+    trace_normalize,
 )
 from .rotations import simulate_rotation_sequences
 from .simulate import (
@@ -47,6 +48,16 @@ from .text import (
     load_corpus,
     load_text,
     split_text,
+)
+from .ts import (
+    TS_MISSING,
+    TSArchive,
+    TSFile,
+    bundled_archives,
+    load_ts,
+    read_ts,
+    trial_covariances,
+    ts_archive_files,
 )
 from .types import EEGCovariances, EEGData, domain_ids
 
@@ -80,6 +91,15 @@ __all__ = [
     "load_simulated_covariances",
     "recenter",
     "riemannian_mean",
+    "trace_normalize",
+    "TS_MISSING",
+    "TSArchive",
+    "TSFile",
+    "bundled_archives",
+    "load_ts",
+    "read_ts",
+    "trial_covariances",
+    "ts_archive_files",
     "simulate_motor_imagery",
     "split_indices",
     "target_domains",

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 __all__ = ["CHUNK_TRIALS", "COV_ESTIMATORS", "bandpass", "bandpass_covariances", "covariances", "recenter",
-           "riemannian_mean"]
+           "riemannian_mean", "trace_normalize"]
 
 COV_ESTIMATORS: tuple[str, ...] = ("oas", "scm", "lwf")
 """Names accepted by :func:`covariances`."""
@@ -246,6 +246,31 @@ def _covariances(X: np.ndarray, estimator: str) -> np.ndarray:
         return S
     rho = _oas_shrinkage(S, X.shape[-1]) if estimator == "oas" else _lwf_shrinkage(Xc, S)
     return _shrink(S, rho)
+
+
+def trace_normalize(C: np.ndarray) -> np.ndarray:
+    r"""Scale every matrix to unit trace, :math:`C / \operatorname{tr}(C)`.
+
+    Removes the overall power of a trial and keeps its spatial structure (the ratios of the eigenvalues): a
+    classifier then cannot use the signal's scale (useful when the gain differs between recordings; harmful when
+    the power is what tells the classes apart).
+
+    Parameters
+    ----------
+    C : ndarray, shape (..., n, n)
+        SPD matrices (positive trace).
+
+    Returns
+    -------
+    ndarray, shape (..., n, n), float64
+    """
+    C = np.asarray(C, dtype=np.float64)
+    if C.ndim < 2 or C.shape[-1] != C.shape[-2]:
+        raise ValueError(f"C must have shape (..., n, n), got {C.shape}")
+    tr = np.trace(C, axis1=-2, axis2=-1)
+    if not np.all(tr > 0):
+        raise ValueError(f"trace normalization needs matrices of positive trace; {int(np.sum(~(tr > 0)))} are not")
+    return C / tr[..., None, None]
 
 
 def _check_spd(C: np.ndarray, name: str) -> np.ndarray:

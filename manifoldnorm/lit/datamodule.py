@@ -1,4 +1,5 @@
-"""Lightning data module for multi-domain EEG: simulated, MOABB or user arrays, as covariances or raw signals."""
+"""Lightning data module for multi-domain EEG and multivariate time series: simulated, MOABB, user arrays or
+``.ts`` archives, as covariances or raw signals."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ from manifoldnorm.data import (
     EEGData,
     bandpass,
     bandpass_covariances,
+    check_split_labels,
     load_arrays,
     load_moabb,
     load_simulated,
     load_simulated_covariances,
+    load_ts,
     split_indices,
+    trace_normalize,
+    trial_covariances,
 )
 from manifoldnorm.data.arrays import KINDS, BatchedView
 from manifoldnorm.data.types import domain_ids
@@ -28,7 +33,7 @@ from manifoldnorm.lit.resume import seeded_loader
 
 __all__ = ["EEGDataModule", "EpochSeededSampler", "SOURCES", "REPRESENTATIONS"]
 
-SOURCES: tuple[str, ...] = ("simulated", "moabb", "arrays")
+SOURCES: tuple[str, ...] = ("simulated", "moabb", "arrays", "ts")
 REPRESENTATIONS: tuple[str, ...] = ("cov", "raw")
 
 
@@ -64,12 +69,16 @@ class EEGDataModule(pl.LightningDataModule):
 
     Parameters
     ----------
-    source : {"simulated", "moabb", "arrays"}
+    source : {"simulated", "moabb", "arrays", "ts"}
         ``simulated``: :func:`manifoldnorm.data.load_simulated` (cached); ``moabb``:
         :func:`manifoldnorm.data.load_moabb`; ``arrays``: a user ``.npz`` file (``path``) read by
         :func:`manifoldnorm.data.load_arrays` (``X`` raw trials ``(N, C, T)`` or SPD matrices ``(N, n, n)``,
         ``y``, ``domain`` or ``subject`` + ``session``), plus ``sfreq`` when raw trials are band-passed.
-        Precomputed SPD matrices are used as they are.
+        Precomputed SPD matrices are used as they are. ``ts``: a train and a test ``.ts`` file read by
+        :func:`manifoldnorm.data.load_ts` (``source_kwargs``: ``archive`` or ``train_file`` + ``test_file``,
+        ``sfreq``, ``missing``), one domain, the files' split (``protocol`` ``auto`` or ``official``); every case's
+        covariance is estimated from its own samples (:func:`manifoldnorm.data.trial_covariances`), so cases may
+        differ in length (``representation="raw"`` needs equal lengths).
     representation : {"cov", "raw"}
         ``cov``: band-pass filtered (``band``) OAS covariances, float64 ``(N, C, C)`` (SPDNet input);
         ``raw``: band-pass filtered trials, float32 ``(N, C, T)`` (TSMNet input). Both are computed one chunk of
@@ -105,11 +114,15 @@ class EEGDataModule(pl.LightningDataModule):
     kind : {"auto", "raw", "spd"}
         What the ``arrays`` file's ``X`` holds (:func:`manifoldnorm.data.validate_arrays`: near-symmetric
         matrices, what ``"auto"`` chooses and logs); ignored by the other sources.
+    trace_norm : bool
+        ``representation="cov"`` only: scale every covariance to unit trace
+        (:func:`manifoldnorm.data.trace_normalize`) after estimating it.
 
     Attributes
     ----------
     n_channels, n_times, num_classes, num_domains : int
         Available after :meth:`setup`; :meth:`info` returns them as a dict (model configuration).
+        ``n_times`` is 0 for precomputed SPD matrices and for ``.ts`` cases of unequal lengths.
     """
 
     def __init__(
@@ -130,6 +143,7 @@ class EEGDataModule(pl.LightningDataModule):
         split_kwargs: Mapping[str, Any] | None = None,
         drop_last: bool = True,
         kind: str = "auto",
+        trace_norm: bool = False,
     ) -> None:
         super().__init__()
         self.source = _choice(source, SOURCES, "data source")
@@ -144,6 +158,11 @@ class EEGDataModule(pl.LightningDataModule):
                 raise ValueError(f"band must be (fmin, fmax) or null, got {band}")
         if source == "arrays" and not path:
             raise ValueError("source='arrays' needs path=<file.npz>")
+        if source == "ts" and protocol not in ("auto", "official"):
+            raise ValueError(f"source='ts' keeps the split of its train and test files: protocol must be 'auto' or "
+                             f"'official', got {protocol!r}")
+        if trace_norm and representation != "cov":
+            raise ValueError("trace_norm=true scales covariance matrices: it needs representation='cov'")
         self.batch_size, self.seed, self.num_workers = batch_size, int(seed), int(num_workers)
         self.band, self.val_fraction = band, float(val_fraction)
         self.cov_estimator, self.filter_order = cov_estimator, int(filter_order)
@@ -151,6 +170,8 @@ class EEGDataModule(pl.LightningDataModule):
         self.source_kwargs = dict(source_kwargs or {})
         self.split_kwargs = dict(split_kwargs or {})
         self.drop_last = bool(drop_last)
+        self.trace_norm = bool(trace_norm)
+        self.ts_archive = None  # the source='ts' data set (manifoldnorm.data.TSArchive) after setup, for reports
         self.datasets: dict[str, ArrayDataset] = {}
         self.split: Mapping[str, np.ndarray] | None = None
         self._info: dict[str, Any] | None = None
@@ -169,6 +190,8 @@ class EEGDataModule(pl.LightningDataModule):
         """Features, metadata (y, subject, session), number of classes and time samples."""
         if self.source == "arrays":
             return self._array_features()
+        if self.source == "ts":
+            return self._ts_features()
         if self.source == "simulated" and self.representation == "cov":  # the cache holds the matrices only
             cov = load_simulated_covariances(band=self.band, filter_order=self.filter_order,
                                              estimator=self.cov_estimator, cache_dir=self.cache_dir,
@@ -204,6 +227,35 @@ class EEGDataModule(pl.LightningDataModule):
             raise ValueError(f"{self.path}: band-pass filtering needs 'sfreq' in the file (or set band=null)")
         return self._represent(X, sfreq, self.band), meta, num_classes, int(X.shape[-1])
 
+    def _ts_features(self) -> tuple[np.ndarray, dict[str, np.ndarray], int, int]:
+        """A train and a test ``.ts`` file: covariances of every case from its own samples, the files' split."""
+        archive = self.ts_archive = load_ts(**self.source_kwargs)
+        lengths = archive.lengths
+        equal = bool(np.all(lengths == lengths[0]))
+        if self.band is not None and archive.sfreq is None:
+            raise ValueError(f"{archive.files[0]}: band-pass filtering needs the sampling rate, which .ts files do "
+                             f"not carry: set source_kwargs.sfreq (Hz), or band=null")
+        try:  # here, to name the classes in the error
+            check_split_labels(archive.split, archive.y, archive.class_names)
+        except ValueError as err:
+            raise ValueError(f"{self._where()}: {err}") from err
+        meta = {"y": archive.y, "domain": np.zeros(len(archive), dtype=np.int64), "split": archive.split}
+        if self.representation == "cov":
+            X = trial_covariances(archive.trials, self.cov_estimator, archive.sfreq, self.band, self.filter_order,
+                                  where=archive.where)
+        elif not equal:
+            raise ValueError(f"{archive.files[0]}: representation='raw' stacks the cases, but their lengths differ "
+                             f"({int(lengths.min())} to {int(lengths.max())} samples); use representation='cov'")
+        else:
+            X = self._represent(np.stack(archive.trials).astype(np.float32), archive.sfreq, self.band)
+        return X, meta, len(archive.class_names), int(lengths[0]) if equal else 0
+
+    def _where(self) -> str:
+        """The file(s) named in front of split errors."""
+        if self.source == "arrays":
+            return str(self.path)
+        return " and ".join(str(f) for f in self.ts_archive.files)
+
     def prepare_data(self) -> None:
         if self.source == "moabb":  # downloads once (rank 0); setup then reads the local copy
             self._load_eeg()
@@ -212,14 +264,16 @@ class EEGDataModule(pl.LightningDataModule):
         if self.datasets:
             return
         X, meta, num_classes, n_times = self._features()
+        if self.trace_norm:
+            X = trace_normalize(X)
         domain = meta["domain"] if "domain" in meta else domain_ids(meta["subject"], meta["session"])
         try:
             self.split = split_indices(meta, protocol=self.protocol, seed=self.seed,
                                        val_fraction=self.val_fraction, **self.split_kwargs)
         except ValueError as err:
-            if self.source != "arrays":
+            if self.source not in ("arrays", "ts"):
                 raise
-            raise ValueError(f"{self.path}: {err}") from err
+            raise ValueError(f"{self._where()}: {err}") from err
         for name, idx in self.split.items():
             idx = np.asarray(idx, dtype=np.int64)
             kind = "spd" if self.representation == "cov" else "raw"

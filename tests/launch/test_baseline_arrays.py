@@ -45,7 +45,7 @@ def _write(path: Path, with_val: bool) -> tuple[Path, np.ndarray]:
 def test_baseline_and_data_module_share_the_split(baseline, tmp_path: Path, with_val: bool) -> None:
     path, split = _write(tmp_path / "own.npz", with_val)
     overrides = ["data=arrays", f"data.path={path}", "seed=3"]
-    report, dm = baseline.arrays_report(baseline.compose_config(None, overrides))
+    report, dm = baseline.datamodule_report(baseline.compose_config(None, overrides))
     direct = EEGDataModule(source="arrays", path=str(path), seed=3, batch_size=8)
     direct.setup()
     for name in ("train", "val", "test"):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_ts
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer
@@ -73,7 +74,7 @@ def test_run_dir_keyed_on_slurm_job_id(cfg_of, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_every_data_option_instantiates(cfg_of, tmp_path: Path) -> None:
-    assert options("data") == {"eeg_sim", "eeg_moabb", "arrays", "char_text", "digits"}
+    assert options("data") == {"eeg_sim", "eeg_moabb", "arrays", "char_text", "digits", "ts_archive"}
     dm = run.build_datamodule(cfg := cfg_of("data=eeg_sim", *TINY_DATA, info=False))
     assert cfg.data_info.n_channels == 22 and cfg.data_info.num_domains == 4
     assert instantiate(cfg_of("data=eeg_moabb").data).source == "moabb"  # no download without setup
@@ -82,6 +83,12 @@ def test_every_data_option_instantiates(cfg_of, tmp_path: Path) -> None:
              subject=np.zeros(16), session=np.repeat([0, 1], 8), sfreq=128.0)
     dm = run.build_datamodule(cfg := cfg_of("data=arrays", f"data.path={tmp_path / 'd.npz'}", info=False))
     assert dm.info()["n_channels"] == 3 and cfg.data_info.num_classes == 2
+    files = [write_ts(tmp_path / f"d_{part}.ts", list(rng.standard_normal((6, 2, 30))), ["a", "b"] * 3, ["a", "b"])
+             for part in ("TRAIN", "TEST")]
+    dm = run.build_datamodule(cfg := cfg_of("data=ts_archive", f"data.source_kwargs.train_file={files[0]}",
+                                            f"data.source_kwargs.test_file={files[1]}", info=False))
+    assert dm.split.protocol == "official" and len(dm.split["test"]) == 6
+    assert (cfg.data_info.n_channels, cfg.data_info.num_classes, cfg.data_info.num_domains) == (2, 2, 1)
     run.build_datamodule(cfg := cfg_of("data=digits", info=False))
     assert (cfg.data_info.in_channels, cfg.data_info.num_classes, list(cfg.data_info.image_size)) == (1, 10, [8, 8])
     run.build_datamodule(cfg := cfg_of("data=char_text", info=False))

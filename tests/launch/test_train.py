@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -103,8 +104,22 @@ EEG_EXPERIMENTS = ("spd_eeg", "tsm_eeg")  # lm_char, lm_corpus, cnn_digits: test
 
 
 def test_every_experiment_is_tested() -> None:
-    assert {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")} == {*EEG_EXPERIMENTS, "lm_char",
+    assert {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")} == {*EEG_EXPERIMENTS, "spd_ts", "lm_char",
                                                                                "lm_corpus", "cnn_digits"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aeon") is None, reason="needs the ts extra (aeon's bundled archives)")
+def test_spd_ts_runs_on_the_bundled_archive(cache: Path, tmp_path: Path) -> None:
+    """One epoch of +experiment=spd_ts on aeon's BasicMotions: the files' split, 6x6 covariances, 4 classes."""
+    quiet = [o for o in TINY[:5] if not o.startswith("trainer.max_epochs")]
+    proc = train("+experiment=spd_ts", "logger=none", "trainer.max_epochs=1", *quiet, f"hydra.run.dir={tmp_path}",
+                 cache=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test/bacc" in proc.stdout and "best/val/loss" in proc.stdout
+    resolved = OmegaConf.load(tmp_path / "config_resolved.yaml")
+    assert dict(resolved.data_info) == {"n_channels": 6, "n_times": 100, "num_classes": 4, "num_domains": 1}
+    assert resolved.data.source == "ts" and resolved.model.in_dim == 6
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.parametrize("experiment", EEG_EXPERIMENTS)

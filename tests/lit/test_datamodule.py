@@ -102,7 +102,7 @@ def test_arrays_source_raw_and_spd(tmp_path: Path, make_dm) -> None:
 
 
 def test_errors_list_valid_names(make_dm) -> None:
-    with pytest.raises(ValueError, match="unknown data source 'csv'; valid: simulated, moabb, arrays"):
+    with pytest.raises(ValueError, match="unknown data source 'csv'; valid: simulated, moabb, arrays, ts$"):
         EEGDataModule(source="csv")
     with pytest.raises(ValueError, match="unknown representation 'tangent'; valid: cov, raw"):
         EEGDataModule(representation="tangent")
