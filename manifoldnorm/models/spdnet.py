@@ -43,7 +43,9 @@ class SPDNet(SPDTrunk):
     -----
     ``forward(x, domain=None)``: ``x`` ``(N, n, n)`` SPD in any float dtype; the SPD part runs in float64 with
     autocast disabled, the classifier in its own dtype (float32 by default), so the logits ``(N, num_classes)``
-    are float32. ``domain`` (``(N,)`` LongTensor) is passed to every norm layer.
+    are float32. ``domain`` (``(N,)`` LongTensor) is passed to every norm layer. The last ReEig and the LogEig
+    share one eigendecomposition (:func:`manifoldnorm.functional.sym_reeig_logm`; same values and gradients,
+    their modules' forward hooks are not called); ``model.fuse_reeig_logeig = False`` runs them one by one.
     """
 
     def __init__(self, in_dim: int, dims: Sequence[int], num_classes: int, norm_layer: NormSpec = "liebn_aim",

@@ -85,7 +85,11 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
     decomposes the means of all domains in one batched ``eigh`` (:func:`manifoldnorm.functional.segment_mean_aim`;
     the refit's flow stops in each domain on its own), and the momentum updates index the stacked buffers. A
     training step or a refit therefore makes the same number of batched decompositions whether the batch holds
-    one domain or many, with the results of one :class:`~manifoldnorm.nn.LieBatchNorm` per domain. Synchronized
+    one domain or many, with the results of one :class:`~manifoldnorm.nn.LieBatchNorm` per domain. Under AIM at
+    θ = 1 with a detached mean and local statistics (the defaults) the training step is one autograd node with a
+    written-out backward (:func:`manifoldnorm.functional._liebn_ops.aim_segment_step`, the kernel of
+    ``LieBatchNorm``'s fused step with per-domain whitening and factors), equal to the composed group operations
+    to round-off; set ``_fused = False`` on the layer to compose them. Synchronized
     (:func:`manifoldnorm.distributed.convert_sync_norm`), each reduction is one all-reduce of the packed sums of
     every domain present on any process. A domain whose part of the batch is degenerate (a single sample, or
     all samples equal to working precision) is scaled with its running variance, which is then left
