@@ -74,22 +74,26 @@ def _normuon_finish(
     # one copy to at least float32 in row-major layout: the row reductions below then see the same layout (and give
     # the same bits) whether O was computed here (a tall O is a transposed view) or all-gathered (contiguous)
     O = _row_major(O, torch.promote_types(O.dtype, torch.float32))
-    mean_sq = O.square().mean(dim=-1)
+    # one pass over O for every statistic: the row sums of squares give the second moment, ||O|| and, with the
+    # row divisors d, ||O / d|| = sqrt(sum_i row_sq_i / d_i^2); a second pass scales each row once
+    row_sq = torch.linalg.vecdot(O, O)
+    mean_sq = row_sq / n
     second_moment.lerp_(mean_sq if mean_sq.dtype == second_moment.dtype else mean_sq.to(second_moment.dtype),
                         1 - beta2)
+    v = second_moment if second_moment.dtype == O.dtype else second_moment.to(O.dtype)
+    inv_d = v.sqrt().add_(eps).reciprocal_()
+    norm_hat = (row_sq * inv_d.square()).sum().sqrt()
     if mode == "original":
-        target = torch.linalg.vector_norm(O)
+        target = row_sq.sum().sqrt()
         if m > n:  # the factor is 1 otherwise (a multiplication by 1 changes no bit; skipped: small-matrix overhead)
             target = target * math.sqrt(m / n)
-    v = second_moment if second_moment.dtype == O.dtype else second_moment.to(O.dtype)
-    O_hat = O.div_(v.sqrt().add_(eps).unsqueeze(-1))  # O itself is not needed any more
-    norm_hat = torch.linalg.vector_norm(O_hat)
-    if mode != "original":
-        target = torch.full_like(norm_hat, 0.2 * math.sqrt(m * n))
-    if O_hat.device.type == "cpu":  # reading the norm costs no device synchronisation here
-        O_hat.mul_(target / norm_hat if norm_hat > 0 else 0.0)
     else:
-        O_hat.mul_(torch.where(norm_hat > 0, target / norm_hat, 0.0))  # 0/0 is computed but never selected
+        target = torch.full_like(norm_hat, 0.2 * math.sqrt(m * n))
+    if O.device.type == "cpu":  # reading the norm costs no device synchronisation here
+        scale = target / norm_hat if norm_hat > 0 else torch.zeros_like(norm_hat)
+    else:
+        scale = torch.where(norm_hat > 0, target / norm_hat, 0.0)  # 0/0 is computed but never selected
+    O_hat = O.mul_((inv_d * scale).unsqueeze(-1))  # O itself is not needed any more
     if O_hat.shape != shape:
         O_hat = O_hat.reshape(shape)
     return O_hat if O_hat.dtype == dtype else O_hat.to(dtype)
