@@ -2,11 +2,12 @@
 
     python launch/train.py -m +experiment=spd_eeg logger=csv seed=0,1,2 norm=liebn_lem,dsliebn_lem \
         hydra.sweep.dir=outputs/sweep_norms
-    python launch/report.py outputs/sweep_norms [--metric val/bacc] [--mode max] [--out DIR]
+    python launch/report.py outputs/sweep_norms [--metric val/bacc] [--mode max] [--out DIR] [--test GLOB ...]
 
 A configuration is a job's overrides (``.hydra/overrides.yaml``) without ``seed``. For the validation metric
 (default: the runs' ``optimized_metric``, its direction from the checkpoint callback that monitors it) the table
-gives the final and the best value, and every ``test/*`` metric, as mean ± std over the configuration's seeds.
+gives the final and the best value, and every ``test/*`` metric (``--test``: glob patterns; the per-domain
+``test/<metric>/domain=<d>`` only when asked), as mean ± std over the configuration's seeds.
 Runs without ``metrics.csv`` (failed, not started, W&B only) or without test metrics (failed, stopped or still
 running) are listed under the table, not aggregated. Writes ``report.md``, ``report.csv`` and ``report.png`` into
 ``--out`` (default: the multirun directory) and prints the Markdown. Code: :mod:`manifoldnorm.lit.report`.
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mode", choices=("min", "max"), default=None, help="direction of --metric")
     parser.add_argument("--out", type=Path, default=None, help="folder of report.md/.csv/.png (default: the sweep)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    parser.add_argument("--test", nargs="+", default=None, metavar="GLOB",
+                        help="test metrics to tabulate (default: every test/* metric but the per-domain ones; "
+                             "e.g. --test 'test/bacc*' adds test/bacc/domain=<d>)")
     args = parser.parse_args(argv)
     try:
         records = collect_runs(args.multirun_dir)
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     if metric is None:
         parser.error(f"no run under {args.multirun_dir} logged a validation metric; give --metric")
     mode = args.mode or metric_mode(metric, config)
-    rows, common, varying = report_rows(records, metric, mode)
+    rows, common, varying = report_rows(records, metric, mode, args.test)
     out = args.out or args.multirun_dir
     out.mkdir(parents=True, exist_ok=True)
     text = report_markdown(rows, records, common, varying, mode)

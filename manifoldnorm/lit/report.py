@@ -13,6 +13,7 @@ No Lightning import here; PyYAML reads the ``.hydra`` files, matplotlib (the ``b
 from __future__ import annotations
 
 import csv
+import fnmatch
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -199,12 +200,23 @@ def _split_overrides(records: Sequence[RunRecord]) -> tuple[list[str], list[str]
     return [f"{k}={configs[0][k]}" for k in common], [k for k in keys if k not in common]
 
 
-def report_rows(records: Sequence[RunRecord], val_key: str, mode: str) -> tuple[list[dict], list[str], list[str]]:
-    """Aggregated rows of the finished runs, the common overrides and the varying override keys."""
+def test_keys_of(records: Sequence[RunRecord], patterns: Sequence[str] | None = None) -> list[str]:
+    """The ``test/*`` metrics of the finished runs that match one of the glob ``patterns`` (``fnmatch``); default:
+    all but the per-domain breakdown (``test/<metric>/domain=<d>``, one column per domain and metric)."""
+    keys = sorted({k for r in records if r.problem is None for k in r.last if k.startswith("test/")})
+    if patterns is None:
+        return [k for k in keys if "/domain=" not in k]
+    return [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+
+
+def report_rows(records: Sequence[RunRecord], val_key: str, mode: str,
+                test: Sequence[str] | None = None) -> tuple[list[dict], list[str], list[str]]:
+    """Aggregated rows of the finished runs, the common overrides and the varying override keys; ``test``: glob
+    patterns of the test metrics to aggregate (:func:`test_keys_of`)."""
     done = [r for r in records if r.problem is None]
     common, varying = _split_overrides(records)
     runs = [{"curves": r.curves, "last": r.last, "config": r.configuration} for r in done]
-    rows = aggregate(runs, lambda r: r["config"], val_key, mode)
+    rows = aggregate(runs, lambda r: r["config"], val_key, mode, test_keys=test_keys_of(records, test))
     for row in rows:
         values = dict(o.split("=", 1) if "=" in o else (o, "") for o in row["group"])
         row["params"] = {k: values.get(k, "") for k in varying}

@@ -126,3 +126,24 @@ def test_aggregate_and_read_metrics_details(tmp_path: Path) -> None:
         aggregate(runs, lambda r: r["g"], "val/loss", "down")
     assert metric_mode("val/bpc") == "min" and metric_mode("val/acc") == "max"
     assert metric_mode("val/loss", {"callbacks": {"ckpt": {"monitor": "val/loss", "mode": "max"}}}) == "max"
+
+
+def test_per_domain_test_metrics_only_when_asked(multirun: Path, tmp_path: Path) -> None:
+    """``test/<metric>/domain=<d>`` (one column per domain) stay out of the table unless ``--test`` names them."""
+    from manifoldnorm.lit.report import report_rows, test_keys_of
+
+    job = multirun / "0" / "csv" / "version_0" / "metrics.csv"
+    with job.open() as fh:
+        rows = list(csv.DictReader(fh))
+    header = [*HEADER, "test/acc/domain=3"]
+    rows[-1]["test/acc/domain=3"] = 0.5
+    with job.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, header, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    records = collect_runs(multirun)
+    assert test_keys_of(records) == ["test/acc", "test/loss"]
+    assert test_keys_of(records, ["test/acc*"]) == ["test/acc", "test/acc/domain=3"]
+    table, _, _ = report_rows(records, "val/acc", "max", ["test/acc*"])
+    assert table[0]["test"]["test/acc/domain=3"] == (0.5, 0.0) and "test/loss" not in table[0]["test"]
+    assert all("test/acc/domain=3" not in r["test"] for r in report_rows(records, "val/acc", "max")[0])
