@@ -185,11 +185,11 @@ def _instrument(module: Any, optimizer: torch.optim.Optimizer, prof: ExclusivePr
             update = metrics.update
 
             def timed_update(*args: Any, _update=update, **kwargs: Any) -> Any:  # noqa: ANN001
-                prof.start("metrics update (torchmetrics)")
+                prof.start("metrics update")
                 try:
                     return _update(*args, **kwargs)
                 finally:
-                    prof.stop("metrics update (torchmetrics)")
+                    prof.stop("metrics update")
 
             metrics.update = timed_update
             handles.append((metrics, "update"))

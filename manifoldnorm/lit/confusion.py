@@ -21,7 +21,8 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["ConfusionReport", "DomainConfusion", "accuracy", "balanced_accuracy", "write_confusion_csv"]
+__all__ = ["ConfusionReport", "DomainConfusion", "EpochAccuracy", "accuracy", "balanced_accuracy",
+           "write_confusion_csv"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,49 @@ class DomainConfusion(Metric):
     def compute(self) -> Tensor:
         """The counts ``(D, K, K)``."""
         return self.counts
+
+
+class EpochAccuracy(Metric):
+    """Accuracy and balanced accuracy of an epoch from one confusion matrix ``(K, K)`` (one ``bincount`` per
+    batch), summed over the processes of a distributed run.
+
+    ``compute()`` returns ``{prefix + "acc": ..., prefix + "bacc": ...}`` (float32): the values of torchmetrics'
+    ``MulticlassAccuracy`` with ``average="micro"`` and ``average="macro"``: the balanced accuracy is the mean
+    recall over the classes that occur among the targets or the predictions (a class only predicted counts with
+    recall 0, a class absent from both is left out).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+    counts: Tensor
+
+    def __init__(self, num_classes: int, prefix: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"EpochAccuracy: num_classes must be an int >= 2, got {num_classes!r}")
+        self.num_classes, self.prefix = num_classes, prefix
+        self.add_state("counts", default=torch.zeros(num_classes, num_classes, dtype=torch.long),
+                       dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Count a batch: ``preds`` class scores ``(N, K)`` or ids ``(N,)``, ``target`` ``(N,)``."""
+        if preds.dim() == target.dim() + 1:
+            preds = preds.argmax(-1)
+        K = self.num_classes
+        index = target.reshape(-1).long() * K + preds.reshape(-1).long()
+        self.counts += torch.bincount(index, minlength=K * K).reshape(K, K)
+
+    def compute(self) -> dict[str, Tensor]:
+        c = self.counts
+        tp = torch.diagonal(c).float()
+        support, predicted = c.sum(1).float(), c.sum(0).float()
+        total = support.sum()
+        acc = tp.sum() / total if total > 0 else torch.zeros((), device=c.device)
+        recall = torch.where(support > 0, tp / support.clamp_min(1.0), 0.0)
+        weight = ((support + predicted) > 0).float()  # tp + fp + fn > 0
+        bacc = (weight * recall).sum() / weight.sum() if weight.sum() > 0 else torch.zeros((), device=c.device)
+        return {f"{self.prefix}acc": acc, f"{self.prefix}bacc": bacc}
 
 
 def accuracy(counts: Tensor) -> Tensor:

@@ -11,10 +11,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
-from manifoldnorm.lit.confusion import DomainConfusion, accuracy, balanced_accuracy
+from manifoldnorm.lit.confusion import DomainConfusion, EpochAccuracy, accuracy, balanced_accuracy
 from manifoldnorm.lit.guard import numerical_errors
 from manifoldnorm.nn import refit_domain_norms, refittable_norms
 from manifoldnorm.optim import create_optimizer
@@ -27,14 +25,10 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 _INTERVALS = ("epoch", "step")
 
 
-def _metrics(num_classes: int, prefix: str) -> MetricCollection:
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
-            "bacc": MulticlassAccuracy(num_classes=num_classes, average="macro"),
-        },
-        prefix=prefix,
-    )
+def _metrics(num_classes: int, prefix: str) -> EpochAccuracy:
+    """``<prefix>acc`` and ``<prefix>bacc`` (torchmetrics' micro and macro ``MulticlassAccuracy``) from one
+    confusion matrix per epoch: one ``bincount`` per step."""
+    return EpochAccuracy(num_classes, prefix=prefix)
 
 
 def optimizers_for(model: nn.Module, optimizer: OptimizerFactory | None, scheduler: SchedulerFactory | None,
@@ -160,8 +154,9 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
 
     Logs per epoch ``{train,val,test}/loss``, ``/acc`` (micro accuracy) and ``/bacc`` (balanced accuracy: the
     mean per-class recall, torchmetrics ``average="macro"``). The steps only accumulate (the loss in an
-    :class:`EpochMean`, the predictions in the torchmetrics objects); the values are computed and logged once, at
-    the end of each epoch (``on_{train,validation,test}_epoch_end``), equal to what per-step ``self.log`` calls
+    :class:`EpochMean`, the predictions in one confusion matrix per stage,
+    :class:`~manifoldnorm.lit.confusion.EpochAccuracy`); the values are computed and logged once, at the end of
+    each epoch (``on_{train,validation,test}_epoch_end``), equal to what per-step ``self.log`` calls
     with ``on_epoch=True`` gave, without their cost on every step.
 
     Testing also counts the confusion matrix of each domain (:class:`~manifoldnorm.lit.confusion.DomainConfusion`),
@@ -237,7 +232,7 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
     def forward(self, x: Tensor, domain: Tensor | None = None) -> Tensor:
         return self.model(x, domain=domain)
 
-    def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str, metrics: MetricCollection) -> Tensor:
+    def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str, metrics: EpochAccuracy) -> Tensor:
         x, y, domain = batch
         logits = self.model(x, domain=domain)
         loss = F.cross_entropy(logits, y)
@@ -260,7 +255,7 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
         return self._step(batch, "test", self.test_metrics)
 
     # ----------------------------------------------------------------- per-epoch logging
-    def _log_epoch(self, stage: str, metrics: MetricCollection) -> None:
+    def _log_epoch(self, stage: str, metrics: EpochAccuracy) -> None:
         """Log ``<stage>/loss`` and the stage's metrics once, from what the steps accumulated; then reset both."""
         loss = self._epoch_loss.pop(stage)
         if loss is None:  # no batch in this epoch (e.g. limit_val_batches=0)
@@ -273,7 +268,7 @@ class ClassificationModule(OptimizerSetup, pl.LightningModule):
         log(metrics.compute(), prog_bar=stage == "val", sync_dist=True)
         metrics.reset()
 
-    def _start_epoch(self, stage: str, metrics: MetricCollection) -> None:
+    def _start_epoch(self, stage: str, metrics: EpochAccuracy) -> None:
         self._epoch_loss.pop(stage)  # whatever an interrupted epoch left
         metrics.reset()
 

@@ -144,3 +144,27 @@ def test_resume_from_checkpoint_is_bit_identical(make_dm, tmp_path: Path) -> Non
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert not torch.equal(part.model.classifier.weight, full.model.classifier.weight)
+
+
+def test_epoch_accuracy_equals_torchmetrics_micro_and_macro() -> None:
+    """One confusion matrix per epoch gives torchmetrics' values bit for bit, also with a class that is only
+    predicted (recall 0, counted) and a class absent from targets and predictions (left out)."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from manifoldnorm.lit.confusion import EpochAccuracy
+
+    g = torch.Generator().manual_seed(0)
+    ours = EpochAccuracy(5, prefix="val/")
+    micro, macro = MulticlassAccuracy(5, average="micro"), MulticlassAccuracy(5, average="macro")
+    for _ in range(4):
+        y = torch.randint(0, 3, (17,), generator=g)  # classes 3 and 4 never occur as targets
+        logits = torch.randn(17, 5, generator=g)
+        logits[:2, 3] = 10.0  # class 3 is predicted twice; class 4 stays out of the predictions
+        logits[2:, 3:] = -10.0
+        for m in (ours, micro, macro):
+            m.update(logits, y)
+    out = ours.compute()
+    assert set(out) == {"val/acc", "val/bacc"}
+    assert torch.equal(out["val/acc"], micro.compute()) and torch.equal(out["val/bacc"], macro.compute())
+    ours.reset()
+    assert int(ours.counts.sum()) == 0
