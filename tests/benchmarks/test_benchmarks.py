@@ -254,6 +254,7 @@ def test_layers_quick(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- sweep
+@pytest.mark.slow  # long: CI runs it in the bounded `-m slow` step
 def test_sweep_quick(tmp_path: Path) -> None:
     """The sweep pipeline end to end (seconds-long runs: a smoke test, not a result)."""
     from benchmarks.sweep import EXPERIMENTS, SWEEP_NORMS
@@ -381,6 +382,7 @@ def test_optim_plan_brackets_then_searches_weight_decay_then_seeds() -> None:
     assert Key("muon", 1e-2, 0.1, 2) in results
 
 
+@pytest.mark.slow  # long: CI runs it in the bounded `-m slow` step
 def test_optim_quick_runs_resumes_and_resummarizes(tmp_path: Path) -> None:
     """Two rows through launch/train.py (seconds-long runs), run again from the cache, re-summarized from JSON."""
     from benchmarks.optim import THRESHOLDS

@@ -204,6 +204,7 @@ def test_corpus_names_the_missing_part(tmp_path: Path) -> None:
         load_text("corpus", path=tmp_path / "x.txt")
 
 
+@pytest.mark.slow  # long: CI runs it in the bounded `-m slow` step
 @pytest.mark.skipif(not Path(text_mod.COMMON_LICENSES_DIR).is_dir(), reason="not a Debian system")
 def test_corpus_of_this_machine_is_large_and_splits_into_held_out_blocks(tmp_path: Path) -> None:
     """The real corpus: a few million characters, the same twice, train | val | test contiguous and disjoint."""

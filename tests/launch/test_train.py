@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[subpro
 
 def test_sweep_prints_metrics_saves_checkpoints_and_config(sweep) -> None:
     proc, out = sweep
-    assert proc.stdout.count("test/bacc") == 2 and proc.stdout.count("best/val/bacc") == 2
+    assert len(re.findall(r"test/bacc(?!/)", proc.stdout)) == 2 and proc.stdout.count("best/val/bacc") == 2
     for job, metric in (("0", "aim"), ("1", "lem")):
         run_dir = out / job
         ckpts = run_dir / "checkpoints"

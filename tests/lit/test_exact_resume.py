@@ -145,6 +145,7 @@ def step_checkpoints(dirpath: Path) -> list[str]:
             "+callbacks.step_checkpoint.auto_insert_metric_name=false"]
 
 
+@pytest.mark.slow  # long: CI runs it in the bounded `-m slow` step
 def test_ddp_resumes_mid_epoch_exactly(cache: Path, tmp_path: Path) -> None:
     """Two processes (trainer=ddp_cpu, gloo), each with its shard of every batch: resumed from a mid-epoch step
     checkpoint of the uninterrupted run, every process repeats its losses, lrs and random states exactly."""

@@ -83,6 +83,7 @@ def test_the_parser_flags_dns_and_remote_addresses() -> None:
     assert len(git_remote_calls(trace)) == 1
 
 
+@pytest.mark.slow  # long: CI runs it in the bounded `-m slow` step
 @pytest.mark.skipif(not _can_trace(), reason="needs strace and ptrace permission (CI: apt-get install -y strace)")
 @pytest.mark.skipif(NSCD_SOCKET.exists(), reason="nscd runs here: host lookups through it are not visible to strace")
 def test_offline_wandb_run_makes_no_network_request(tmp_path: Path) -> None:
