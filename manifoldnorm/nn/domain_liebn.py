@@ -9,7 +9,7 @@ from torch import Tensor
 
 from manifoldnorm import functional as mf
 from manifoldnorm.functional._batch import Segments
-from manifoldnorm.functional._liebn_ops import StepConfig, aim_segment_step
+from manifoldnorm.functional._liebn_ops import StepConfig, StepStats, aim_segment_step
 
 from ._batch_stats import StatReducer, active_reducer, degenerate_segments
 from ._common import (
@@ -203,13 +203,20 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
         v_eta = v if eta == 1.0 else (1.0 - eta) * t + eta * v
         degenerate = degenerate_segments(Z, seg, red)
         out = scaler(seg.gather(self._factor(torch.where(degenerate, r, v_eta), Z.dtype)), B)
-        with torch.no_grad():
-            m = self.momentum
-            R_new = g.undeform(g.geodesic(g.deform(R), M.detach(), m))
-            r_new = torch.where(degenerate, r, (1.0 - m) * r + m * v.detach())
-            t_new = torch.where(degenerate, t, v_eta.detach())
-            self._set_segment_stats(seg, (R_new, r_new, g.undeform(centre.detach()), t_new))
+        self._update_segment_stats(seg, R, r, t, StepStats(M.detach(), centre.detach(), v.detach(), v_eta.detach(),
+                                                           degenerate))
         return out
+
+    @torch.no_grad()
+    def _update_segment_stats(self, seg: Segments, R: Tensor, r: Tensor, t: Tensor, st: StepStats) -> None:
+        r""":meth:`LieBatchNorm._update_stats` for the domains of the batch: :math:`R_d \leftarrow
+        \gamma_{R_d\to M_d}(\text{momentum})` in the codomain, :math:`r_d` and the training statistics; a
+        degenerate domain leaves both variances unchanged. ``st`` holds codomain means (``(S, ...)`` each)."""
+        g, m = self.group, self.momentum
+        R_new = g.undeform(g.geodesic(g.deform(R), st.mean, m))
+        r_new = torch.where(st.degenerate, r, (1.0 - m) * r + m * st.var)
+        t_new = torch.where(st.degenerate, t, st.var_eta)
+        self._set_segment_stats(seg, (R_new, r_new, g.undeform(st.centre), t_new))
 
     def _train_segments_fused(self, X: Tensor, seg: Segments, R: Tensor, r: Tensor, T: Tensor, t: Tensor) -> Tensor:
         """:meth:`_train_segments` for AIM at θ = 1 with a detached mean and local statistics, as one autograd node
@@ -225,14 +232,8 @@ class DomainLieBatchNorm(DomainStatsMixin, LieBatchNorm):
         cfg = StepConfig(eta, T, t, r, self.eps, self.alpha, self.beta, self.detach_var, seg=seg,
                          degenerate=degenerate)
         y = aim_segment_step(X, self.weight.to(X.dtype), self.shift.to(X.dtype), M, centre, cfg)
-        st = cfg.stats
-        assert st is not None
-        with torch.no_grad():
-            m = self.momentum
-            R_new = g.geodesic(R, st.mean, m)
-            r_new = torch.where(st.degenerate, r, (1.0 - m) * r + m * st.var)
-            t_new = torch.where(st.degenerate, t, st.var_eta)
-            self._set_segment_stats(seg, (R_new, r_new, st.centre, t_new))
+        assert cfg.stats is not None
+        self._update_segment_stats(seg, R, r, t, cfg.stats)
         return y
 
     @torch.no_grad()
