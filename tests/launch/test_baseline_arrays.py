@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,15 +11,7 @@ import pytest
 from manifoldnorm.lit import EEGDataModule
 
 pytest.importorskip("pyriemann")
-BASELINE = Path(__file__).resolve().parents[2] / "launch" / "baseline.py"
 
-
-@pytest.fixture(scope="module")
-def baseline():
-    spec = importlib.util.spec_from_file_location("baseline_script_arrays", BASELINE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(path: Path, with_val: bool) -> tuple[Path, np.ndarray]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,16 +12,8 @@ from conftest import write_ts
 from manifoldnorm.lit import EEGDataModule
 
 pytest.importorskip("pyriemann")
-BASELINE = Path(__file__).resolve().parents[2] / "launch" / "baseline.py"
 CLASSES = ["a", "b", "c"]
 
-
-@pytest.fixture(scope="module")
-def baseline():
-    spec = importlib.util.spec_from_file_location("baseline_script_ts", BASELINE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _files(tmp_path: Path) -> tuple[Path, Path]:
