@@ -674,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="re-summarize the runs saved in this JSON instead of training")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default outputs/bench_optim.json; runs cached in <out>_runs/)")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="where runs are cached (default <out>_runs/); docs/bench/optim_runs keeps only each "
+                             "run's result.json under git, so a study can be carried on from a fresh clone")
     return parser
 
 
@@ -750,7 +753,7 @@ def main(argv: list[str] | None = None) -> dict:
                     rounds=args.repeats or (3 if args.quick else 25))
         return write_report(out, meta, rows)
     out = args.out or default_out("optim")
-    runs_dir = out.parent / f"{out.stem}_runs"
+    runs_dir = args.runs_dir or out.parent / f"{out.stem}_runs"
     if args.from_json:
         return write_report(out, meta, _resummarize(args.from_json, meta))
     if args.dry_run:
