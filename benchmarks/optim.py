@@ -31,7 +31,9 @@ Per variant, every run through ``launch/train.py`` in a fresh process (``--jobs`
 Selection is by the final validation loss of seed 0. Reported per variant: the bracket (lr below, chosen, above
 with their losses; bracketed or not), the weight decays tried, final train loss (mean over the last validation
 interval's steps), final validation loss and test loss (best checkpoint) mean ± std over seeds, the tokens (and
-steps) at which the mean validation curve first reaches each of :data:`THRESHOLDS` (linear interpolation), and,
+steps) at which the mean validation curve first reaches each of :data:`THRESHOLDS` (linear interpolation), the
+step at which it reaches AdamW's final mean validation loss and the speed-up over AdamW it implies (AdamW's own step
+for that loss divided by it: the papers' "x times fewer steps than AdamW"), and,
 measured in one process side by side for all variants (round-robin, median process-CPU ms, one thread, same
 model and gradients): ``optimizer.step()`` time, its ratio to AdamW's and its share of a training step
 (forward + backward + step), and the optimizer state in bytes per parameter. A PNG shows the mean train and
@@ -46,8 +48,9 @@ JSON: ``{"suite", "torch", "experiment", "size", "seeds", "jobs", "threads_per_r
 "tokens_per_step", "corpus", "thresholds", "timer", "total_wall_s", "plot", "runs": [...], "plans": {...},
 "rows": [{"optimizer", "config", "lr", "weight_decay", "bracketed", "lr_bracket", "wd_search", "seeds",
 "final_train_loss", "final_train_loss_std", "final_val_loss", "final_val_loss_std", "test_loss", "test_loss_std",
-"total_steps", "to_threshold", "step_ms", "step_ratio", "step_share", "fwd_bwd_ms", "state_bytes_per_param",
-"matrix_state_bytes_per_param", "params", "matrix_params"}, ...]}``.
+"total_steps", "to_threshold", "reference_final_val", "to_reference_final", "speedup", "step_ms", "step_ratio",
+"step_share", "fwd_bwd_ms", "state_bytes_per_param", "matrix_state_bytes_per_param", "params", "matrix_params"},
+...]}``.
 
 ``--step-only`` times only the Newton–Schulz optimizers' ``step()`` (:func:`newton_schulz_step_cost`):
 ``torch.optim.Muon``, our Muon and our NorMuon (both ``adjust_lr_fn`` modes), with Newton–Schulz in bfloat16 and in
@@ -432,7 +435,26 @@ def summarize_optim(runs: Sequence[dict], choices: dict[str, dict], cost: dict[s
                      "final_val_loss": va, "final_val_loss_std": va_sd, "test_loss": te, "test_loss_std": te_sd,
                      "total_steps": steps[-1] if steps else None, "tokens_per_step": tokens_per_step,
                      "to_threshold": reach, **cost.get(name, {})})
+    _speedup_over_reference(rows, runs, choices)
     return rows
+
+
+def _speedup_over_reference(rows: list[dict], runs: Sequence[dict], choices: dict[str, dict]) -> None:
+    """Add ``to_reference_final`` and ``speedup``: the step at which each row's mean validation curve first
+    reaches the reference's (AdamW's) final mean validation loss, and the reference's own step for that loss
+    divided by it (how the papers state "x times faster than AdamW"; 1.0 for AdamW; ``None`` if never
+    reached). Both curves are means over the same seeds' runs of this study."""
+    if REFERENCE not in choices:
+        return
+    ref_steps, ref_vals = _mean_curve(chosen_runs(runs, REFERENCE, choices[REFERENCE]), VAL_KEY)
+    target = ref_vals[-1]
+    ref_at = steps_to_reach(ref_steps, ref_vals, target)
+    for r in rows:
+        steps, vals = _mean_curve(chosen_runs(runs, r["optimizer"], choices[r["optimizer"]]), VAL_KEY)
+        at = steps_to_reach(steps, vals, target)
+        r["reference_final_val"] = target
+        r["to_reference_final"] = at
+        r["speedup"] = None if at is None or ref_at is None else ref_at / at
 
 
 def markdown(rows: Sequence[dict]) -> str:
@@ -452,8 +474,10 @@ def markdown(rows: Sequence[dict]) -> str:
             x = r["to_threshold"][f"{t:g}"]
             reach.append("–" if x is None else f"{x['tokens'] / 1e6:.2f} M ({x['steps']:.0f})")
         test = "n/a" if r["test_loss"] is None else f"{r['test_loss']:.3f} ± {r['test_loss_std']:.3f}"
+        at = r.get("to_reference_final")
+        speed = "not reached" if at is None else f"{at:.0f} ({fmt(r.get('speedup'), '.2f')}×)"
         return [r["optimizer"], lr, wd, f"{r['final_train_loss']:.3f} ± {r['final_train_loss_std']:.3f}",
-                f"{r['final_val_loss']:.3f} ± {r['final_val_loss_std']:.3f}", test, *reach,
+                f"{r['final_val_loss']:.3f} ± {r['final_val_loss_std']:.3f}", test, *reach, speed,
                 f"{r.get('step_ms', nan):.2f} ms ({fmt(r.get('step_ratio'), '.2f')}×, "
                 f"{fmt(None if r.get('step_share') is None else 100 * r['step_share'], '.0f')} %)",
                 f"{r.get('state_bytes_per_param', nan):.1f} / {r.get('matrix_state_bytes_per_param', nan):.1f}"]
@@ -461,6 +485,7 @@ def markdown(rows: Sequence[dict]) -> str:
     return md_table(["optimizer", "lr: below / **chosen** / above (seed-0 val loss)", "wd (seed-0 val loss)",
                      "final train loss", "final val loss", "test loss",
                      *(f"tokens (steps) to val {t:g}" for t in THRESHOLDS),
+                     "steps to AdamW's final val (speed-up)",
                      "optimizer.step() (vs AdamW, share of step)", "state bytes/param (all / matrices)"],
                     [cells(r) for r in rows])
 

@@ -404,6 +404,8 @@ def test_optim_quick_runs_resumes_and_resummarizes(tmp_path: Path) -> None:
         assert set(r["to_threshold"]) == {f"{t:g}" for t in THRESHOLDS}
         assert positive(r["step_ms"]) and positive(r["fwd_bwd_ms"]) and 0 < r["step_share"] < 1
     assert rows["adamw"]["step_ratio"] == pytest.approx(1.0)
+    assert rows["adamw"]["speedup"] == pytest.approx(1.0)  # AdamW against its own final loss
+    assert rows["adamw"]["reference_final_val"] == pytest.approx(rows["adamw"]["final_val_loss"])
     assert rows["normuon_original"]["matrix_state_bytes_per_param"] > 0
     runs = {(r["optimizer"], r["seed"]): r for r in data["runs"]}
     assert runs[("adamw", 0)]["overrides"][:4] == ["optimizer=adamw", "optimizer.rest.lr=0.003",
@@ -416,7 +418,7 @@ def test_optim_quick_runs_resumes_and_resummarizes(tmp_path: Path) -> None:
     assert data2["cached_runs"] == 2 and data2["runs"] == data["runs"]
     bench("optim", "--from-json", str(out), "--out", str(again), env=env)
     for r, old in zip(report(again, "optim")["rows"], data2["rows"], strict=True):
-        for key in ("optimizer", "lr", "weight_decay", "final_val_loss", "to_threshold", "step_ratio"):
+        for key in ("optimizer", "lr", "weight_decay", "final_val_loss", "to_threshold", "speedup", "step_ratio"):
             assert r[key] == old[key], key
 
 
