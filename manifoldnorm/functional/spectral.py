@@ -32,7 +32,8 @@ never runs the reconstruction or the backward products in half precision.
 :func:`sym_eig` exposes one decomposition to several consumers (eigenvalues for a dispersion, a power for the
 scaling) so a layer pays for one ``eigh`` where the math needs one.
 
-Every fast path has a plain-autograd ``*_ref`` twin (:func:`sym_funcm_ref`) used by the tests.
+Every fast path has a plain-autograd ``*_ref`` twin (:mod:`.spectral_ref`) used by the tests; the eigenvalue
+functions and their cancellation-free divided differences are in :mod:`._spectral_specs`.
 
 **What is refused, what is returned** (no silent NaN):
 
@@ -63,20 +64,32 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ._autograd import anchor_inputs, once_differentiable
 from ._spectral_checks import _advice, _all_finite, _check_domain, _reconstruct, _reconstruct_exp
+from ._spectral_specs import (  # noqa: F401 - _dd_pow, _INV, _SQRT: imported from here by other modules
+    _EXP,
+    _INV,
+    _INVSQRT,
+    _LOG,
+    _POW,
+    _SQRT,
+    PowFn,
+    ScalarFn,
+    _dd_pow,
+    _reeig_log_spec,
+    _reeig_spec,
+    _Spec,
+)
 from .validation import check_symmetric, strict_inputs_enabled
 
 __all__ = [
     "sym",
     "sym_funcm",
-    "sym_funcm_ref",
     "sym_logm",
     "sym_expm",
     "sym_sqrtm",
@@ -88,41 +101,12 @@ __all__ = [
     "sym_reeig_logm",
     "sym_eig",
     "SymEig",
-    "sym_logm_ref",
-    "sym_expm_ref",
-    "sym_sqrtm_ref",
-    "sym_invsqrtm_ref",
-    "sym_powm_ref",
-    "sym_reeig_ref",
 ]
-
-ScalarFn = Callable[[Tensor], Tensor]
-PowFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def sym(X: Tensor) -> Tensor:
     r"""Symmetric part :math:`\tfrac12 (X + X^\top)` of ``(..., n, n)`` matrices."""
     return 0.5 * (X + X.transpose(-1, -2))
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """An eigenvalue function ``f(lam, p)``, its derivative in ``lam`` and (optionally) in ``p``."""
-
-    f: PowFn
-    df: PowFn
-    dfdp: PowFn | None = None
-    #: stable divided difference ``(f(a) - f(b)) / (a - b)`` (equal to ``f'(a)`` at ``a == b``), if known
-    dd: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
-    #: near ties are judged by the gap relative to |λ| (scale-invariant functions: log, powers) or relative to
-    #: max(|λ|, 1) (exp and user functions, whose quotient loses accuracy with the absolute gap)
-    relative_gap: bool = False
-    #: public name, for messages
-    name: str = "sym_funcm"
-    #: eigenvalues the function is defined on: "pos" (λ > 0), "nonneg" (λ >= 0) or None (all reals)
-    domain: str | None = None
-    #: exp: reconstruct the overflowing eigenvalues apart (:func:`_reconstruct_exp`): ±inf entries, never NaN
-    overflows: bool = False
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -422,85 +406,6 @@ def sym_eig(X: Tensor) -> SymEig:
     return SymEig(X)
 
 
-# ---- eigenvalue functions -------------------------------------------------------------------------------------
-
-def _ratio(num: Tensor, h: Tensor, limit: Tensor | float) -> Tensor:
-    """``num / h`` with the value ``limit`` where ``h == 0`` (num is then 0 too)."""
-    zero = h == 0
-    return torch.where(zero, limit, num / torch.where(zero, torch.ones_like(h), h))
-
-
-def _dd_log(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
-    h = (a - b) / b  # (log a - log b)/(a - b) = log1p(h) / (h b)
-    return _ratio(torch.log1p(h), h, 1.0) / b
-
-
-def _dd_exp(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
-    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-    h = hi - lo  # (e^hi - e^lo)/(hi - lo) = e^lo expm1(h) / h
-    return torch.exp(lo) * _ratio(torch.expm1(h), h, 1.0)
-
-
-def _dd_pow(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
-    h = (a - b) / b  # (a^p - b^p)/(a - b) = b^(p-1) expm1(p log1p(h)) / h
-    return torch.pow(b, p - 1.0) * _ratio(torch.expm1(p * torch.log1p(h)), h, p)
-
-
-_LOG = _Spec(lambda l, p: torch.log(l), lambda l, p: 1.0 / l, dd=_dd_log, relative_gap=True, name="sym_logm",
-             domain="pos")
-_EXP = _Spec(lambda l, p: torch.exp(l), lambda l, p: torch.exp(l), dd=_dd_exp, name="sym_expm", overflows=True)
-_SQRT = _Spec(
-    lambda l, p: torch.sqrt(l), lambda l, p: 0.5 / torch.sqrt(l),
-    dd=lambda a, b, p: 1.0 / (torch.sqrt(a) + torch.sqrt(b)),
-    relative_gap=True, name="sym_sqrtm", domain="nonneg",
-)
-_INVSQRT = _Spec(
-    lambda l, p: torch.rsqrt(l), lambda l, p: -0.5 * torch.rsqrt(l) / l,
-    dd=lambda a, b, p: -1.0 / (torch.sqrt(a * b) * (torch.sqrt(a) + torch.sqrt(b))),
-    relative_gap=True, name="sym_invsqrtm", domain="pos",
-)
-_INV = _Spec(lambda l, p: 1.0 / l, lambda l, p: -1.0 / (l * l), dd=lambda a, b, p: -1.0 / (a * b), relative_gap=True,
-             name="sym_invm", domain="pos")
-_POW = _Spec(
-    lambda l, p: torch.pow(l, p),
-    lambda l, p: p * torch.pow(l, p - 1.0),
-    lambda l, p: torch.pow(l, p) * torch.log(l),
-    dd=_dd_pow,
-    relative_gap=True, name="sym_powm", domain="pos",
-)
-
-
-def _reeig_spec(threshold: float) -> _Spec:
-    return _Spec(
-        lambda l, p: torch.clamp(l, min=threshold),
-        lambda l, p: (l > threshold).to(l.dtype),
-        name="sym_reeig",
-    )
-
-
-def _reeig_log_spec(threshold: float) -> _Spec:
-    r""":math:`f(\lambda) = \log\max(\lambda, \epsilon)`: ReEig followed by the matrix logarithm."""
-
-    def f(lam: Tensor, p: Tensor) -> Tensor:
-        return torch.log(torch.clamp(lam, min=threshold))
-
-    def df(lam: Tensor, p: Tensor) -> Tensor:
-        above = lam > threshold
-        return torch.where(above, 1.0 / torch.where(above, lam, torch.ones_like(lam)), torch.zeros_like(lam))
-
-    def dd(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
-        # both above: the log's cancellation-free quotient; both at the floor: 0 (f is constant there); one on
-        # each side: a plain quotient (the pair straddles the threshold, so a != b)
-        ua, ub = a > threshold, b > threshold
-        one = torch.ones_like(a)
-        both = _dd_log(torch.where(ua & ub, a, one), torch.where(ua & ub, b, one), p)
-        diff = a - b
-        mixed = (f(a, p) - f(b, p)) / torch.where(ua ^ ub, diff, one)
-        return torch.where(ua & ub, both, torch.where(ua ^ ub, mixed, torch.zeros_like(a)))
-
-    return _Spec(f, df, dd=dd, relative_gap=True, name="sym_reeig_logm")
-
-
 def sym_funcm(X: Tensor, f: ScalarFn, df: ScalarFn) -> Tensor:
     r"""Apply an eigenvalue function to symmetric matrices, :math:`U f(\Lambda) U^\top`.
 
@@ -615,45 +520,3 @@ def sym_reeig_logm(X: Tensor, threshold: float = 1e-4) -> Tensor:
     if not math.isfinite(threshold) or threshold <= 0:
         raise ValueError(f"sym_reeig_logm: threshold must be a positive finite number, got {threshold}")
     return _apply(X, (_reeig_log_spec(threshold),))[0]
-
-
-# ---- plain-autograd references (eigh's own backward; NaN at repeated eigenvalues) -----------------------------
-
-
-def sym_funcm_ref(X: Tensor, f: ScalarFn) -> Tensor:
-    """Reference :func:`sym_funcm` differentiated by ``torch.linalg.eigh``'s autograd (for tests only)."""
-    lam, U = torch.linalg.eigh(X)
-    return _reconstruct(U, f(lam))
-
-
-def sym_logm_ref(X: Tensor) -> Tensor:
-    """Plain-autograd reference of :func:`sym_logm`."""
-    return sym_funcm_ref(X, torch.log)
-
-
-def sym_expm_ref(X: Tensor) -> Tensor:
-    """Plain-autograd reference of :func:`sym_expm`."""
-    return sym_funcm_ref(X, torch.exp)
-
-
-def sym_sqrtm_ref(X: Tensor) -> Tensor:
-    """Plain-autograd reference of :func:`sym_sqrtm`."""
-    return sym_funcm_ref(X, torch.sqrt)
-
-
-def sym_invsqrtm_ref(X: Tensor) -> Tensor:
-    """Plain-autograd reference of :func:`sym_invsqrtm`."""
-    return sym_funcm_ref(X, torch.rsqrt)
-
-
-def sym_powm_ref(X: Tensor, p: Tensor | float) -> Tensor:
-    """Plain-autograd reference of :func:`sym_powm`."""
-    lam, U = torch.linalg.eigh(X)
-    pt = torch.as_tensor(p, dtype=X.dtype, device=X.device)
-    pe = pt.unsqueeze(-1) if pt.dim() > 0 else pt
-    return _reconstruct(U, torch.pow(lam, pe))
-
-
-def sym_reeig_ref(X: Tensor, threshold: float = 1e-4) -> Tensor:
-    """Plain-autograd reference of :func:`sym_reeig`."""
-    return sym_funcm_ref(X, lambda l: torch.clamp(l, min=threshold))
