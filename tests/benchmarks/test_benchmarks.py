@@ -444,6 +444,14 @@ def test_optim_dry_run_counts_the_runs(tmp_path: Path) -> None:
     assert "0 already finished" in proc.stdout and " h, typically" in proc.stdout
 
 
+def test_optim_dry_run_counts_the_finished_runs_of_runs_dir(tmp_path: Path) -> None:
+    runs = tmp_path / "kept_runs"
+    (runs / "adamw" / "lr0.003_wd0.01" / "seed0").mkdir(parents=True)
+    (runs / "adamw" / "lr0.003_wd0.01" / "seed0" / "result.json").write_text("{}")
+    proc = bench("optim", "--dry-run", "--runs-dir", str(runs), "--out", str(tmp_path / "o.json"))
+    assert f"1 already finished in {runs}" in proc.stdout
+
+
 # ----------------------------------------------------------------------------------------------- scale
 class _OnePart:
     """The reducer of a batch "split" into a single part: the sum over parts is the tensor itself."""
