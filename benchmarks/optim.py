@@ -415,6 +415,7 @@ def chosen_runs(runs: Sequence[dict], name: str, choice: dict) -> list[dict]:
 def summarize_optim(runs: Sequence[dict], choices: dict[str, dict], cost: dict[str, dict],
                     tokens_per_step: int) -> list[dict]:
     rows = []
+    ref = _reference_target(runs, choices)
     for name, choice in choices.items():
         group = chosen_runs(runs, name, choice)
         train = [r["curves"][TRAIN_KEY][-1][1] for r in group if r["curves"].get(TRAIN_KEY)]
@@ -435,26 +436,20 @@ def summarize_optim(runs: Sequence[dict], choices: dict[str, dict], cost: dict[s
                      "final_val_loss": va, "final_val_loss_std": va_sd, "test_loss": te, "test_loss_std": te_sd,
                      "total_steps": steps[-1] if steps else None, "tokens_per_step": tokens_per_step,
                      "to_threshold": reach, **cost.get(name, {})})
-    _speedup_over_reference(rows, runs, choices)
+        if ref is not None:  # steps to AdamW's final loss; speed-up = AdamW's own step for it / this one (1.0 for
+            at = steps_to_reach(steps, vals, ref[0])  # AdamW; None if never reached): the papers' "x times faster"
+            rows[-1].update(reference_final_val=ref[0], to_reference_final=at,
+                            speedup=None if at is None or ref[1] is None else ref[1] / at)
     return rows
 
 
-def _speedup_over_reference(rows: list[dict], runs: Sequence[dict], choices: dict[str, dict]) -> None:
-    """Add ``to_reference_final`` and ``speedup``: the step at which each row's mean validation curve first
-    reaches the reference's (AdamW's) final mean validation loss, and the reference's own step for that loss
-    divided by it (how the papers state "x times faster than AdamW"; 1.0 for AdamW; ``None`` if never
-    reached). Both curves are means over the same seeds' runs of this study."""
+def _reference_target(runs: Sequence[dict], choices: dict[str, dict]) -> tuple[float, float | None] | None:
+    """The reference's (AdamW's) final mean validation loss and the step at which its own mean curve first reaches
+    it; ``None`` without a reference row."""
     if REFERENCE not in choices:
-        return
-    ref_steps, ref_vals = _mean_curve(chosen_runs(runs, REFERENCE, choices[REFERENCE]), VAL_KEY)
-    target = ref_vals[-1]
-    ref_at = steps_to_reach(ref_steps, ref_vals, target)
-    for r in rows:
-        steps, vals = _mean_curve(chosen_runs(runs, r["optimizer"], choices[r["optimizer"]]), VAL_KEY)
-        at = steps_to_reach(steps, vals, target)
-        r["reference_final_val"] = target
-        r["to_reference_final"] = at
-        r["speedup"] = None if at is None or ref_at is None else ref_at / at
+        return None
+    steps, vals = _mean_curve(chosen_runs(runs, REFERENCE, choices[REFERENCE]), VAL_KEY)
+    return vals[-1], steps_to_reach(steps, vals, vals[-1])
 
 
 def markdown(rows: Sequence[dict]) -> str:
