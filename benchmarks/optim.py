@@ -458,6 +458,10 @@ def markdown(rows: Sequence[dict]) -> str:
     def loss(v: float | None) -> str:
         return "div." if v is None or not math.isfinite(v) else f"{v:.3f}"
 
+    def pm(r: dict, key: str) -> str:  # mean ± std over seeds; one seed: its value (no spread to show)
+        one = r.get("seeds") == 1  # the number of seeds averaged
+        return f"{r[key]:.3f}" if one else f"{r[key]:.3f} ± {r[key + '_std']:.3f}"
+
     def cells(r: dict) -> list[str]:
         b = r["lr_bracket"]
         side = [f"{b[k]:g}: {loss(b[k + '_loss'])}" if b[k] is not None else "–" for k in ("below", "above")]
@@ -468,11 +472,10 @@ def markdown(rows: Sequence[dict]) -> str:
         for t in THRESHOLDS:
             x = r["to_threshold"][f"{t:g}"]
             reach.append("–" if x is None else f"{x['tokens'] / 1e6:.2f} M ({x['steps']:.0f})")
-        test = "n/a" if r["test_loss"] is None else f"{r['test_loss']:.3f} ± {r['test_loss_std']:.3f}"
+        test = "n/a" if r["test_loss"] is None else pm(r, "test_loss")
         at = r.get("to_reference_final")
         speed = "not reached" if at is None else f"{at:.0f} ({fmt(r.get('speedup'), '.2f')}×)"
-        return [r["optimizer"], lr, wd, f"{r['final_train_loss']:.3f} ± {r['final_train_loss_std']:.3f}",
-                f"{r['final_val_loss']:.3f} ± {r['final_val_loss_std']:.3f}", test, *reach, speed,
+        return [r["optimizer"], lr, wd, pm(r, "final_train_loss"), pm(r, "final_val_loss"), test, *reach, speed,
                 f"{r.get('step_ms', nan):.2f} ms ({fmt(r.get('step_ratio'), '.2f')}×, "
                 f"{fmt(None if r.get('step_share') is None else 100 * r['step_share'], '.0f')} %)",
                 f"{r.get('state_bytes_per_param', nan):.1f} / {r.get('matrix_state_bytes_per_param', nan):.1f}"]

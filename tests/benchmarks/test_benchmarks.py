@@ -431,6 +431,24 @@ def test_optim_a_failing_run_stops_the_study_and_is_not_cached(tmp_path: Path) -
     assert not (run_dir(tmp_path, key) / "result.json").exists()
 
 
+@pytest.mark.parametrize("report_name", ["bench_optim_corpus.json", "bench_optim_small.json"])
+def test_optim_tables_of_the_docs_are_the_saved_reports(report_name: str) -> None:
+    """docs/benchmarks.md shows each study's table as summarized again from its saved report (runs, choices,
+    step costs): a changed summary or a hand-edited cell fails here."""
+    from benchmarks.optim import _resummarize, markdown
+
+    report = ROOT / "docs" / "bench" / report_name
+    rows = _resummarize(report, {})
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    lines = [ln for ln in markdown(rows).splitlines() if ln.startswith("| ") and not ln.startswith("| optimizer")]
+    assert len(lines) == 7
+    missing = [ln for ln in lines if ln not in docs]
+    assert not missing, f"rows of {report_name} not in docs/benchmarks.md: {missing}"
+    saved = json.loads(report.read_text())
+    for r, old in zip(rows, saved["rows"], strict=True):
+        assert r["final_val_loss"] == old["final_val_loss"] and r["speedup"] == old["speedup"], r["optimizer"]
+
+
 def test_optim_refuses_the_old_lm_char_report(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "optim", "--from-json",
                            str(ROOT / "docs" / "bench" / "bench_optim.json"), "--out", str(tmp_path / "o.json")],
