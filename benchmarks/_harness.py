@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -120,9 +121,29 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def env_info(suite: str) -> dict[str, str]:
-    """The head of every report: the suite and the torch version."""
-    return {"suite": suite, "torch": torch.__version__}
+def cpu_info() -> dict[str, Any]:
+    """The CPU a report was measured on: model name, logical cores, torch's kernel level and whether it has
+    bfloat16 instructions (``avx512_bf16``/``amx_bf16``; without them a bfloat16 matrix product on CPU is emulated
+    and several times slower than float32)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux
+        pass
+    return {"model": model, "logical_cores": os.cpu_count(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_instructions": sorted(flags & {"avx512_bf16", "amx_bf16"})}
+
+
+def env_info(suite: str) -> dict[str, Any]:
+    """The head of every report: the suite, the torch version and the CPU (:func:`cpu_info`)."""
+    return {"suite": suite, "torch": torch.__version__, "cpu": cpu_info()}
 
 
 def default_out(suite: str) -> Path:

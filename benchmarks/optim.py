@@ -503,19 +503,28 @@ def _vocab_size(source: str) -> int:
 
 
 def step_cost(names: Sequence[str], quick: bool, size: str, repeats: int | None = None,
-              extra: Sequence[str] = ()) -> dict[str, dict]:
+              extra: Sequence[str] = (), ns_dtypes: Sequence[str] = ()) -> dict[str, dict]:
     """Median ms of ``optimizer.step()`` (ratio to AdamW's, share of forward + backward + step) and state bytes
-    per parameter of every variant at its config's default lr, the same model, batch and gradients."""
+    per parameter of every variant at its config's default lr, the same model, batch and gradients.
+
+    ``ns_dtypes``: the Newton–Schulz rows (configs with ``matrix.ns_dtype``) are measured once per precision
+    instead, as ``"<name> (ns <dtype>)"``, in the same round-robin."""
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
     from manifoldnorm.optim import hidden_matrices
 
-    setups, vocab, batch, cfg = {}, None, None, None
+    entries: list[tuple[str, str, tuple[str, ...]]] = []  # (label, row, overrides)
     for name in names:
-        v = BY_NAME[name]
+        if ns_dtypes and BY_NAME[name].config in NS_CONFIGS:
+            entries += [(f"{name} (ns {d})", name, (f"optimizer.matrix.ns_dtype={d}",)) for d in ns_dtypes]
+        else:
+            entries.append((name, name, ()))
+    setups, vocab, batch, cfg = {}, None, None, None
+    for name, row, own in entries:
+        v = BY_NAME[row]
         cfg = _compose([f"optimizer={v.config}", *v.extra, *SIZES[size], *(QUICK_OVERRIDES if quick else ()),
-                        *extra])
+                        *extra, *own])
         vocab = vocab or _vocab_size(cfg.data.source)
         with open_dict(cfg):
             cfg.data_info = {"vocab_size": vocab, "block_size": cfg.data.block_size}
@@ -556,7 +565,18 @@ def step_cost(names: Sequence[str], quick: bool, size: str, repeats: int | None 
     return cost
 
 
+def cost_markdown(cost: dict[str, dict]) -> str:
+    """The ``--cost-only`` table: step time, its ratio to AdamW's and share of the training step, state bytes."""
+    return md_table(["optimizer", "optimizer.step() ms", "vs AdamW", "forward+backward ms", "share of step",
+                     "state bytes/param (all / matrices)"],
+                    [[k, f"{c['step_ms']:.2f}", fmt(c["step_ratio"], ".2f") + "×", f"{c['fwd_bwd_ms']:.1f}",
+                      f"{100 * c['step_share']:.0f} %",
+                      f"{c['state_bytes_per_param']:.1f} / {c['matrix_state_bytes_per_param']:.1f}"]
+                     for k, c in cost.items()])
+
+
 # ------------------------------------------------------------------------- Newton–Schulz step cost (--step-only)
+NS_CONFIGS = ("muon", "normuon")  # optimizer configs with a Newton–Schulz precision (matrix.ns_dtype)
 SYNTHETIC_SHAPES = ((256, 256),) * 12 + ((256, 1024),) * 4
 NS_PRECISIONS = ("bfloat16", "float32")
 TORCH_MUON = "torch.optim.Muon"
@@ -682,6 +702,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="base: lm_corpus's 4 x 128 GPT; small: lm_char's 2 x 96 (a check)")
     parser.add_argument("--step-only", action="store_true",
                         help="only time step() of torch.optim.Muon, Muon and NorMuon (bf16 and float32 Newton-Schulz)")
+    parser.add_argument("--cost-only", action="store_true",
+                        help="only measure the study's step costs (step time, share of the step, state bytes) of "
+                             "--optimizers on the --size model, no training")
+    parser.add_argument("--ns-dtypes", nargs="+", default=[], choices=list(NS_PRECISIONS),
+                        help="with --cost-only: measure the Newton-Schulz rows once per precision (same run)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -750,6 +775,7 @@ def _resummarize(path: Path, meta: dict) -> list[dict]:
     cost = {r["optimizer"]: {k: r[k] for k in keys if k in r} for r in saved["rows"]}
     rows = summarize_optim(saved["runs"], saved["plans"], cost, saved["tokens_per_step"])
     print(markdown(rows))
+    meta.pop("cpu", None)  # the step costs are the saved report's: so is its CPU (absent in older reports)
     meta.update({k: v for k, v in saved.items() if k not in ("rows", "suite", "torch")})
     return rows
 
@@ -775,6 +801,17 @@ def main(argv: list[str] | None = None) -> dict:
         meta.update(mode="step_only", quick=args.quick, timer="time.process_time, 1 thread, median, round-robin",
                     rounds=args.repeats or (3 if args.quick else 25))
         return write_report(out, meta, rows)
+    if args.cost_only:
+        out = args.out or default_out("optim_cost")
+        with torch_threads(1):
+            cost = step_cost(args.optimizers, args.quick, args.size, args.repeats, args.override, args.ns_dtypes)
+        print(cost_markdown(cost))
+        meta.update(mode="cost_only", size=args.size, quick=args.quick, overrides=args.override,
+                    ns_dtypes=args.ns_dtypes, timer="time.process_time, 1 thread, median, round-robin",
+                    rounds=args.repeats or (3 if args.quick else 30))
+        return write_report(out, meta, [{"optimizer": k, **c} for k, c in cost.items()])
+    elif args.ns_dtypes:
+        raise SystemExit("--ns-dtypes applies to --cost-only only (the study runs each optimizer's config)")
     out = args.out or default_out("optim")
     runs_dir = args.runs_dir or out.parent / f"{out.stem}_runs"
     if args.from_json:

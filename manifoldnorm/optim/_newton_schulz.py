@@ -14,7 +14,8 @@ __all__ = ["NS_COEFFICIENTS", "ADJUST_LR_MODES", "NS_DTYPE", "newton_schulz", "a
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
 #: Default precision of the Newton–Schulz iteration in the optimizers: bfloat16, as ``torch.optim.Muon``, Jordan et
-#: al.'s and the NorMuon authors' code (on CPUs with bfloat16 matrix units about twice as fast as float32).
+#: al.'s and the NorMuon authors' code (on CPUs with bfloat16 matrix units about twice as fast as float32; on CPUs
+#: without bfloat16 instructions, where it is emulated, about 3x slower: pass ``ns_dtype="float32"`` there).
 NS_DTYPE: str = "bfloat16"
 
 #: Valid learning-rate shape adjustments; ``None`` means ``"original"``.

@@ -291,8 +291,10 @@ class Muon(_NewtonSchulzOptimizer):
     ns_dtype : torch.dtype, str or None, default "bfloat16"
         Precision of Newton–Schulz: bfloat16 as ``torch.optim.Muon`` (which has no other choice) and the reference
         code; ``None`` iterates in the parameter's dtype, ``"float32"``/``"float64"`` in that precision. Cost of
-        float32 on a CPU with bfloat16 matrix units (``python -m benchmarks optim --step-only``): about 1.9x the
-        bfloat16 step on 256x256..256x1024 matrices, about 0.9x on the 96-wide lm_char matrices.
+        float32 (``python -m benchmarks optim --step-only``) depends on the hardware: on a CPU with bfloat16 matrix
+        units about 1.9x the bfloat16 step on 256x256..256x1024 matrices (0.9x on 96-wide ones); on a CPU without
+        bfloat16 instructions (no ``avx512_bf16``/``amx_bf16``, where bfloat16 products are emulated) about 0.3x,
+        so there ``"float32"`` is the fast choice.
     distributed : bool, default True
         Under an initialised ``torch.distributed`` group of more than one rank (DDP), run each matrix's
         Newton–Schulz on one rank and all-gather the results: bit-identical to the single-process step, every rank

@@ -449,6 +449,30 @@ def test_optim_tables_of_the_docs_are_the_saved_reports(report_name: str) -> Non
         assert r["final_val_loss"] == old["final_val_loss"] and r["speedup"] == old["speedup"], r["optimizer"]
 
 
+def test_optim_cost_only_measures_both_newton_schulz_precisions_in_one_run(tmp_path: Path) -> None:
+    out = tmp_path / "cost.json"
+    proc = bench("optim", "--cost-only", "--quick", "--optimizers", "adamw", "muon", "sinkgd",
+                 "--ns-dtypes", "bfloat16", "float32", "--out", str(out))
+    data = report(out, "optim")
+    assert data["mode"] == "cost_only" and data["ns_dtypes"] == ["bfloat16", "float32"]
+    assert set(data["cpu"]) == {"model", "logical_cores", "capability", "bf16_instructions"}
+    rows = {r["optimizer"]: r for r in data["rows"]}
+    # only the Newton-Schulz row is split by precision; AdamW is the denominator of the same run
+    assert list(rows) == ["adamw", "muon (ns bfloat16)", "muon (ns float32)", "sinkgd"]
+    assert rows["adamw"]["step_ratio"] == 1.0
+    for r in rows.values():
+        assert positive(r["step_ms"]) and 0.0 < r["step_share"] < 1.0
+        assert math.isclose(r["step_ratio"], r["step_ms"] / rows["adamw"]["step_ms"])
+    assert rows["muon (ns float32)"]["matrix_state_bytes_per_param"] == pytest.approx(4.0, rel=0.01)
+    assert "| muon (ns float32) |" in proc.stdout
+
+
+def test_optim_ns_dtypes_outside_cost_only_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "optim", "--dry-run", "--ns-dtypes", "float32",
+                           "--out", str(tmp_path / "o.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--ns-dtypes applies to --cost-only only" in proc.stderr
+
+
 def test_optim_refuses_the_old_lm_char_report(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "optim", "--from-json",
                            str(ROOT / "docs" / "bench" / "bench_optim.json"), "--out", str(tmp_path / "o.json")],
