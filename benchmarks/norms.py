@@ -41,6 +41,11 @@ later, so that a slow phase of the shared machine hits all of them alike), media
   already exceeds :data:`FLOOR_TARGET`, the floor target cannot be met with the step's number of ATen calls in
   eager mode; ``ours/(+ dispatch)`` is what is left (Python between the calls, autograd bookkeeping, the work of
   the elementwise ops beyond a one-element add).
+* **bare** (LieBN-LCM, -LEM, -AIM without domains): the layer's formula alone in plain autograd
+  (:mod:`benchmarks._bare`: batch statistics, no running-statistics update, no checks, ``torch.linalg``'s own
+  backward), equal to the layer in float64 (``tests/benchmarks/test_bare.py``). ``ours/bare`` is the price of what
+  the layer adds; with ``--against``, ``bare/old`` above a ``new/old`` target means no eager implementation with
+  the formula's calls meets it (the verdict says so: "below the bare formula").
 * **old** (``--against REV_OR_PATH``): the same layer (name, size, seed, inputs, dtype, threads) built from
   another source tree, timed by a persistent worker subprocess (``benchmarks/_norms_worker.py`` run with
   ``PYTHONPATH=<tree>``; a revision is checked out with ``git worktree add --detach`` in a temporary folder and
@@ -74,8 +79,9 @@ JSON (``outputs/bench_norms.json``): ``{"suite", "torch", "timer", "validate", "
 "rounds", "ms", "ref_ms", "ours_over_ref", "floor_ms", "ours_over_floor", "floor_ok", "floor_prod_ms",
 "ours_over_floor_prod", "floor_prod_over_floor", "floor_eager_ms", "ours_over_floor_eager", "floor_eager_over_floor",
 "products", "aten_ops", "decompositions": {"calls",
-"matrices", "by_kind", "shapes"}, "old_ms", "new_over_old", "old_target", "old_met", "old_decompositions",
-"old_note", "out_rel_err", "grad_rel_err", "published_ms", "published_source"}, ...]}`` (``old_*``: ``None``
+"matrices", "by_kind", "shapes"}, "bare_ms", "ours_over_bare", "bare_over_old", "old_ms", "new_over_old",
+"old_target", "old_met", "old_decompositions", "old_note", "out_rel_err", "grad_rel_err", "published_ms",
+"published_source"}, ...]}`` (``old_*``: ``None``
 without ``--against``).
 """
 
@@ -101,6 +107,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks._bare import bare_call
 from benchmarks._harness import (
     ROOT,
     Clock,
@@ -680,13 +687,16 @@ def bench_norms(norms: Sequence[str], sizes: Sequence[tuple[int, int]], dtypes: 
                 products, aten_ops = record_products(ours)
                 twin = reference_call(name, layer, feats, d)
                 ref = train_step(twin[0], twin[1], X, G, tick) if twin is not None else None
+                bare_fn = bare_call(name, layer) if d is None else None
+                bare = train_step(bare_fn, layer, X, G, tick) if bare_fn is not None else None
                 floor = floor_step(floor_calls(calls), tick)
                 floor_prod = floor_step(floor_calls(calls) + product_calls(products), tick)
                 others = aten_ops - len(products) - len(calls)
                 floor_eager = floor_step(floor_calls(calls) + product_calls(products) + dispatch_calls(others), tick)
                 for t in threads:
                     with torch_threads(t):
-                        steps = {"ours": ours, **({"ref": ref} if ref is not None else {}), "floor": floor,
+                        steps = {"ours": ours, **({"ref": ref} if ref is not None else {}),
+                                 **({"bare": bare} if bare is not None else {}), "floor": floor,
                                  "floor_prod": floor_prod, "floor_eager": floor_eager}
                         old_reply = other.setup(name, feats, X64, G64, d, dom, dtype, t) if other else None
                         if old_reply is not None and old_reply.get("ok"):
@@ -712,6 +722,7 @@ def _row(name: str, n: int, N: int, dtype: torch.dtype, threads: int, domains: i
     prod_ms = _median_ms(times.get("floor_prod"))
     eager_ms = _median_ms(times.get("floor_eager"))
     old_ms = _median_ms(times.get("old"))
+    bare_ms = _median_ms(times.get("bare"))
     pub_ms, pub_src = published(name, n, N, dtype, threads, domains)
     floor_ratio = _ratio(ms, floor_ms)
     new_old = _ratio(ms, old_ms)
@@ -730,6 +741,7 @@ def _row(name: str, n: int, N: int, dtype: torch.dtype, threads: int, domains: i
         "floor_eager_ms": eager_ms, "ours_over_floor_eager": _ratio(ms, eager_ms),
         "floor_eager_over_floor": _ratio(eager_ms, floor_ms),
         "decompositions": summarize_decompositions(calls),
+        "bare_ms": bare_ms, "ours_over_bare": _ratio(ms, bare_ms), "bare_over_old": _ratio(bare_ms, old_ms),
         "old_ms": old_ms, "new_over_old": new_old, "old_target": target,
         "old_met": None if target is None or new_old is None else bool(new_old <= target),
         "old_decompositions": ({"calls": old_reply["calls"], "matrices": old_reply["matrices"]}
@@ -747,17 +759,21 @@ def _targets_cell(r: dict) -> str:
         parts.append(f"floor ≤{FLOOR_TARGET:g}×: {'ok' if r['floor_ok'] else 'not met'}")
     if r["old_target"] is not None:
         verdict = "n/a" if r["old_met"] is None else ("met" if r["old_met"] else "not met")
+        floor = r.get("bare_over_old")
+        if r["old_met"] is False and floor is not None and floor > r["old_target"]:
+            verdict += f", below the bare formula ({floor:.2f}× old)"
         parts.append(f"new/old ≤{r['old_target']:g}×: {verdict}")
     return "; ".join(parts) or "—"
 
 
 def markdown(rows: Sequence[dict], overhead: Sequence[dict] = (), against: str | None = None) -> str:
     """The norms table (and the ``validate=True`` overhead table) in Markdown."""
-    head = ["norm", "n", "N", "dtype", "threads", "ms", "ref ms", "ours/ref", "floor ms", "ours/floor",
+    head = ["norm", "n", "N", "dtype", "threads", "ms", "ref ms", "ours/ref", "bare ms", "ours/bare", "floor ms",
+            "ours/floor",
             "decomp. calls / matrices", "+ products ms", "ours/(+ products)", "+ dispatch ms",
             "(+ dispatch)/floor", "ours/(+ dispatch)", "products / ATen ops"]
     if against:
-        head += [f"old ms ({against})", "new/old", "old decomp."]
+        head += [f"old ms ({against})", "new/old", "bare/old", "old decomp."]
     head += ["out rel err", "grad rel err", "targets (same run)",
              "published ms, other day/machine (source)"]
 
@@ -765,14 +781,16 @@ def markdown(rows: Sequence[dict], overhead: Sequence[dict] = (), against: str |
         dec = r["decompositions"]
         name = r["norm"] + (f" ({r['domains']} domains)" if r["domains"] else "")
         out = [name, r["n"], r["N"], r["dtype"], r["threads"], fmt(r["ms"], ".2f"), fmt(r["ref_ms"], ".2f"),
-               fmt(r["ours_over_ref"], ".2f"), fmt(r["floor_ms"], ".2f"), fmt(r["ours_over_floor"], ".2f"),
+               fmt(r["ours_over_ref"], ".2f"), fmt(r.get("bare_ms"), ".2f", "—"),
+               fmt(r.get("ours_over_bare"), ".2f", "—"),
+               fmt(r["floor_ms"], ".2f"), fmt(r["ours_over_floor"], ".2f"),
                f"{dec['calls']} / {dec['matrices']}", fmt(r.get("floor_prod_ms"), ".2f"),
                fmt(r.get("ours_over_floor_prod"), ".2f"), fmt(r.get("floor_eager_ms"), ".2f"),
                fmt(r.get("floor_eager_over_floor"), ".2f"), fmt(r.get("ours_over_floor_eager"), ".2f"),
                f"{r.get('products', '—')} / {r.get('aten_ops', '—')}"]
         if against:
             old = r["old_decompositions"]
-            out += [fmt(r["old_ms"], ".2f"), fmt(r["new_over_old"], ".2f"),
+            out += [fmt(r["old_ms"], ".2f"), fmt(r["new_over_old"], ".2f"), fmt(r.get("bare_over_old"), ".2f", "—"),
                     "n/a" if old is None else f"{old['calls']} / {old['matrices']}"]
         pub = "—" if r["published_ms"] is None else f"{r['published_ms']:g} ({r['published_source']})"
         return [*out, fmt(r["out_rel_err"], ".1e"), fmt(r["grad_rel_err"], ".1e"), _targets_cell(r), pub]

@@ -90,7 +90,7 @@ def test_norms_quick(tmp_path: Path) -> None:
 
     out = tmp_path / "norms.json"
     proc = bench("norms", "--quick", "--out", str(out))
-    assert ("| norm | n | N | dtype | threads | ms | ref ms | ours/ref | floor ms | ours/floor | "
+    assert ("| norm | n | N | dtype | threads | ms | ref ms | ours/ref | bare ms | ours/bare | floor ms | ours/floor | "
             "decomp. calls / matrices | + products ms | ours/(+ products) | + dispatch ms | (+ dispatch)/floor | "
             "ours/(+ dispatch) | products / ATen ops | out rel err |") in proc.stdout
     assert "published ms, other day/machine (source)" in proc.stdout and "old ms" not in proc.stdout
@@ -110,6 +110,11 @@ def test_norms_quick(tmp_path: Path) -> None:
         ratio_of(r, "ms", "floor_prod_ms", "ours_over_floor_prod")
         ratio_of(r, "ms", "floor_eager_ms", "ours_over_floor_eager")
         ratio_of(r, "floor_eager_ms", "floor_ms", "floor_eager_over_floor")
+        if r["norm"] in ("liebn_lcm", "liebn_lem", "liebn_aim"):  # the bare formula, timed in the same run
+            ratio_of(r, "ms", "bare_ms", "ours_over_bare")
+        else:
+            assert r["bare_ms"] is r["ours_over_bare"] is None
+        assert r["bare_over_old"] is None
         dec = r["decompositions"]
         # the higher floors replay more calls: decompositions <= + products <= + dispatch <= every ATen call
         assert dec["calls"] + r["products"] <= r["aten_ops"]
@@ -142,7 +147,7 @@ def test_norms_against_a_tree_and_with_domains(tmp_path: Path) -> None:
     out = tmp_path / "norms.json"
     proc = bench("norms", "--quick", "--dtypes", "float64", "--norms", "liebn_lcm", "liebn_aim", "dsliebn_lem",
                  "--domains", "9", "--against", str(ROOT), "--out", str(out))
-    assert f"| old ms ({ROOT}) | new/old | old decomp. |" in proc.stdout
+    assert f"| old ms ({ROOT}) | new/old | bare/old | old decomp. |" in proc.stdout
     data = report(out, "norms")
     assert Path(data["against"]["tree"]) == ROOT and not data["against"]["worktree"]
     assert Path(data["against"]["manifoldnorm"]) == ROOT / "manifoldnorm"
@@ -153,6 +158,10 @@ def test_norms_against_a_tree_and_with_domains(tmp_path: Path) -> None:
         ratio = ratio_of(r, "ms", "old_ms", "new_over_old")
         ratio_of(r, "ms", "ref_ms", "ours_over_ref")
         ratio_of(r, "ms", "floor_ms", "ours_over_floor")
+        if name == "dsliebn_lem":  # no bare formula for a domain-aware layer
+            assert r["bare_ms"] is r["bare_over_old"] is None
+        else:
+            ratio_of(r, "bare_ms", "old_ms", "bare_over_old")
         dec = r["decompositions"]  # the same tree: the worker counts the same decompositions
         assert r["old_decompositions"] == {"calls": dec["calls"], "matrices": dec["matrices"]} and r["old_note"] is None
         assert r["old_target"] == old_target(name, 16)

@@ -1,0 +1,63 @@
+"""The bare LieBN formulas of the norms benchmark equal the layers (float64: output, input and parameter gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks._bare import BARE, bare_call
+from benchmarks.norms import build_layer, make_case
+
+
+def _grads(fn, layer, X: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    layer.zero_grad(set_to_none=True)
+    x = X.clone().requires_grad_()
+    y = fn(x)
+    (y * G).sum().backward()
+    return y.detach(), x.grad, layer.weight.grad, layer.shift.grad
+
+
+def _sym(g: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (g + g.mT)
+
+
+@pytest.mark.parametrize("name", sorted(BARE))
+@pytest.mark.parametrize("size", [(5, 7), (20, 32)])
+def test_bare_formula_equals_the_layer(name: str, size: tuple[int, int]) -> None:
+    n, N = size
+    feats, X, G = make_case(name, n, N)
+    layer = build_layer(name, feats, None, torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a bias away from the identity and a dispersion away from one
+        A = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        layer.weight.copy_(A @ A.T / n + torch.eye(n, dtype=torch.float64))
+        layer.shift.fill_(1.7)
+    fn = bare_call(name, layer)
+    assert fn is not None
+    bare = _grads(fn, layer, X, G)
+    ours = _grads(layer, layer, X, G)
+    for what, a, b in zip(("output", "input grad", "weight grad", "shift grad"), bare, ours, strict=True):
+        a, b = (a, b) if what in ("output", "shift grad") else (_sym(a), _sym(b))
+        err = float((a - b).norm() / b.norm())
+        assert err < 1e-12, f"{name} {what}: relative error {err:.1e}"
+
+
+def test_bare_formula_declines_settings_it_does_not_cover() -> None:
+    from manifoldnorm.nn import create_norm_layer
+
+    assert bare_call("liebn_crim", create_norm_layer("liebn_crim", 4)) is None
+    assert bare_call("liebn_aim", create_norm_layer("liebn_aim", 4, theta=0.5)) is None
+    assert bare_call("liebn_lem", create_norm_layer("liebn_lem", 4, karcher_steps=2)) is None
+    assert bare_call("liebn_lcm", create_norm_layer("liebn_lcm", 4, detach_var=True)) is None
+    assert bare_call("liebn_lcm", create_norm_layer("liebn_lcm", 4)) is not None
+
+
+def test_the_verdict_names_the_bare_formula_when_it_stops_a_target() -> None:
+    from benchmarks.norms import _targets_cell
+
+    row = {"floor_ok": False, "old_target": 0.6, "old_met": False, "bare_over_old": 0.8}
+    assert _targets_cell(row) == "floor ≤1.5×: not met; new/old ≤0.6×: not met, below the bare formula (0.80× old)"
+    row["bare_over_old"] = 0.5  # the formula alone would meet it: the layer's own overhead is what misses it
+    assert _targets_cell(row) == "floor ≤1.5×: not met; new/old ≤0.6×: not met"
+    row.update(old_met=True, bare_over_old=0.8)
+    assert _targets_cell(row).endswith("new/old ≤0.6×: met")
