@@ -53,7 +53,9 @@ later, so that a slow phase of the shared machine hits all of them alike), media
   over a line protocol of JSON objects on the worker's stdin/stdout. A norm, or a keyword, that the other tree
   does not have gives n/a.
 
-Times are process CPU (``time.process_time``, summed over all threads; ``--clock wall`` for wall time), rounds
+Each row runs this process and the ``--against`` worker on the same first ``threads`` CPUs (:func:`pinned_cpus`,
+``--no-pin`` to leave them to the scheduler; the row's ``cpus``). Times are process CPU
+(``time.process_time``, summed over all threads; ``--clock wall`` for wall time), rounds
 adaptive (about :data:`BUDGET_S` seconds per row, 3 to 25 rounds; ``--repeats`` fixes them). Every ratio printed
 (``ours/ref``, ``ours/floor``, ``new/old``) is a quotient of two medians of the same row of the same run. The only
 targets judged are same-run ratios: ``ours/floor ≤`` :data:`FLOOR_TARGET` ("floor ok") and, with ``--against``,
@@ -98,7 +100,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -667,7 +670,8 @@ def validation_overhead(fast: nn.Module, checked: nn.Module, X: torch.Tensor, G:
 
 def bench_norms(norms: Sequence[str], sizes: Sequence[tuple[int, int]], dtypes: Sequence[torch.dtype],
                 threads: Sequence[int], repeats: int | None, domains: int | None = None,
-                other: OtherTree | None = None, clock: str = "cpu") -> tuple[list[dict], list[dict]]:
+                other: OtherTree | None = None, clock: str = "cpu",
+                pin: bool = True) -> tuple[list[dict], list[dict]]:
     """Rows of the norms table and the ``validate=True`` overhead (first size, first dtype, first thread count)."""
     tick = CLOCKS[clock]
     rows, overhead = [], []
@@ -694,7 +698,7 @@ def bench_norms(norms: Sequence[str], sizes: Sequence[tuple[int, int]], dtypes: 
                 others = aten_ops - len(products) - len(calls)
                 floor_eager = floor_step(floor_calls(calls) + product_calls(products) + dispatch_calls(others), tick)
                 for t in threads:
-                    with torch_threads(t):
+                    with torch_threads(t), pinned_cpus(t, other, pin) as cpus:
                         steps = {"ours": ours, **({"ref": ref} if ref is not None else {}),
                                  **({"bare": bare} if bare is not None else {}), "floor": floor,
                                  "floor_prod": floor_prod, "floor_eager": floor_eager}
@@ -704,7 +708,7 @@ def bench_norms(norms: Sequence[str], sizes: Sequence[tuple[int, int]], dtypes: 
                         times, rounds = time_row(steps, repeats)
                         rows.append(_row(name, n, N, dtype, t, dom, rounds, times, calls, old_reply, errs,
                                          other is not None))
-                        rows[-1].update(products=len(products), aten_ops=aten_ops)
+                        rows[-1].update(products=len(products), aten_ops=aten_ops, cpus=cpus)
                         if si == 0 and dtype == dtypes[0] and t == threads[0]:
                             checked = build_layer(name, feats, dom, dtype, validate=True)
                             ms_f, ms_v = validation_overhead(layer, checked, X, G, d, 5 if repeats else 15, tick)
@@ -807,6 +811,33 @@ def markdown(rows: Sequence[dict], overhead: Sequence[dict] = (), against: str |
     return "\n\n".join(parts)
 
 
+@contextmanager
+def pinned_cpus(count: int, other: OtherTree | None, enabled: bool = True) -> Iterator[list[int] | None]:
+    """Run this process and the ``--against`` worker on the same first ``count`` CPUs they may use (restored
+    afterwards); yields them, or ``None`` where nothing is pinned (disabled, not Linux, or ``count`` covers all).
+
+    On a virtual machine whose cores are unequally slowed by the host (CPU steal), two processes left to the
+    scheduler run on different cores at different speeds, and a ratio between them measures the cores: unpinned,
+    ``new/old`` of one row (LieBN-LCM and -AIM, 20x32, float64, one thread) moved between 0.69 and 1.25 over three
+    runs on a 2-core machine; pinned to one core, between 0.81 and 0.93. The contenders of this process run in turn
+    on one thread and share a core either way."""
+    cpus = sorted(os.sched_getaffinity(0)) if enabled and hasattr(os, "sched_setaffinity") else []
+    if not cpus or count >= len(cpus):
+        yield None
+        return
+    pids = [0] + ([other.proc.pid] if other is not None and other.proc is not None else [])
+    for pid in pids:
+        os.sched_setaffinity(pid, cpus[:count])
+    try:
+        yield cpus[:count]
+    finally:
+        for pid in pids:
+            try:
+                os.sched_setaffinity(pid, cpus)
+            except ProcessLookupError:  # the worker has exited
+                pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks norms", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n=16, N=32, 1 thread, 5 rounds (smoke run)")
@@ -825,6 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
                         help="cpu: process CPU time, all threads (default); wall: wall-clock time")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default: adaptive)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="do not pin this process and the --against worker to the same CPUs (see pin_cpus)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default outputs/bench_norms.json)")
     return parser
 
@@ -849,7 +882,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, RuntimeError) as err:
         parser.error(str(err))
     try:
-        rows, overhead = bench_norms(norms, sizes, dtypes, threads, repeats, args.domains, other, args.clock)
+        rows, overhead = bench_norms(norms, sizes, dtypes, threads, repeats, args.domains, other, args.clock,
+                                     args.pin)
     finally:
         if other is not None:
             other.close()
@@ -858,6 +892,7 @@ def main(argv: list[str] | None = None) -> dict:
             "timer": {"cpu": "time.process_time (process CPU, all threads)",
                       "wall": "time.perf_counter (wall)"}[args.clock],
             "validate": False, "floor_target": FLOOR_TARGET,
+            "pinned": "each row's processes to its first `threads` CPUs" if args.pin else None,
             "old_targets": {k: {"max_ratio": r, "max_n": m} for k, (r, m) in OLD_TARGETS.items()},
             "against": other.info if other is not None else None, "published_note": PUBLISHED_NOTE,
             "overhead": overhead}

@@ -154,6 +154,9 @@ def test_norms_against_a_tree_and_with_domains(tmp_path: Path) -> None:
     rows = {r["norm"]: r for r in data["rows"]}
     assert list(rows) == ["liebn_lcm", "liebn_aim", "dsliebn_lem"]
     assert rows["dsliebn_lem"]["domains"] == 9 and rows["liebn_aim"]["domains"] is None
+    # one thread: this process and the worker share one CPU (none pinned where there is only one)
+    assert all(r["cpus"] == ([min(os.sched_getaffinity(0))] if len(os.sched_getaffinity(0)) > 1 else None)
+               for r in rows.values())
     for name, r in rows.items():
         ratio = ratio_of(r, "ms", "old_ms", "new_over_old")
         ratio_of(r, "ms", "ref_ms", "ours_over_ref")
