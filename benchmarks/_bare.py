@@ -2,8 +2,10 @@ r"""The bare formulas of LieBN's training step: the same output as the layer, in
 
 For the ``norms`` benchmark's ``bare ms`` column: a LieBN training step (batch statistics, the batch mean
 detached, the batch variance differentiated, θ = 1, α = 1, β = 0, one Karcher step) written as plain-autograd
-PyTorch with nothing else: no running statistics, no input checks, no degenerate-batch rule, no dtype handling,
-autograd's own backward of ``cholesky`` and ``eigh``. What the layer does on top of the formula costs
+PyTorch with nothing else than Algorithm 1 asks for: the output and the update of the running mean (along the
+metric's geodesic, kept in the codomain of the deformation: log-Cholesky coordinates under LCM, the matrix
+logarithm under LEM, the SPD matrix under AIM) and running variance. No input checks, no degenerate-batch rule,
+no dtype handling, no SPD copy of the codomain means, autograd's own backward of ``cholesky`` and ``eigh``. What the layer does on top of the formula costs
 ``ms - bare ms``; a same-run target ``new/old`` below ``bare/old`` cannot be met by any eager implementation with
 this many calls (the formula itself costs more).
 
@@ -39,22 +41,36 @@ def _factor(d2: Tensor, shift: Tensor, eps: float) -> Tensor:
     return (shift / torch.sqrt(d2.mean(0) + eps)).unsqueeze(-1).unsqueeze(-1)
 
 
-def _lcm(x: Tensor, W: Tensor, shift: Tensor, eps: float) -> Tensor:
+def _running(st: dict, M: Tensor, d2: Tensor) -> None:
+    """Flat metrics: running mean and variance, ``R <- R + m (M - R)``, ``r <- (1 - m) r + m v``."""
+    m = st["momentum"]
+    with torch.no_grad():
+        st["R"].add_(M - st["R"], alpha=m)
+        st["r"].mul_(1.0 - m).add_(m * d2.mean(0))
+
+
+def _lcm(x: Tensor, W: Tensor, shift: Tensor, eps: float, st: dict) -> Tensor:
     Z = _psi(torch.linalg.cholesky(x))
-    Zc = Z - Z.detach().mean(0)
-    A = _psi(torch.linalg.cholesky(W)) + _factor(Zc.square().sum((-2, -1)), shift, eps) * Zc
+    M = Z.detach().mean(0)
+    Zc = Z - M
+    d2 = Zc.square().sum((-2, -1))
+    _running(st, M, d2)
+    A = _psi(torch.linalg.cholesky(W)) + _factor(d2, shift, eps) * Zc
     C = A.tril(-1) + torch.diag_embed(torch.diagonal(A, dim1=-2, dim2=-1).exp())
     return C @ C.mT
 
 
-def _lem(x: Tensor, W: Tensor, shift: Tensor, eps: float) -> Tensor:
+def _lem(x: Tensor, W: Tensor, shift: Tensor, eps: float, st: dict) -> Tensor:
     Z = _sym_fn(x, torch.log)
-    Zc = Z - Z.detach().mean(0)
-    A = _sym_fn(W, torch.log) + _factor(Zc.square().sum((-2, -1)), shift, eps) * Zc
+    M = Z.detach().mean(0)
+    Zc = Z - M
+    d2 = Zc.square().sum((-2, -1))
+    _running(st, M, d2)
+    A = _sym_fn(W, torch.log) + _factor(d2, shift, eps) * Zc
     return _sym_fn(A, torch.exp)
 
 
-def _aim(x: Tensor, W: Tensor, shift: Tensor, eps: float) -> Tensor:
+def _aim(x: Tensor, W: Tensor, shift: Tensor, eps: float, st: dict) -> Tensor:
     with torch.no_grad():  # one Karcher step from the arithmetic mean, then the whitening L^{-1}, L = chol(M)
         mu, V = torch.linalg.eigh(x.mean(0))
         half, ihalf = (V * mu.sqrt().unsqueeze(-2)) @ V.mT, (V * mu.rsqrt().unsqueeze(-2)) @ V.mT
@@ -63,24 +79,36 @@ def _aim(x: Tensor, W: Tensor, shift: Tensor, eps: float) -> Tensor:
         L = torch.linalg.cholesky(M)
         K = torch.linalg.solve_triangular(L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device), upper=False)
     lam, U = torch.linalg.eigh(K @ x @ K.mT)
-    c = _factor(lam.log().square().sum(-1), shift, eps)
+    d2 = lam.log().square().sum(-1)
+    with torch.no_grad():  # R <- R^1/2 (R^-1/2 M R^-1/2)^m R^1/2, r <- (1 - m) r + m v
+        m, R = st["momentum"], st["R"]
+        rho, Q = torch.linalg.eigh(R)
+        rh, rih = (Q * rho.sqrt().unsqueeze(-2)) @ Q.mT, (Q * rho.rsqrt().unsqueeze(-2)) @ Q.mT
+        R.copy_(rh @ _sym_fn(rih @ M @ rih, lambda e: e.pow(m)) @ rh)
+        st["r"].mul_(1.0 - m).add_(m * d2.mean(0))
+    c = _factor(d2, shift, eps)
     F = torch.linalg.cholesky(W) @ U
     return (F * lam.pow(c.squeeze(-1)).unsqueeze(-2)) @ F.mT
 
 
-#: norm -> its bare formula ``(x, weight, shift, eps) -> y``
-BARE: dict[str, Callable[[Tensor, Tensor, Tensor, float], Tensor]] = {
+#: norm -> its bare formula ``(x, weight, shift, eps, stats) -> y``; ``stats``: ``{"R", "r", "momentum"}``, the
+#: running mean (codomain) and variance, updated in place
+BARE: dict[str, Callable[[Tensor, Tensor, Tensor, float, dict], Tensor]] = {
     "liebn_lcm": _lcm, "liebn_lem": _lem, "liebn_aim": _aim,
 }
 
 
-def bare_call(name: str, layer: nn.Module) -> Callable[[Tensor], Tensor] | None:
-    """``x -> y``: the bare formula of ``name`` with ``layer``'s parameters, for a layer in the setting the formula
-    covers (θ = 1, α = 1, β = 0, one Karcher step, batch statistics); ``None`` otherwise."""
+def bare_call(name: str, layer: nn.Module) -> tuple[Callable[[Tensor], Tensor], dict] | None:
+    """``(x -> y, stats)``: the bare formula of ``name`` with ``layer``'s parameters and a copy of its running
+    statistics (``stats["R"]`` in the codomain, ``stats["r"]``; updated at every call), for a layer in the setting
+    the formula covers (θ = 1, α = 1, β = 0, one Karcher step, batch statistics); ``None`` otherwise."""
     fn = BARE.get(name)
     if fn is None or getattr(layer, "channels", 1) != 1 or (layer.theta, layer.alpha, layer.beta) != (1.0, 1.0, 0.0):
         return None
     if layer.karcher_steps != 1 or layer.train_momentum != 1.0 or not layer.detach_mean or layer.detach_var:
         return None
     W, shift, eps = layer.weight, layer.shift, layer.eps
-    return lambda x: fn(x, W, shift, eps)
+    with torch.no_grad():
+        st = {"R": layer.running_mean_phi.detach().clone(), "r": layer.running_var.detach().clone(),
+              "momentum": layer.momentum}
+    return (lambda x: fn(x, W, shift, eps, st)), st

@@ -42,8 +42,9 @@ later, so that a slow phase of the shared machine hits all of them alike), media
   eager mode; ``ours/(+ dispatch)`` is what is left (Python between the calls, autograd bookkeeping, the work of
   the elementwise ops beyond a one-element add).
 * **bare** (LieBN-LCM, -LEM, -AIM without domains): the layer's formula alone in plain autograd
-  (:mod:`benchmarks._bare`: batch statistics, no running-statistics update, no checks, ``torch.linalg``'s own
-  backward), equal to the layer in float64 (``tests/benchmarks/test_bare.py``). ``ours/bare`` is the price of what
+  (:mod:`benchmarks._bare`: Algorithm 1's output and running-statistics update, the running mean kept in the
+  codomain; no checks, no SPD copy of the means, ``torch.linalg``'s own backward), equal to the layer in float64,
+  running statistics included (``tests/benchmarks/test_bare.py``). ``ours/bare`` is the price of what
   the layer adds; with ``--against``, ``bare/old`` above a ``new/old`` target means no eager implementation with
   the formula's calls meets it (the verdict says so: "below the bare formula").
 * **old** (``--against REV_OR_PATH``): the same layer (name, size, seed, inputs, dtype, threads) built from
@@ -691,8 +692,8 @@ def bench_norms(norms: Sequence[str], sizes: Sequence[tuple[int, int]], dtypes: 
                 products, aten_ops = record_products(ours)
                 twin = reference_call(name, layer, feats, d)
                 ref = train_step(twin[0], twin[1], X, G, tick) if twin is not None else None
-                bare_fn = bare_call(name, layer) if d is None else None
-                bare = train_step(bare_fn, layer, X, G, tick) if bare_fn is not None else None
+                bare_twin = bare_call(name, layer) if d is None else None
+                bare = train_step(bare_twin[0], layer, X, G, tick) if bare_twin is not None else None
                 floor = floor_step(floor_calls(calls), tick)
                 floor_prod = floor_step(floor_calls(calls) + product_calls(products), tick)
                 others = aten_ops - len(products) - len(calls)

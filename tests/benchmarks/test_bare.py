@@ -32,14 +32,22 @@ def test_bare_formula_equals_the_layer(name: str, size: tuple[int, int]) -> None
         A = torch.randn(n, n, generator=gen, dtype=torch.float64)
         layer.weight.copy_(A @ A.T / n + torch.eye(n, dtype=torch.float64))
         layer.shift.fill_(1.7)
-    fn = bare_call(name, layer)
-    assert fn is not None
-    bare = _grads(fn, layer, X, G)
-    ours = _grads(layer, layer, X, G)
-    for what, a, b in zip(("output", "input grad", "weight grad", "shift grad"), bare, ours, strict=True):
-        a, b = (a, b) if what in ("output", "shift grad") else (_sym(a), _sym(b))
-        err = float((a - b).norm() / b.norm())
-        assert err < 1e-12, f"{name} {what}: relative error {err:.1e}"
+    twin = bare_call(name, layer)
+    assert twin is not None
+    fn, stats = twin
+    for step in range(2):  # the second step starts from the running statistics the first one left
+        X2 = X if step == 0 else X.flip(0) @ X.flip(0) / n + torch.eye(n, dtype=X.dtype)
+        bare = _grads(fn, layer, X2, G)
+        ours = _grads(layer, layer, X2, G)
+        for what, a, b in zip(("output", "input grad", "weight grad", "shift grad"), bare, ours, strict=True):
+            a, b = (a, b) if what in ("output", "shift grad") else (_sym(a), _sym(b))
+            err = float((a - b).norm() / b.norm())
+            assert err < 1e-12, f"{name} step {step} {what}: relative error {err:.1e}"
+        # the bare step keeps its running mean in the codomain, as the layer's running_mean_phi
+        for what, a, b in (("running mean", stats["R"], layer.running_mean_phi), ("running var", stats["r"],
+                                                                                  layer.running_var)):
+            err = float((a - b).norm() / b.norm())
+            assert err < 1e-12, f"{name} step {step} {what}: relative error {err:.1e}"
 
 
 def test_bare_formula_declines_settings_it_does_not_cover() -> None:
