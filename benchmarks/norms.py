@@ -839,6 +839,39 @@ def pinned_cpus(count: int, other: OtherTree | None, enabled: bool = True) -> It
                 pass
 
 
+def summary_markdown(rows: Sequence[dict]) -> str:
+    """Per norm (and domain count), the range of each ratio over the rows of the table (sizes, dtypes, threads)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["norm"] + (f" ({r['domains']} domains)" if r["domains"] else ""), []).append(r)
+
+    def span(rs: Sequence[dict], key: str, spec: str = ".2f") -> str:
+        vals = [r.get(key) for r in rs]
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "—"
+        lo, hi = min(vals), max(vals)
+        return format(lo, spec) if format(lo, spec) == format(hi, spec) else f"{lo:{spec}}-{hi:{spec}}"
+
+    out = []
+    for name, rs in groups.items():
+        judged = [r for r in rs if r.get("old_target") is not None]
+        new_old = span(rs, "new_over_old")
+        if judged:
+            met = sum(bool(r["old_met"]) for r in judged)
+            stopped = sum(r["old_met"] is False and r.get("bare_over_old") is not None
+                          and r["bare_over_old"] > r["old_target"] for r in judged)
+            new_old += (f" (target {judged[0]['old_target']:g}: met in {met} of {len(judged)} rows"
+                        + (f"; bare formula above it in {stopped}" if stopped else "") + ")")
+        calls = sorted({r.get("aten_ops") for r in rs if r.get("aten_ops") is not None})
+        out.append([name, new_old, span(rs, "ours_over_bare"), span(rs, "bare_over_old"),
+                    span(rs, "ours_over_floor"), span(rs, "floor_prod_over_floor"), span(rs, "floor_eager_over_floor"),
+                    span(rs, "ours_over_floor_eager"),
+                    "—" if not calls else (str(calls[0]) if len(calls) == 1 else f"{calls[0]}-{calls[-1]}")])
+    return md_table(["norm", "new/old", "ours/bare", "bare/old", "ours/floor", "(+ products)/floor",
+                     "(+ dispatch)/floor", "ours/(+ dispatch)", "ATen calls per step"], out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks norms", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n=16, N=32, 1 thread, 5 rounds (smoke run)")
@@ -857,6 +890,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
                         help="cpu: process CPU time, all threads (default); wall: wall-clock time")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default: adaptive)")
+    parser.add_argument("--from-json", type=Path, default=None, metavar="REPORT",
+                        help="print the table and the per-norm summary of a saved report (no timing)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="do not pin this process and the --against worker to the same CPUs (see pin_cpus)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default outputs/bench_norms.json)")
@@ -866,6 +901,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        against = saved["against"]["spec"] if saved.get("against") else None
+        print(markdown(saved["rows"], saved.get("overhead", ()), against))
+        print("\n" + summary_markdown(saved["rows"]))
+        return saved
     if args.domains is not None and args.domains < 1:
         parser.error("--domains takes a positive number of domains")
     known = default_norms() + (domain_norms() if args.domains else [])
@@ -889,6 +930,7 @@ def main(argv: list[str] | None = None) -> dict:
         if other is not None:
             other.close()
     print(markdown(rows, overhead, args.against))
+    print("\n" + summary_markdown(rows))
     meta = {**env_info("norms"),
             "timer": {"cpu": "time.process_time (process CPU, all threads)",
                       "wall": "time.perf_counter (wall)"}[args.clock],

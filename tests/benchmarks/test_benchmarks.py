@@ -175,6 +175,18 @@ def test_norms_against_a_tree_and_with_domains(tmp_path: Path) -> None:
     assert 0 < rows["dsliebn_lem"]["decompositions"]["calls"] < 9 and rows["liebn_aim"]["decompositions"]["calls"] > 0
 
 
+def test_norms_tables_of_the_docs_are_the_saved_report(tmp_path: Path) -> None:
+    """docs/benchmarks.md shows the norms table and its per-norm summary as printed again from
+    docs/bench/bench_norms.json (``--from-json``): a hand-edited cell or a stale table fails here."""
+    proc = bench("norms", "--from-json", str(ROOT / "docs" / "bench" / "bench_norms.json"))
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| norm |")]
+    assert len(lines) > 100 and any(ln.startswith("| liebn_lcm |") for ln in lines)
+    missing = [ln for ln in lines if ln not in docs]
+    assert not missing, f"{len(missing)} rows of the saved norms report not in docs/benchmarks.md: {missing[:3]}"
+    assert "| norm | new/old | ours/bare | bare/old |" in proc.stdout
+
+
 def test_norms_other_tree_answers_n_a_for_what_it_lacks() -> None:
     """A norm the other tree does not know, or a keyword its layer does not take, is an answer, not a crash."""
     import torch
