@@ -902,7 +902,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        saved = json.loads(args.from_json.read_text())
+        try:
+            saved = json.loads(args.from_json.read_text())
+        except (OSError, ValueError) as err:
+            parser.error(f"--from-json {args.from_json}: cannot read a JSON report ({err})")
+        if not isinstance(saved, dict) or saved.get("suite") != "norms" or "rows" not in saved:
+            parser.error(f"--from-json {args.from_json}: not a report of the norms suite (its \"suite\" is "
+                         f"{saved.get('suite') if isinstance(saved, dict) else None!r})")
         against = saved["against"]["spec"] if saved.get("against") else None
         print(markdown(saved["rows"], saved.get("overhead", ()), against))
         print("\n" + summary_markdown(saved["rows"]))

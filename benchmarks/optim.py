@@ -802,6 +802,9 @@ def main(argv: list[str] | None = None) -> dict:
                     rounds=args.repeats or (3 if args.quick else 25))
         return write_report(out, meta, rows)
     if args.cost_only:
+        if args.ns_dtypes and not any(BY_NAME[n].config in NS_CONFIGS for n in args.optimizers):
+            raise SystemExit(f"--ns-dtypes: none of --optimizers {' '.join(args.optimizers)} runs Newton-Schulz "
+                             f"(those that do: {', '.join(n for n in BY_NAME if BY_NAME[n].config in NS_CONFIGS)})")
         out = args.out or default_out("optim_cost")
         with torch_threads(1):
             cost = step_cost(args.optimizers, args.quick, args.size, args.repeats, args.override, args.ns_dtypes)

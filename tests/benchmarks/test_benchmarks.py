@@ -187,6 +187,16 @@ def test_norms_tables_of_the_docs_are_the_saved_report(tmp_path: Path) -> None:
     assert "| norm | new/old | ours/bare | bare/old |" in proc.stdout
 
 
+def test_norms_from_json_refuses_what_is_not_a_norms_report(tmp_path: Path) -> None:
+    for text, what in (('{"suite": "optim", "rows": []}', "not a report of the norms suite"),
+                       ("not json", "cannot read a JSON report")):
+        path = tmp_path / "r.json"
+        path.write_text(text)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks", "norms", "--from-json", str(path)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and what in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_norms_other_tree_answers_n_a_for_what_it_lacks() -> None:
     """A norm the other tree does not know, or a keyword its layer does not take, is an answer, not a crash."""
     import torch
