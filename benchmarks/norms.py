@@ -111,7 +111,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks._bare import bare_call
+from benchmarks._bare import BARE, bare_call
+from benchmarks._breakdown import breakdown
 from benchmarks._harness import (
     ROOT,
     Clock,
@@ -872,6 +873,45 @@ def summary_markdown(rows: Sequence[dict]) -> str:
                      "(+ dispatch)/floor", "ours/(+ dispatch)", "ATen calls per step"], out)
 
 
+def breakdown_markdown(rows: Sequence[dict]) -> str:
+    """The ``--breakdown`` tables: one row per variant, then one per (norm, size) with the ms each variant saves."""
+    full = md_table(["norm", "n", "N", "variant", "ms", "/ bare", "saved ms"],
+                    [[r["norm"], r["n"], r["N"], r["variant"], f"{r['ms']:.2f}", f"{r['over_bare']:.2f}",
+                      f"{r['saved_ms']:+.2f}"] for r in rows])
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["norm"], r["n"], r["N"]), {})[r["variant"]] = r
+    variants = [v for v in next(iter(groups.values()), {}) if v not in ("layer", "bare formula")]
+    pivot = md_table(["norm", "n x N", "layer ms", "bare ms", "layer / bare", *(f"{v}: saves ms" for v in variants)],
+                     [[k[0], f"{k[1]}x{k[2]}", f"{g['layer']['ms']:.2f}", f"{g['bare formula']['ms']:.2f}",
+                       f"{g['layer']['over_bare']:.2f}", *(f"{g[v]['saved_ms']:+.2f}" for v in variants)]
+                      for k, g in groups.items()])
+    return full + "\n\n" + pivot
+
+
+def run_breakdown(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """``--breakdown``: per (norm, size), the layer, each variant of :mod:`benchmarks._breakdown` and the bare formula,
+    round-robin in this process (first dtype, one thread, pinned to one CPU)."""
+    norms = chosen(parser, args.norms, sorted(BARE)) if args.norms else sorted(BARE)
+    try:
+        sizes = [parse_size(t) for t in args.sizes] if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
+    except ValueError as err:
+        parser.error(str(err))
+    dtype, rounds = getattr(torch, args.dtypes[0]), args.repeats or (5 if args.quick else 150)
+    rows = []
+    with torch_threads(1), pinned_cpus(1, None, args.pin):
+        for name in norms:
+            for n, N in sizes:
+                feats, X64, G64 = make_case(name, n, N)
+                layer = build_layer(name, feats, None, dtype)
+                for r in breakdown(name, layer, X64.to(dtype), G64.to(dtype), rounds, CLOCKS[args.clock]):
+                    rows.append({"norm": name, "n": n, "N": N, "dtype": dtype_name(dtype), **r})
+    print(breakdown_markdown(rows))
+    meta = {**env_info("norms"), "mode": "breakdown", "rounds": rounds, "threads": 1,
+            "timer": {"cpu": "time.process_time", "wall": "time.perf_counter"}[args.clock]}
+    return write_report(args.out or default_out("norms_breakdown"), meta, rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks norms", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n=16, N=32, 1 thread, 5 rounds (smoke run)")
@@ -890,6 +930,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
                         help="cpu: process CPU time, all threads (default); wall: wall-clock time")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default: adaptive)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only the LieBN layers with a bare formula: the layer with one safeguard switched off at "
+                             "a time, beside the layer and the bare formula (where ours/bare goes)")
     parser.add_argument("--from-json", type=Path, default=None, metavar="REPORT",
                         help="print the table and the per-norm summary of a saved report (no timing)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
@@ -909,10 +952,15 @@ def main(argv: list[str] | None = None) -> dict:
         if not isinstance(saved, dict) or saved.get("suite") != "norms" or "rows" not in saved:
             parser.error(f"--from-json {args.from_json}: not a report of the norms suite (its \"suite\" is "
                          f"{saved.get('suite') if isinstance(saved, dict) else None!r})")
+        if saved.get("mode") == "breakdown":
+            print(breakdown_markdown(saved["rows"]))
+            return saved
         against = saved["against"]["spec"] if saved.get("against") else None
         print(markdown(saved["rows"], saved.get("overhead", ()), against))
         print("\n" + summary_markdown(saved["rows"]))
         return saved
+    if args.breakdown:
+        return run_breakdown(parser, args)
     if args.domains is not None and args.domains < 1:
         parser.error("--domains takes a positive number of domains")
     known = default_norms() + (domain_norms() if args.domains else [])

@@ -69,3 +69,47 @@ def test_the_verdict_names_the_bare_formula_when_it_stops_a_target() -> None:
     assert _targets_cell(row) == "floor ≤1.5×: not met; new/old ≤0.6×: not met"
     row.update(old_met=True, bare_over_old=0.8)
     assert _targets_cell(row).endswith("new/old ≤0.6×: met")
+
+
+def test_breakdown_times_each_variant_and_restores_every_safeguard() -> None:
+    import time
+
+    import manifoldnorm.functional as mf
+    import manifoldnorm.functional._liebn_ops as ops
+    import manifoldnorm.functional.spd_aim as spd_aim
+    from benchmarks._breakdown import SWITCHES, breakdown
+
+    before = (mf.check_finite, ops._check_domain, ops._check_grad, ops.anchor_inputs,
+              ops._spread_rules_out_degenerate, spd_aim._check_domain)
+    feats, X, G = make_case("liebn_aim", 5, 8)
+    layer = build_layer("liebn_aim", feats, None, torch.float64)
+    rows = breakdown("liebn_aim", layer, X, G, rounds=2, clock=time.process_time)
+    assert [r["variant"] for r in rows] == ["layer", *SWITCHES, "bare formula"]
+    by = {r["variant"]: r for r in rows}
+    assert by["layer"]["saved_ms"] == 0.0 and by["bare formula"]["over_bare"] == 1.0
+    for r in rows:
+        assert r["ms"] > 0 and r["over_bare"] == pytest.approx(r["ms"] / by["bare formula"]["ms"], abs=2e-3)
+    # every switched-off part is back: the same functions, no instance override, and the checks still fire
+    assert before == (mf.check_finite, ops._check_domain, ops._check_grad, ops.anchor_inputs,
+                      ops._spread_rules_out_degenerate, spd_aim._check_domain)
+    assert "_update_stats" not in layer.__dict__
+    bad = X.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        layer(bad)
+
+
+def test_breakdown_command_writes_its_report(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "bd.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "norms", "--breakdown", "--quick", "--norms",
+                           "liebn_lcm", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["mode"] == "breakdown" and {r["norm"] for r in data["rows"]} == {"liebn_lcm"}
+    assert "| liebn_lcm | 16 | 32 | no statistics update |" in proc.stdout

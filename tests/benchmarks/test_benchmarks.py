@@ -185,6 +185,10 @@ def test_norms_tables_of_the_docs_are_the_saved_report(tmp_path: Path) -> None:
     missing = [ln for ln in lines if ln not in docs]
     assert not missing, f"{len(missing)} rows of the saved norms report not in docs/benchmarks.md: {missing[:3]}"
     assert "| norm | new/old | ours/bare | bare/old |" in proc.stdout
+    # and the breakdown of ours/bare (its per-size summary)
+    proc = bench("norms", "--from-json", str(ROOT / "docs" / "bench" / "bench_norms_breakdown.json"))
+    pivot = proc.stdout.strip().split("\n\n")[-1].splitlines()[2:]
+    assert len(pivot) == 6 and all(ln in docs for ln in pivot), pivot
 
 
 def test_norms_from_json_refuses_what_is_not_a_norms_report(tmp_path: Path) -> None:
