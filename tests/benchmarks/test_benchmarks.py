@@ -175,19 +175,22 @@ def test_norms_against_a_tree_and_with_domains(tmp_path: Path) -> None:
     assert 0 < rows["dsliebn_lem"]["decompositions"]["calls"] < 9 and rows["liebn_aim"]["decompositions"]["calls"] > 0
 
 
-def test_norms_tables_of_the_docs_are_the_saved_report(tmp_path: Path) -> None:
+def test_norms_tables_of_the_docs_are_the_saved_report(capsys: pytest.CaptureFixture) -> None:
     """docs/benchmarks.md shows the norms table and its per-norm summary as printed again from
     docs/bench/bench_norms.json (``--from-json``): a hand-edited cell or a stale table fails here."""
-    proc = bench("norms", "--from-json", str(ROOT / "docs" / "bench" / "bench_norms.json"))
+    from benchmarks.norms import main
+
+    main(["--from-json", str(ROOT / "docs" / "bench" / "bench_norms.json")])
+    stdout = capsys.readouterr().out
     docs = (ROOT / "docs" / "benchmarks.md").read_text()
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| norm |")]
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| norm |")]
     assert len(lines) > 100 and any(ln.startswith("| liebn_lcm |") for ln in lines)
     missing = [ln for ln in lines if ln not in docs]
     assert not missing, f"{len(missing)} rows of the saved norms report not in docs/benchmarks.md: {missing[:3]}"
-    assert "| norm | new/old | ours/bare | bare/old |" in proc.stdout
+    assert "| norm | new/old | ours/bare | bare/old |" in stdout
     # and the breakdown of ours/bare (its per-size summary)
-    proc = bench("norms", "--from-json", str(ROOT / "docs" / "bench" / "bench_norms_breakdown.json"))
-    pivot = proc.stdout.strip().split("\n\n")[-1].splitlines()[2:]
+    main(["--from-json", str(ROOT / "docs" / "bench" / "bench_norms_breakdown.json")])
+    pivot = capsys.readouterr().out.strip().split("\n\n")[-1].splitlines()[2:]
     assert len(pivot) == 6 and all(ln in docs for ln in pivot), pivot
 
 
