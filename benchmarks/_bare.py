@@ -31,10 +31,27 @@ def _psi(L: Tensor) -> Tensor:
     return L.tril(-1) + torch.diag_embed(torch.diagonal(L, dim1=-2, dim2=-1).log())
 
 
+def _psi_inv_spd(A: Tensor) -> Tensor:
+    """The SPD matrix ``C Cᵀ`` of log-Cholesky coordinates ``A`` (``C``: strict lower part, exp of the diagonal)."""
+    C = A.tril(-1) + torch.diag_embed(torch.diagonal(A, dim1=-2, dim2=-1).exp())
+    return C @ C.mT
+
+
+def _recon(U: Tensor, vals: Tensor) -> Tensor:
+    """``U diag(vals) Uᵀ``."""
+    return (U * vals.unsqueeze(-2)) @ U.mT
+
+
 def _sym_fn(X: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """``U diag(fn(λ)) Uᵀ`` through autograd's ``eigh``."""
     lam, U = torch.linalg.eigh(X)
-    return (U * fn(lam).unsqueeze(-2)) @ U.mT
+    return _recon(U, fn(lam))
+
+
+def _sqrt_pair(X: Tensor) -> tuple[Tensor, Tensor]:
+    """``(X^{1/2}, X^{-1/2})`` from one ``eigh``."""
+    lam, U = torch.linalg.eigh(X)
+    return _recon(U, lam.sqrt()), _recon(U, lam.rsqrt())
 
 
 def _factor(d2: Tensor, shift: Tensor, eps: float) -> Tensor:
@@ -42,54 +59,50 @@ def _factor(d2: Tensor, shift: Tensor, eps: float) -> Tensor:
     return (shift / torch.sqrt(d2.mean(0) + eps)).unsqueeze(-1).unsqueeze(-1)
 
 
-def _running(st: dict, M: Tensor, d2: Tensor) -> None:
-    """Flat metrics: running mean and variance, ``R <- R + m (M - R)``, ``r <- (1 - m) r + m v``."""
-    m = st["momentum"]
+def _running_var(st: dict, d2: Tensor) -> None:
+    """``r <- (1 - m) r + m v`` (no graph)."""
     with torch.no_grad():
-        st["R"].add_(M - st["R"], alpha=m)
-        st["r"].mul_(1.0 - m).add_(m * d2.mean(0))
+        st["r"].mul_(1.0 - st["momentum"]).add_(st["momentum"] * d2.mean(0))
+
+
+def _flat(x: Tensor, W: Tensor, shift: Tensor, eps: float, st: dict, phi: Callable[[Tensor], Tensor],
+          phi_inv: Callable[[Tensor], Tensor]) -> Tensor:
+    """A flat metric (group operation ``+`` in the codomain of ``phi``): centre, scale, bias; running mean
+    ``R <- R + m (M - R)`` in the codomain."""
+    Z = phi(x)
+    M = Z.detach().mean(0)
+    Zc = Z - M
+    d2 = Zc.square().sum((-2, -1))
+    with torch.no_grad():
+        st["R"].add_(M - st["R"], alpha=st["momentum"])
+    _running_var(st, d2)
+    return phi_inv(phi(W) + _factor(d2, shift, eps) * Zc)
 
 
 def _lcm(x: Tensor, W: Tensor, shift: Tensor, eps: float, st: dict) -> Tensor:
-    Z = _psi(torch.linalg.cholesky(x))
-    M = Z.detach().mean(0)
-    Zc = Z - M
-    d2 = Zc.square().sum((-2, -1))
-    _running(st, M, d2)
-    A = _psi(torch.linalg.cholesky(W)) + _factor(d2, shift, eps) * Zc
-    C = A.tril(-1) + torch.diag_embed(torch.diagonal(A, dim1=-2, dim2=-1).exp())
-    return C @ C.mT
+    return _flat(x, W, shift, eps, st, lambda X: _psi(torch.linalg.cholesky(X)), _psi_inv_spd)
 
 
 def _lem(x: Tensor, W: Tensor, shift: Tensor, eps: float, st: dict) -> Tensor:
-    Z = _sym_fn(x, torch.log)
-    M = Z.detach().mean(0)
-    Zc = Z - M
-    d2 = Zc.square().sum((-2, -1))
-    _running(st, M, d2)
-    A = _sym_fn(W, torch.log) + _factor(d2, shift, eps) * Zc
-    return _sym_fn(A, torch.exp)
+    return _flat(x, W, shift, eps, st, lambda X: _sym_fn(X, torch.log), lambda A: _sym_fn(A, torch.exp))
 
 
 def _aim(x: Tensor, W: Tensor, shift: Tensor, eps: float, st: dict) -> Tensor:
     with torch.no_grad():  # one Karcher step from the arithmetic mean, then the whitening L^{-1}, L = chol(M)
-        mu, V = torch.linalg.eigh(x.mean(0))
-        half, ihalf = (V * mu.sqrt().unsqueeze(-2)) @ V.mT, (V * mu.rsqrt().unsqueeze(-2)) @ V.mT
+        half, ihalf = _sqrt_pair(x.mean(0))
         T = _sym_fn(ihalf @ x @ ihalf, torch.log).mean(0)
         M = half @ _sym_fn(T, torch.exp) @ half
         L = torch.linalg.cholesky(M)
         K = torch.linalg.solve_triangular(L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device), upper=False)
     lam, U = torch.linalg.eigh(K @ x @ K.mT)
     d2 = lam.log().square().sum(-1)
-    with torch.no_grad():  # R <- R^1/2 (R^-1/2 M R^-1/2)^m R^1/2, r <- (1 - m) r + m v
+    with torch.no_grad():  # R <- R^1/2 (R^-1/2 M R^-1/2)^m R^1/2
         m, R = st["momentum"], st["R"]
-        rho, Q = torch.linalg.eigh(R)
-        rh, rih = (Q * rho.sqrt().unsqueeze(-2)) @ Q.mT, (Q * rho.rsqrt().unsqueeze(-2)) @ Q.mT
+        rh, rih = _sqrt_pair(R)
         R.copy_(rh @ _sym_fn(rih @ M @ rih, lambda e: e.pow(m)) @ rh)
-        st["r"].mul_(1.0 - m).add_(m * d2.mean(0))
-    c = _factor(d2, shift, eps)
+    _running_var(st, d2)
     F = torch.linalg.cholesky(W) @ U
-    return (F * lam.pow(c.squeeze(-1)).unsqueeze(-2)) @ F.mT
+    return _recon(F, lam.pow(_factor(d2, shift, eps).squeeze(-1)))
 
 
 #: norm -> its bare formula ``(x, weight, shift, eps, stats) -> y``; ``stats``: ``{"R", "r", "momentum"}``, the

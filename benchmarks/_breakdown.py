@@ -22,11 +22,13 @@ import contextlib
 import importlib
 import statistics
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from torch import nn
 
 from benchmarks._bare import bare_call
+from benchmarks._harness import round_robin
 
 #: variant -> (module, attribute) pairs replaced by a no-op; ``"stats"`` stands for the layer's ``_update_stats``
 SWITCHES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -66,36 +68,20 @@ def switched_off(variant: str, layer: nn.Module) -> Iterator[None]:
 def breakdown(name: str, layer: nn.Module, X: torch.Tensor, G: torch.Tensor, rounds: int,
               clock: Callable[[], float]) -> list[dict]:
     """Median ms of the layer, each variant and the bare formula, round-robin; rows with ``over_bare``."""
+    from benchmarks.norms import train_step  # the norms suite's timed step (norms imports this module)
+
     twin = bare_call(name, layer)
     if twin is None:
         return []
+    step = train_step(layer, layer, X, G, clock)
 
-    def step(variant: str | None) -> float:
-        layer.zero_grad(set_to_none=True)
-        x = X.clone().requires_grad_()
-        ctx = switched_off(variant, layer) if variant else contextlib.nullcontext()
-        with ctx:
-            t0 = clock()
-            (layer(x) * G).sum().backward()
-            return clock() - t0
+    def variant_step(variant: str) -> float:
+        with switched_off(variant, layer):  # forward and backward (the kernels check in both)
+            return step()
 
-    def bare_step() -> float:
-        layer.zero_grad(set_to_none=True)
-        x = X.clone().requires_grad_()
-        t0 = clock()
-        (twin[0](x) * G).sum().backward()
-        return clock() - t0
-
-    steps: dict[str, Callable[[], float]] = {"layer": lambda: step(None)}
-    steps.update({v: (lambda v=v: step(v)) for v in SWITCHES})
-    steps["bare formula"] = bare_step
-    for f in steps.values():  # warm-up
-        f()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    keys = list(steps)
-    for i in range(rounds):
-        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
-            times[k].append(steps[k]())
-    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    steps: dict[str, Callable[[], float]] = {"layer": step}
+    steps.update({v: partial(variant_step, v) for v in SWITCHES})
+    steps["bare formula"] = train_step(twin[0], layer, X, G, clock)
+    med = {k: 1e3 * statistics.median(v) for k, v in round_robin(steps, rounds, warmup=1, rotate=True).items()}
     return [{"variant": k, "ms": round(ms, 4), "over_bare": round(ms / med["bare formula"], 3),
              "saved_ms": round(med["layer"] - ms, 4)} for k, ms in med.items()]

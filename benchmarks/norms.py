@@ -759,15 +759,25 @@ def _row(name: str, n: int, N: int, dtype: torch.dtype, threads: int, domains: i
 
 
 # --------------------------------------------------------------------------------------------- printing
+def _label(r: dict) -> str:
+    """A row's norm, with its number of domains for a domain row."""
+    return r["norm"] + (f" ({r['domains']} domains)" if r["domains"] else "")
+
+
+def _below_bare(r: dict) -> bool:
+    """Is the row's ``new/old`` target missed with the bare formula alone above it (``bare/old`` > target)?"""
+    floor = r.get("bare_over_old")
+    return r["old_met"] is False and floor is not None and floor > r["old_target"]
+
+
 def _targets_cell(r: dict) -> str:
     parts = []
     if r["floor_ok"] is not None:
         parts.append(f"floor ≤{FLOOR_TARGET:g}×: {'ok' if r['floor_ok'] else 'not met'}")
     if r["old_target"] is not None:
         verdict = "n/a" if r["old_met"] is None else ("met" if r["old_met"] else "not met")
-        floor = r.get("bare_over_old")
-        if r["old_met"] is False and floor is not None and floor > r["old_target"]:
-            verdict += f", below the bare formula ({floor:.2f}× old)"
+        if _below_bare(r):
+            verdict += f", below the bare formula ({r['bare_over_old']:.2f}× old)"
         parts.append(f"new/old ≤{r['old_target']:g}×: {verdict}")
     return "; ".join(parts) or "—"
 
@@ -785,8 +795,7 @@ def markdown(rows: Sequence[dict], overhead: Sequence[dict] = (), against: str |
 
     def cells(r: dict) -> list[str]:
         dec = r["decompositions"]
-        name = r["norm"] + (f" ({r['domains']} domains)" if r["domains"] else "")
-        out = [name, r["n"], r["N"], r["dtype"], r["threads"], fmt(r["ms"], ".2f"), fmt(r["ref_ms"], ".2f"),
+        out = [_label(r), r["n"], r["N"], r["dtype"], r["threads"], fmt(r["ms"], ".2f"), fmt(r["ref_ms"], ".2f"),
                fmt(r["ours_over_ref"], ".2f"), fmt(r.get("bare_ms"), ".2f", "—"),
                fmt(r.get("ours_over_bare"), ".2f", "—"),
                fmt(r["floor_ms"], ".2f"), fmt(r["ours_over_floor"], ".2f"),
@@ -844,7 +853,7 @@ def summary_markdown(rows: Sequence[dict]) -> str:
     """Per norm (and domain count), the range of each ratio over the rows of the table (sizes, dtypes, threads)."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(r["norm"] + (f" ({r['domains']} domains)" if r["domains"] else ""), []).append(r)
+        groups.setdefault(_label(r), []).append(r)
 
     def span(rs: Sequence[dict], key: str, spec: str = ".2f") -> str:
         vals = [r.get(key) for r in rs]
@@ -860,8 +869,7 @@ def summary_markdown(rows: Sequence[dict]) -> str:
         new_old = span(rs, "new_over_old")
         if judged:
             met = sum(bool(r["old_met"]) for r in judged)
-            stopped = sum(r["old_met"] is False and r.get("bare_over_old") is not None
-                          and r["bare_over_old"] > r["old_target"] for r in judged)
+            stopped = sum(_below_bare(r) for r in judged)
             new_old += (f" (target {judged[0]['old_target']:g}: met in {met} of {len(judged)} rows"
                         + (f"; bare formula above it in {stopped}" if stopped else "") + ")")
         calls = sorted({r.get("aten_ops") for r in rs if r.get("aten_ops") is not None})
@@ -936,7 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-json", type=Path, default=None, metavar="REPORT",
                         help="print the table and the per-norm summary of a saved report (no timing)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
-                        help="do not pin this process and the --against worker to the same CPUs (see pin_cpus)")
+                        help="do not pin this process and the --against worker to the same CPUs (see pinned_cpus)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default outputs/bench_norms.json)")
     return parser
 

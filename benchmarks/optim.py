@@ -516,7 +516,7 @@ def step_cost(names: Sequence[str], quick: bool, size: str, repeats: int | None 
 
     entries: list[tuple[str, str, tuple[str, ...]]] = []  # (label, row, overrides)
     for name in names:
-        if ns_dtypes and BY_NAME[name].config in NS_CONFIGS:
+        if ns_dtypes and _runs_newton_schulz(name):
             entries += [(f"{name} (ns {d})", name, (f"optimizer.matrix.ns_dtype={d}",)) for d in ns_dtypes]
         else:
             entries.append((name, name, ()))
@@ -577,6 +577,13 @@ def cost_markdown(cost: dict[str, dict]) -> str:
 
 # ------------------------------------------------------------------------- Newton–Schulz step cost (--step-only)
 NS_CONFIGS = ("muon", "normuon")  # optimizer configs with a Newton–Schulz precision (matrix.ns_dtype)
+
+
+def _runs_newton_schulz(name: str) -> bool:
+    """Does the study row ``name`` run Newton–Schulz (its config has ``matrix.ns_dtype``)?"""
+    return BY_NAME[name].config in NS_CONFIGS
+
+
 SYNTHETIC_SHAPES = ((256, 256),) * 12 + ((256, 1024),) * 4
 NS_PRECISIONS = ("bfloat16", "float32")
 TORCH_MUON = "torch.optim.Muon"
@@ -802,9 +809,9 @@ def main(argv: list[str] | None = None) -> dict:
                     rounds=args.repeats or (3 if args.quick else 25))
         return write_report(out, meta, rows)
     if args.cost_only:
-        if args.ns_dtypes and not any(BY_NAME[n].config in NS_CONFIGS for n in args.optimizers):
+        if args.ns_dtypes and not any(map(_runs_newton_schulz, args.optimizers)):
             raise SystemExit(f"--ns-dtypes: none of --optimizers {' '.join(args.optimizers)} runs Newton-Schulz "
-                             f"(those that do: {', '.join(n for n in BY_NAME if BY_NAME[n].config in NS_CONFIGS)})")
+                             f"(those that do: {', '.join(filter(_runs_newton_schulz, BY_NAME))})")
         out = args.out or default_out("optim_cost")
         with torch_threads(1):
             cost = step_cost(args.optimizers, args.quick, args.size, args.repeats, args.override, args.ns_dtypes)
